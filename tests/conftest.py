@@ -1,0 +1,20 @@
+"""Test set-up: kernels run in Numba's CUDA simulator when no GPU is present.
+
+The environment variable must be set before ``numba.cuda`` is first imported, hence here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" runs enough examples to matter in a few minutes; "long" is for soak runs:
+#   HYPOTHESIS_PROFILE=long pytest
+settings.register_profile("ci", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
