@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+import sim_shims  # noqa: E402  (warp shuffles for the simulator; a no-op on a GPU)
+
+sim_shims.install()
+
 # "ci" runs enough examples to matter in a few minutes; "long" is for soak runs:
 #   HYPOTHESIS_PROFILE=long pytest
 settings.register_profile("ci", max_examples=200, deadline=None,

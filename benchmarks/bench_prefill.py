@@ -1,0 +1,212 @@
+"""Paged prefill attention against torch SDPA (flash) on the same data laid out contiguously.
+
+    python benchmarks/bench_prefill.py            # table on stdout, JSON + PNG under benchmarks/results/
+
+Workloads: prefill of 8 prompts of 2,048 tokens, and one 512-token chunk on a 4,096-token cached prefix, for the
+Qwen2.5-0.5B attention shape (14 query / 2 KV heads, head_dim 64) and the 32/8/128 shape. Causal FLOPs are
+counted honestly: query row at position p attends p + 1 keys, 4 * head_dim FLOPs each (QK^T and PV).
+Each call is timed with CUDA events after a warm-up; the median of the repeats is reported. The paged kernel
+reads K/V through randomly ordered blocks of 16 tokens; SDPA gets contiguous K/V with the KV heads expanded
+to the query heads (so flash runs with the same causal alignment: bottom-right for the chunk).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pagedattention.kernels.paged_prefill import WARPS, launch_prefill, paged_prefill_attention  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"qwen2.5-0.5b (14q/2kv, d64)": (14, 2, 64), "32q/8kv, d128": (32, 8, 128)}
+WORKLOADS = {"prefill 8 x 2048": (8, 2048, 2048), "chunk 512 on 4096 prefix": (1, 4096 + 512, 512)}
+
+
+def causal_flops(batch: int, context_len: int, q_len: int, num_heads: int, head_dim: int) -> float:
+    """Row at position p (context_len - q_len <= p < context_len) attends p + 1 keys."""
+    visible = q_len * context_len - q_len * (q_len - 1) // 2
+    return 4.0 * head_dim * visible * num_heads * batch
+
+
+def time_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
+    """Random contiguous K/V and query, plus the same K/V scattered over randomly ordered cache blocks."""
+    dev = "cuda"
+    k = torch.randn(batch, context_len, num_kv_heads, head_dim, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, q_len, num_heads, head_dim, device=dev, dtype=dtype)
+    blocks_per_seq = -(-context_len // block_size)
+    num_blocks = batch * blocks_per_seq + 1
+    block_tables = (torch.randperm(num_blocks - 1, device=dev)[:batch * blocks_per_seq] + 1)
+    block_tables = block_tables.to(torch.int32).view(batch, blocks_per_seq)
+    key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device=dev, dtype=dtype)
+    value_cache = torch.zeros_like(key_cache)
+    pad = blocks_per_seq * block_size - context_len
+    kp = F.pad(k, (0, 0, 0, 0, 0, pad)).view(batch, blocks_per_seq, block_size, num_kv_heads, head_dim)
+    vp = F.pad(v, (0, 0, 0, 0, 0, pad)).view(batch, blocks_per_seq, block_size, num_kv_heads, head_dim)
+    key_cache[block_tables.long()] = kp
+    value_cache[block_tables.long()] = vp
+    paged = dict(query=q.reshape(batch * q_len, num_heads, head_dim), key_cache=key_cache, value_cache=value_cache,
+                 block_tables=block_tables,
+                 cu_seqlens_q=torch.arange(0, batch + 1, device=dev, dtype=torch.int32) * q_len,
+                 context_lens=torch.full((batch,), context_len, device=dev, dtype=torch.int32))
+    return (q, k, v), paged
+
+
+def sdpa_fn(q, k, v, num_heads, num_kv_heads):
+    """Flash SDPA on [B, H, L, D] with expanded KV heads; bottom-right causal alignment for a chunk."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    group = num_heads // num_kv_heads
+    qh = q.transpose(1, 2)
+    kh = k.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+    vh = v.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+    q_len, context_len = qh.shape[2], kh.shape[2]
+    mask = None if q_len == context_len else causal_lower_right(q_len, context_len)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            if mask is None:
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+
+    return fn
+
+
+def graph_ms(fn, warmup: int, reps: int):
+    """Time of ``fn`` replayed from a CUDA graph: the kernel without the host-side launch cost."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay, warmup, reps)
+    except Exception as e:  # a capture failure is reported, not fatal
+        print(f"graph capture failed: {e!r}", flush=True)
+        return None
+
+
+def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, warps=(WARPS,), warmup=5, reps=30,
+        verbose=True):
+    """Benchmark rows: one per (shape, workload, dtype, warps) with both timings, TFLOP/s and their ratio.
+
+    ``paged_ms`` times the public function as the engine calls it (validation and launch included, with
+    max_q_len given so nothing is read back); ``paged_graph_ms`` replays the same call from a CUDA graph."""
+    rows = []
+    for shape_name, (num_heads, num_kv_heads, head_dim) in SHAPES.items():
+        if shapes and shape_name not in shapes:
+            continue
+        for work_name, (batch, context_len, q_len) in WORKLOADS.items():
+            if workloads and work_name not in workloads:
+                continue
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                torch.manual_seed(0)
+                (q, k, v), paged = make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim, dtype)
+                ref_fn = sdpa_fn(q, k, v, num_heads, num_kv_heads)
+                ref = ref_fn().transpose(1, 2).reshape(paged["query"].shape)
+                sdpa_ms = time_ms(ref_fn, warmup, reps)
+                flops = causal_flops(batch, context_len, q_len, num_heads, head_dim)
+                scale = head_dim ** -0.5
+                for w in warps:
+                    out = torch.full_like(paged["query"], float("nan"))
+                    if w == WARPS:
+                        ours = lambda: paged_prefill_attention(**paged, out=out, max_q_len=q_len)  # noqa: E731
+                    else:
+                        ours = lambda: launch_prefill(**paged, out=out, scale=scale, max_q_len=q_len,  # noqa: E731
+                                                      warps=w)
+                    ours()
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    ms = time_ms(ours, warmup, reps)
+                    g_ms = graph_ms(ours, warmup, reps)
+                    row = dict(shape=shape_name, workload=work_name, dtype=dtype_name, warps=w, batch=batch,
+                               context_len=context_len, q_len=q_len, paged_ms=round(ms, 4),
+                               paged_graph_ms=None if g_ms is None else round(g_ms, 4), sdpa_ms=round(sdpa_ms, 4),
+                               paged_tflops=round(flops / ms / 1e9, 2),
+                               paged_graph_tflops=None if g_ms is None else round(flops / g_ms / 1e9, 2),
+                               sdpa_tflops=round(flops / sdpa_ms / 1e9, 2), ratio=round(sdpa_ms / ms, 3),
+                               rel_err_vs_sdpa=float(f"{err:.2e}"))
+                    rows.append(row)
+                    if verbose:
+                        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows):
+    print(f"{'shape':28s} {'workload':25s} {'dtype':8s} {'w':>2s} {'paged ms':>8s} {'graph ms':>8s} {'sdpa ms':>7s} "
+          f"{'paged TF/s':>10s} {'graph TF/s':>10s} {'sdpa TF/s':>9s} {'ratio':>5s} {'rel err':>7s}")
+    for r in rows:
+        graph = r["paged_graph_ms"] if r["paged_graph_ms"] is not None else float("nan")
+        graph_tf = r["paged_graph_tflops"] if r["paged_graph_tflops"] is not None else float("nan")
+        print(f"{r['shape']:28s} {r['workload']:25s} {r['dtype']:8s} {r['warps']:2d} {r['paged_ms']:8.3f} "
+              f"{graph:8.3f} {r['sdpa_ms']:7.3f} {r['paged_tflops']:10.1f} {graph_tf:10.1f} "
+              f"{r['sdpa_tflops']:9.1f} {r['ratio']:5.2f} {r['rel_err_vs_sdpa']:7.1e}")
+
+
+def save(rows, out_dir: Path):
+    card = torch.cuda.get_device_name()
+    slug = card.lower().replace("nvidia", "").strip().replace(" ", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
+                torch=torch.__version__, rows=rows)
+    (out_dir / f"prefill_{slug}.json").write_text(json.dumps(data, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in rows if r["warps"] == WARPS]
+    labels = [f"{r['shape'].split(' (')[0]}\n{r['workload']}\n{r['dtype']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["paged_tflops"] for r in rows], 0.4, label="paged prefill (Numba)")
+    ax.bar([i + 0.2 for i in x], [r["sdpa_tflops"] for r in rows], 0.4, label="torch SDPA flash (contiguous)")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("causal TFLOP/s")
+    ax.set_title(f"Paged prefill attention, {card}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"prefill_{slug}.png", dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--warps", type=int, nargs="+", default=[WARPS], help="tensor-core kernel variants")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows = run(dtypes=args.dtypes, warps=args.warps, reps=args.reps)
+    save(rows, args.out_dir)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

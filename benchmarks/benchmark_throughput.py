@@ -1,0 +1,164 @@
+"""Offline throughput: continuous vs static batching on the workloads W1 and W2.
+
+    python benchmarks/benchmark_throughput.py                  # GPU: Qwen2.5-0.5B shape, random weights
+    python benchmarks/benchmark_throughput.py --tiny           # CPU: embedded tiny model, small workloads
+
+W1: 256 requests, prompts U[128, 512] tokens (ids U[100, 150000)), 256 new tokens each, EOS ignored.
+W2 (nano-vllm's benchmark): 256 requests, prompts U[100, 1024] tokens (ids U[0, 10000]), U[100, 1024] new
+tokens each, EOS ignored. Both are drawn from random.Random(0); weights are random (speed does not care).
+
+Reported per run: requests/s, output tok/s (generated tokens / wall time; for W2 the same as nano-vllm's
+requested output tokens / time), total tok/s (prompt + output), and mean/p50/p99 of TTFT and TPOT, with
+every request arriving at t=0. JSON goes to benchmarks/results/throughput_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pagedattention import LLM, SamplingParams
+from pagedattention.engine.scheduler import Scheduler
+from pagedattention.models import ModelConfig
+
+QWEN25_05B = ModelConfig(
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768, eos_token_id=151643)
+
+
+def workload(name: str, tiny: bool, temperature: float):
+    """(prompt token ids, SamplingParams) per request; --tiny shrinks lengths and counts ~16x."""
+    rng = random.Random(0)
+    scale, n = (16, 32) if tiny else (1, 256)
+    if name == "W1":
+        id_range = (100, 500) if tiny else (100, 149_999)
+        prompts = [[rng.randint(*id_range) for _ in range(rng.randint(128 // scale, 512 // scale))] for _ in range(n)]
+        outputs = [256 // scale] * n
+    elif name == "W2":  # nano-vllm's bench.py: prompts first, then output lengths
+        prompts = [[rng.randint(0, 500 if tiny else 10_000) for _ in range(rng.randint(100 // scale, 1024 // scale))]
+                   for _ in range(n)]
+        outputs = [rng.randint(100 // scale, 1024 // scale) for _ in range(n)]
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    params = [SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True) for m in outputs]
+    return prompts, params
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "p50": percentile(values, 50), "p99": percentile(values, 99)}
+
+
+def use_scheduler(llm: LLM, scheduling: str, max_num_seqs: int) -> None:
+    """Swap the engine's policy in place: one engine (weights, KV cache, CUDA graphs up to its
+    max_num_seqs) serves every (scheduling, batch cap) pair."""
+    llm.scheduler = Scheduler(llm.manager, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=llm.config.max_num_batched_tokens,
+                              max_model_len=llm.max_model_len, eos_token_ids=llm.eos_token_ids,
+                              scheduling=scheduling)
+
+
+def run_one(llm: LLM, prompts, params) -> dict:
+    llm.generate(prompts[:4], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    wall = time.perf_counter() - start
+    num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs), "a request did not run to max_tokens"
+    return {
+        "wall_s": wall, "num_requests": len(outputs), "prompt_tokens": num_prompt, "output_tokens": num_output,
+        "requests_per_s": len(outputs) / wall, "output_tok_per_s": num_output / wall,
+        "total_tok_per_s": (num_prompt + num_output) / wall,
+        "ttft_s": summary([o.metrics.time_to_first_token for o in outputs]),
+        "tpot_s": summary([o.metrics.time_per_output_token for o in outputs]),
+        "preemptions": llm.scheduler.num_preemptions,
+    }
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["W1", "W2", "all"], default="all")
+    parser.add_argument("--scheduling", choices=["continuous", "static", "all"], default="all")
+    parser.add_argument("--tiny", action="store_true", help="embedded tiny model and small workloads (CPU-friendly)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--temperature", type=float, default=0.6, help="nano-vllm's benchmark samples at 0.6")
+    parser.add_argument("--max-num-seqs", default=None,
+                        help="batch caps to compare, comma-separated (default: 64,256; 8 with --tiny)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: 2048 (W2's longest is 2048)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = None if args.tiny else QWEN25_05B
+    max_model_len = args.max_model_len or (256 if args.tiny else 2048)
+    caps = [int(c) for c in (args.max_num_seqs or ("8" if args.tiny else "64,256")).split(",")]
+    workloads = ["W1", "W2"] if args.workload == "all" else [args.workload]
+    schedulings = ["static", "continuous"] if args.scheduling == "all" else [args.scheduling]
+    start = time.perf_counter()
+    llm = LLM(model, device=device, dtype=args.dtype, max_num_seqs=max(caps),
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+              block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager)
+    init_s = time.perf_counter() - start  # weights, KV sizing warm-up, CUDA graph capture
+    dtype = str(llm.config.dtype).removeprefix("torch.")
+    results = []
+    for name in workloads:
+        prompts, params = workload(name, args.tiny, args.temperature)
+        for cap in caps:
+            for scheduling in schedulings:
+                use_scheduler(llm, scheduling, cap)
+                row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap,
+                       **run_one(llm, prompts, params)}
+                results.append(row)
+                print(f"{name} {scheduling:>10} max_num_seqs={cap}: {row['requests_per_s']:.2f} req/s, "
+                      f"{row['output_tok_per_s']:.0f} output tok/s, {row['total_tok_per_s']:.0f} total tok/s",
+                      flush=True)
+
+    card = device_name(device)
+    report = {
+        "device": card, "engine_init_s": init_s, "kv_blocks": llm.manager.num_blocks, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
+        "dtype": dtype, "torch": torch.__version__, "temperature": args.temperature,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": max_model_len, "block_size": args.block_size, "enforce_eager": args.enforce_eager,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = card.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
+    path = args.out / f"throughput_{tag}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\n{card}, {report['model']}, {dtype}, {llm.manager.num_blocks} KV blocks of {args.block_size}, "
+          f"engine start {init_s:.1f} s")
+    print(f"{'workload':<8} {'scheduling':<10} {'seqs':>4} {'req/s':>7} {'out tok/s':>10} {'total tok/s':>11} "
+          f"{'TTFT mean/p50/p99 (s)':>24} {'TPOT mean/p50/p99 (ms)':>24} {'preempt':>7}")
+    for r in results:
+        t, p = r["ttft_s"], r["tpot_s"]
+        print(f"{r['workload']:<8} {r['scheduling']:<10} {r['max_num_seqs']:>4} {r['requests_per_s']:>7.2f} {r['output_tok_per_s']:>10.0f} "
+              f"{r['total_tok_per_s']:>11.0f} {t['mean']:>8.2f}/{t['p50']:.2f}/{t['p99']:.2f} "
+              f"{p['mean'] * 1e3:>10.1f}/{p['p50'] * 1e3:.1f}/{p['p99'] * 1e3:.1f} {r['preemptions']:>7}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

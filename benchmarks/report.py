@@ -1,0 +1,218 @@
+"""Markdown tables from the benchmark results: every ``benchmarks/results/*.json``, with its card, date and command.
+
+    python benchmarks/report.py                      # print the tables
+    python benchmarks/report.py --readme README.md   # rewrite the README's Results section in place
+
+Each result file is one JSON object. The files of known scripts (kernels_*, prefill_*, throughput_*, the
+memory demo) get a table of their headline columns; any other file, or one whose keys have changed, gets
+its rows as they are: the first list of objects it holds (nested objects flattened to "a b" columns), else
+its nested objects of numbers (one row each, named by path), else one row of its top-level numbers.
+The card, date and command come from the keys named in META, whichever a script used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+META = {
+    "card": ("card", "gpu", "device_name", "device"),
+    "date": ("date", "timestamp", "time", "created"),
+    "command": ("command", "cmd", "argv"),
+}
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
+
+
+# --- formatting ----------------------------------------------------------------------------------------
+
+def is_scalar(value) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:
+            return ""
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3e}" if value != 0 and abs(value) < 1e-3 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if is_scalar(v) and k not in columns]
+    columns = columns[:MAX_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- the known scripts' headline columns ---------------------------------------------------------------
+
+def kernel_rows(data: dict) -> list[dict]:
+    """bench_kernels.py: decode attention per shape; bandwidth as a share of the card's copy roofline."""
+    rows = []
+    for r in data["rows"]:
+        v2, v1 = r["v2"], r["v1"]
+        gather, sdpa = r["torch_gather_sdpa"], r["torch_sdpa_contiguous"]
+        rows.append({
+            "batch": r["batch"], "context": r["ctx"], "heads q/kv": f"{r['num_heads']}/{r['num_kv_heads']}",
+            "head_dim": r["head_dim"], "block": r["block_size"], "dtype": str(r["dtype"]).replace("torch.", ""),
+            "V2 ms": v2["ms"], "V2 TB/s": v2["tbps"], "V2 % of copy": v2["pct_copy"], "V1 ms": v1["ms"],
+            "gather+SDPA ms": gather["ms"], "SDPA contiguous ms": sdpa["ms"],
+            "V2 vs gather+SDPA": f"{gather['ms'] / v2['ms']:.2f}x", "V2 vs V1": f"{v1['ms'] / v2['ms']:.2f}x",
+        })
+    return rows
+
+
+def prefill_rows(data: dict) -> list[dict]:
+    """bench_prefill.py: causal TFLOP/s of the paged prefill kernel against torch SDPA (flash) in the same run."""
+    return [{"shape": r["shape"], "workload": r["workload"], "dtype": r["dtype"], "warps": r["warps"],
+             "paged ms": r["paged_ms"], "SDPA ms": r["sdpa_ms"], "paged TFLOP/s": r["paged_tflops"],
+             "SDPA TFLOP/s": r["sdpa_tflops"], "paged / SDPA": r["ratio"]} for r in data["rows"]]
+
+
+def throughput_rows(data: dict) -> list[dict]:
+    """benchmark_throughput.py: one row per (workload, scheduling, batch cap)."""
+    return [{"workload": r["workload"], "scheduling": r["scheduling"], "max_num_seqs": r["max_num_seqs"],
+             "requests/s": r["requests_per_s"], "output tok/s": r["output_tok_per_s"],
+             "total tok/s": r["total_tok_per_s"], "TTFT mean s": r["ttft_s"]["mean"], "TTFT p99 s": r["ttft_s"]["p99"],
+             "TPOT mean ms": 1e3 * r["tpot_s"]["mean"], "TPOT p99 ms": 1e3 * r["tpot_s"]["p99"],
+             "preemptions": r.get("preemptions")} for r in data["results"]]
+
+
+def memory_demo_rows(data: dict) -> list[dict]:
+    """examples/demo_memory.py: naive copies vs the measured peak with sharing."""
+    row = {
+        "requests": data["num_requests"], "prompt": data["prompt_len"], "answer": data["answer_len"],
+        "block": data["block_size"], "sharing": data["mode"], "model": data["model"],
+        "naive GB": data["naive_bytes"] / 1e9, "paged GB": data["paged_bytes"] / 1e9,
+        "saved": f"{data['saved_fraction']:.1%}",
+        "utilization at peak": f"{data['stats_at_peak']['utilization']:.1%}",
+    }
+    if "unshared_bytes" in data:
+        row["measured unshared GB"] = data["unshared_bytes"] / 1e9
+    return [row]
+
+
+PRESENTERS = {"kernels_": kernel_rows, "prefill_": prefill_rows, "throughput_": throughput_rows}
+
+
+# --- any other file ------------------------------------------------------------------------------------
+
+def flatten(row: dict, prefix: str = "") -> dict:
+    """{"v2": {"ms": 1}} -> {"v2 ms": 1}; lists are left out."""
+    flat = {}
+    for key, value in row.items():
+        name = f"{prefix} {key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        elif is_scalar(value):
+            flat[name] = value
+    return flat
+
+
+def _is_rows(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def generic_rows(data: dict) -> list[dict]:
+    for preferred in ("rows", "results"):
+        if _is_rows(data.get(preferred)):
+            return [flatten(r) for r in data[preferred]]
+    for value in data.values():
+        if _is_rows(value):
+            return [flatten(r) for r in value]
+    rows = leaf_rows({k: v for k, v in data.items() if isinstance(v, dict)})
+    if rows:
+        return rows
+    meta_keys = {k for keys in META.values() for k in keys}
+    return [{k: v for k, v in data.items() if is_scalar(v) and k not in meta_keys}]
+
+
+def leaf_rows(tree: dict, path: str = "") -> list[dict]:
+    """{"W1": {"static": {...numbers}}} -> [{"name": "W1/static", ...numbers}]."""
+    rows = []
+    for key, value in tree.items():
+        name = f"{path}/{key}" if path else str(key)
+        scalars = {k: v for k, v in value.items() if is_scalar(v)}
+        if len(scalars) >= 2:
+            rows.append({"name": name, **scalars})
+        rows += leaf_rows({k: v for k, v in value.items() if isinstance(v, dict)}, name)
+    return rows
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+def find_meta(data: dict, key: str):
+    for name in META[key]:
+        value = data.get(name)
+        if value not in (None, ""):
+            return " ".join(map(str, value)) if isinstance(value, list) else value
+    return None
+
+
+def table_rows(path: Path, data: dict) -> list[dict]:
+    if data.get("demo") == "memory":
+        presenter = memory_demo_rows
+    else:
+        presenter = next((f for prefix, f in PRESENTERS.items() if path.stem.startswith(prefix)), generic_rows)
+    try:
+        return presenter(data)
+    except (KeyError, TypeError, ZeroDivisionError):  # a script changed its format: show what is there
+        return generic_rows(data)
+
+
+def section(path: Path) -> str:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        data = {"rows": data} if _is_rows(data) else {}
+    card, date, command = (find_meta(data, k) for k in ("card", "date", "command"))
+    head = [f"### {path.stem}", "",
+            f"card: {card or 'not recorded'}; date: {date or 'not recorded'}"
+            + (f"; copy roofline {data['copy_tbps']:.3f} TB/s" if isinstance(data.get("copy_tbps"), float) else "")
+            + "  ",
+            f"command: `{command}`" if command else "command: not recorded in the JSON"]
+    return "\n".join(head) + "\n\n" + markdown_table(table_rows(path, data)) + "\n"
+
+
+def report(results: Path) -> str:
+    files = sorted(results.glob("*.json"))
+    if not files:
+        return f"_No results yet: run the benchmarks (they write JSON under {results.name}/)._\n"
+    return "\n".join(section(f) for f in files)
+
+
+def rewrite_readme(readme: Path, text: str) -> None:
+    content = readme.read_text()
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers to write between")
+    before, rest = content.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(f"{before}{BEGIN}\n{text}{END}{after}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"folder of result JSON (default {RESULTS})")
+    p.add_argument("--readme", type=Path, help=f"rewrite this file between {BEGIN} and {END}")
+    args = p.parse_args(argv)
+    text = report(args.results)
+    if args.readme:
+        rewrite_readme(args.readme, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""``paged_attention``: decode attention over the paged KV cache, dispatching to the V1 or V2 Numba kernel.
+
+Host side of the kernels: validation, the split-KV plan (how many partitions per sequence), scratch buffers and
+the launches on torch's current stream. With ``max_context_len`` given nothing here reads a GPU tensor, so a
+call can be captured in a CUDA graph and replayed after ``context_lens``/``block_tables`` change in place.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from . import validation as V
+from .paged_attention_v1 import THREADS as V1_THREADS
+from .paged_attention_v1 import build_v1_kernel
+from .paged_attention_v2 import THREADS as V2_THREADS
+from .paged_attention_v2 import build_merge_kernel, build_v2_kernel, v2_shape
+from .runtime import as_kernel_array, current_stream, simulator_enabled
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+#: Thread blocks of V2 resident per SM (about 130 registers x 128 threads); the split aims at several waves.
+_BLOCKS_PER_SM = 4
+_WAVES = 4
+#: Shortest partition worth a merge: below this the scratch traffic and the extra launch cost more than they save.
+_MIN_PARTITION = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def heads_per_block(group: int, cap: int = V.MAX_GROUP_PER_BLOCK) -> int:
+    """Query heads one V2 block serves: the largest divisor of the GQA group that is at most ``cap``."""
+    return max(d for d in range(1, min(group, cap) + 1) if group % d == 0)
+
+
+def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int) -> int:
+    """Tokens per partition: no split when the (sequence, KV head) blocks already fill the GPU several times;
+    otherwise split each context so the grid holds about ``_WAVES`` waves of resident blocks."""
+    target = num_sms * _BLOCKS_PER_SM * _WAVES
+    if num_units >= target or max_context_len <= 2 * _MIN_PARTITION:
+        return max_context_len
+    parts = -(-target // num_units)
+    size = -(-max_context_len // parts)
+    size = -(-size // tile) * tile                       # whole tiles per partition
+    return max(size, _MIN_PARTITION)
+
+
+def _words(t: torch.Tensor):
+    """Flat int32 word view of a contiguous tensor (zero-copy)."""
+    return as_kernel_array(t.view(torch.int32).view(-1))
+
+
+def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len):
+    _, block_size, num_kv_heads, head_dim = V.check_cache(key_cache, value_cache)
+    num_seqs, num_heads = V.check_query(query, num_kv_heads, head_dim, key_cache.dtype)
+    max_blocks = V.check_block_tables(block_tables, num_seqs)
+    V.check_context_lens(context_lens, num_seqs)
+    V.check_same_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                        context_lens=context_lens)
+    if query.dtype == torch.bfloat16 and not simulator_enabled():
+        major, _ = torch.cuda.get_device_capability(query.device)
+        if major < 8:
+            raise TypeError("bfloat16 needs a GPU of compute capability 8.0 or newer")
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        V.check_aligned(name, t)
+    scale = V.check_scale(scale, head_dim)
+    if out is not None:
+        V.check_out(out, query)
+    if max_context_len is None:
+        max_context_len = V.check_context_lens_values(context_lens, block_size, max_blocks)
+    else:
+        max_context_len = V.check_max_context_len(max_context_len, block_size, max_blocks)
+    return num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, max_context_len
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, version="v2",
+                    out=None, max_context_len=None):
+    """Attention of one new token per sequence over its cached tokens.
+
+    query ``[num_seqs, num_heads, head_dim]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+    block_tables int32 ``[num_seqs, max_blocks_per_seq]``; context_lens int32 ``[num_seqs]`` (each >= 1).
+    Returns ``[num_seqs, num_heads, head_dim]`` in the query's dtype (written into ``out`` if given).
+    ``max_context_len``: a host-side upper bound on ``context_lens``; with it the call never synchronises.
+    """
+    if version == "v1":
+        return decode_v1(query, key_cache, value_cache, block_tables, context_lens, scale=scale, out=out,
+                                  max_context_len=max_context_len)
+    if version == "v2":
+        return decode_v2(query, key_cache, value_cache, block_tables, context_lens, scale=scale, out=out,
+                                  max_context_len=max_context_len)
+    raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+
+
+def decode_v1(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, out=None,
+                       max_context_len=None):
+    """The two-pass kernel (see paged_attention_v1.py); logits go to an fp32 scratch of max_context_len."""
+    num_seqs, num_heads, _, _, _, _, scale, max_context_len = _validate(
+        query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len)
+    out = torch.empty_like(query) if out is None else out
+    if num_seqs == 0:
+        return out
+    logits = torch.empty(num_seqs, num_heads, max_context_len, dtype=torch.float32, device=query.device)
+    kernel = build_v1_kernel(_DTYPE_NAMES[query.dtype])
+    word = lambda t: as_kernel_array(t.view(torch.int32))  # noqa: E731  (zero-copy word views)
+    kernel[(num_heads, num_seqs), V1_THREADS, current_stream()](
+        word(out), word(query), word(key_cache), word(value_cache), as_kernel_array(block_tables),
+        as_kernel_array(context_lens), as_kernel_array(logits), np.float32(scale))
+    return out
+
+
+def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, out=None,
+                       max_context_len=None, partition_size=None, tokens_per_group=None, max_registers=None,
+                       max_heads_per_block=V.MAX_GROUP_PER_BLOCK):
+    """The one-pass kernel (see paged_attention_v2.py). ``partition_size`` (tokens) overrides the split-KV plan;
+    the last three arguments are tuning knobs for benchmarks."""
+    num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, max_context_len = _validate(
+        query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len)
+    out = torch.empty_like(query) if out is None else out
+    if num_seqs == 0:
+        return out
+    dtype_name = _DTYPE_NAMES[query.dtype]
+    group = heads_per_block(num_heads // num_kv_heads, max_heads_per_block)
+    num_units = num_kv_heads * (num_heads // num_kv_heads // group)
+    if partition_size is None:
+        tile = v2_shape(dtype_name, head_dim, group, tokens_per_group)[3]
+        sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
+        partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms)
+    elif isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
+        raise ValueError(f"partition_size must be a positive int, got {partition_size!r}")
+    num_partitions = -(-max_context_len // partition_size)
+    device = query.device
+    if num_partitions > 1:
+        rows = num_seqs * num_heads * num_partitions
+        part_m = torch.empty(rows, dtype=torch.float32, device=device)
+        part_l = torch.empty(rows, dtype=torch.float32, device=device)
+        part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
+    else:
+        part_m = part_l = part_o = torch.empty(1, dtype=torch.float32, device=device)
+    stream = current_stream()
+    out_w = _words(out)
+    scratch = as_kernel_array(part_m), as_kernel_array(part_l), as_kernel_array(part_o)
+    kernel = build_v2_kernel(dtype_name, head_dim, group, tokens_per_group, max_registers)
+    kernel[(num_partitions, num_units, num_seqs), V2_THREADS, stream](
+        out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
+        as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,
+        block_size.bit_length() - 1, partition_size, num_partitions, np.float32(scale))
+    if num_partitions > 1:
+        merge = build_merge_kernel(dtype_name, head_dim)
+        merge[(num_heads, num_seqs), V2_THREADS, stream](
+            out_w, *scratch, as_kernel_array(context_lens), num_heads, partition_size, num_partitions)
+    return out

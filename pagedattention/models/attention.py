@@ -1,0 +1,89 @@
+"""The model's one door to the paged KV cache: AttentionMetadata and the PagedAttention layer.
+
+Every step the engine describes where this step's tokens live (AttentionMetadata); each layer then
+1. stores the new tokens' K/V at their cache slots (``write_kv``), and
+2. attends over the cache: ``paged_prefill_attention`` for packed multi-token queries (prompts, prompt
+   chunks, recomputation) or ``paged_attention`` for one new token per sequence (decode).
+Because prefill reads K/V back from the cache, a chunk sees the earlier chunks and cached prefixes for free.
+
+Backends: "torch" runs the plain-torch references (CPU, tests); "numba" runs the CUDA kernels (or the same
+kernels in Numba's simulator on CPU). The decode path has no host syncs, so a CUDA graph can capture it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BACKENDS = ("torch", "numba")
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor      # int64 [num_tokens]: cache slot of each input token (-1 = don't store)
+    block_tables: torch.Tensor      # int32 [num_seqs, max_blocks]
+    context_lens: torch.Tensor      # int32 [num_seqs]: tokens in the cache after this step's writes
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [num_seqs+1], prefill only (packed query tokens)
+    max_q_len: int = 1
+    max_context_len: int = 0        # host-side upper bound (decode: the graph's bound)
+    backend: str = "torch"          # "torch" (reference ops) or "numba" (the kernels)
+
+
+@functools.lru_cache(maxsize=None)
+def attention_ops(backend: str):
+    """(write_kv, paged_prefill_attention, paged_attention) of a backend, with the kernel-only host bounds
+    (``max_q_len``, ``max_context_len``) accepted by both."""
+    if backend == "torch":
+        from pagedattention.kernels import (reference_paged_attention, reference_paged_prefill_attention,
+                                            reference_write_kv)
+
+        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
+            return reference_paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q,
+                                                     context_lens, scale=scale)
+
+        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len):
+            return reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
+
+        return reference_write_kv, prefill, decode
+    if backend == "numba":
+        # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
+        from pagedattention.kernels import paged_attention, paged_prefill_attention, write_kv
+
+        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
+            return paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
+                                           scale=scale, max_q_len=max_q_len or None)
+
+        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len):
+            return paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale,
+                                   max_context_len=max_context_len or None)
+
+        return write_kv, prefill, decode
+    raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class PagedAttention(nn.Module):
+    """Attention of one layer over its slice of the paged cache (bound later by ``bind_kv_cache``)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.key_cache: torch.Tensor | None = None    # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.value_cache: torch.Tensor | None = None
+
+    def forward(self, q, k, v, attn: AttentionMetadata):
+        """q ``[num_tokens, num_heads, head_dim]``, k/v ``[num_tokens, num_kv_heads, head_dim]`` -> like q."""
+        if self.key_cache is None:
+            raise RuntimeError("no KV cache bound: call model.bind_kv_cache(key_caches, value_caches) first")
+        if attn.is_prefill and attn.cu_seqlens_q is None:
+            raise ValueError("prefill AttentionMetadata needs cu_seqlens_q (int32 [num_seqs + 1])")
+        write_kv, prefill, decode = attention_ops(attn.backend)
+        write_kv(k, v, self.key_cache, self.value_cache, attn.slot_mapping)
+        if attn.is_prefill:
+            return prefill(q, self.key_cache, self.value_cache, attn.block_tables, attn.cu_seqlens_q,
+                           attn.context_lens, scale=self.scale, max_q_len=attn.max_q_len)
+        return decode(q, self.key_cache, self.value_cache, attn.block_tables, attn.context_lens,
+                      scale=self.scale, max_context_len=attn.max_context_len)

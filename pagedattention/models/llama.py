@@ -1,0 +1,220 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over the paged KV cache.
+
+Tokens arrive flattened: ``input_ids`` and ``positions`` are ``[num_tokens]``, packing every sequence of the
+step (AttentionMetadata says which tokens belong to which sequence and where their K/V live). There is no
+batch dimension and no padding; only attention looks across tokens, and it does so through the cache.
+
+Module names follow Hugging Face checkpoints (``model.layers.N.self_attn...``) except two fused projections,
+each one matmul instead of several:
+    qkv_proj     = [q_proj; k_proj; v_proj]   (rows stacked in that order, biases too)
+    gate_up_proj = [gate_proj; up_proj]
+``hf_weight_slots()`` tells the loader which rows of which parameter each checkpoint tensor fills.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, PagedAttention
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # one fused kernel on CUDA (accumulates in float32); HF's seven small ops give the same up to rounding
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """float32 ``[head_dim // 2]``: RoPE's rotation speed of each pair of dims, after ``rope_scaling``."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":  # positions are compressed by `factor`
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        # Llama 3.1: slow (long-wavelength) dims are slowed by `factor`, fast dims kept, the band between
+        # interpolated; wavelengths are measured against the original training context
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {scaling['rope_type']!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of each token's position, computed on the fly (no table sized by the longest context)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_parameters(self):
+        """Recompute ``inv_freq`` in float32 (after the model was materialised or cast to a low dtype)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+
+    def forward(self, positions, dtype):
+        freqs = positions[:, None].float() * self.inv_freq[None, :]   # [num_tokens, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]           # [num_tokens, 1 (heads), head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate ``x [num_tokens, heads, head_dim]``: dim i pairs with dim i + head_dim/2 (HF's "rotate_half")."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.qkv_proj.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attn(q, k, v.contiguous(), attn)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
+        self.gate_up_proj.shard_sizes = (size, size)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, attn: AttentionMetadata):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, attn: AttentionMetadata):
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint projection -> (fused module here, which of its row shards)
+    packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share embed_tokens' matrix with lm_head when the config ties them (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]):
+        """Give layer i the cache tensors ``key_caches[i]``, ``value_caches[i]``
+        (each ``[num_blocks, block_size, num_kv_heads, head_dim]``, the model's dtype and device)."""
+        c, layers = self.config, self.model.layers
+        if len(key_caches) != len(layers) or len(value_caches) != len(layers):
+            raise ValueError(f"need one key and one value cache per layer ({len(layers)}), got "
+                             f"{len(key_caches)} and {len(value_caches)}")
+        weight = self.model.embed_tokens.weight
+        for i, (k, v) in enumerate(zip(key_caches, value_caches)):
+            for name, cache in (("key_caches", k), ("value_caches", v)):
+                if cache.dim() != 4 or tuple(cache.shape[2:]) != (c.num_key_value_heads, c.head_dim):
+                    raise ValueError(f"{name}[{i}] must be [num_blocks, block_size, {c.num_key_value_heads}, "
+                                     f"{c.head_dim}], got {list(cache.shape)}")
+                if cache.dtype != weight.dtype or cache.device != weight.device:
+                    raise ValueError(f"{name}[{i}] must be {weight.dtype} on {weight.device}, got "
+                                     f"{cache.dtype} on {cache.device}")
+            if k.shape != v.shape:
+                raise ValueError(f"key_caches[{i}] and value_caches[{i}] differ in shape: "
+                                 f"{list(k.shape)} vs {list(v.shape)}")
+        for layer, k, v in zip(layers, key_caches, value_caches):
+            layer.self_attn.attn.key_cache, layer.self_attn.attn.value_cache = k, v
+
+    def forward(self, input_ids, positions, attn: AttentionMetadata):
+        """``input_ids``, ``positions`` ``[num_tokens]`` -> final hidden states ``[num_tokens, hidden_size]``."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must be 1-D of equal length, got "
+                             f"{list(input_ids.shape)} and {list(positions.shape)}")
+        return self.model(input_ids, positions, attn)
+
+    def compute_logits(self, hidden):
+        """``[n, hidden_size]`` -> float32 ``[n, vocab_size]`` (sample only the rows you need)."""
+        return self.lm_head(hidden).float()
+
+    def hf_weight_slots(self) -> dict[str, tuple[nn.Parameter, slice]]:
+        """Each Hugging Face checkpoint tensor name -> (the parameter it fills, the rows it fills)."""
+        slots = {}
+        for name, param in self.named_parameters():  # a tied lm_head is not listed (it is embed_tokens)
+            module_name, _, leaf = name.rpartition(".")
+            sizes = getattr(self.get_submodule(module_name), "shard_sizes", None)
+            if sizes is None:
+                slots[name] = (param, slice(None))
+                continue
+            fused = module_name.rpartition(".")[2]
+            for part, (target, shard) in self.packed_modules.items():
+                if target == fused:
+                    start = sum(sizes[:shard])
+                    hf_name = f"{module_name.rpartition('.')[0]}.{part}.{leaf}"
+                    slots[hf_name] = (param, slice(start, start + sizes[shard]))
+        return slots

@@ -1,0 +1,294 @@
+"""The LLM engine end to end on the embedded tiny model (CPU, fp32, torch reference attention).
+
+Greedy decoding is deterministic, so a request's tokens must not depend on how it was scheduled: alone,
+batched, chunked, preempted and recomputed, statically or continuously batched.
+"""
+import numpy as np
+import pytest
+import torch
+
+from pagedattention import LLM, CompletionOutput, RequestOutput, SamplingParams
+from pagedattention.models import ModelConfig
+from pagedattention.models.tiny import TINY_CONFIG
+
+PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog", "a", "PagedAttention " * 3,
+           "0123456789" * 2]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: thread start-up costs more than the math, and the test machine's cores are shared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    """Each prompt's greedy tokens when it runs alone."""
+    return [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_idle(llm):
+    """Nothing queued and every KV block back in the free list."""
+    assert not llm.scheduler.has_unfinished()
+    assert llm.manager.num_free_blocks == llm.manager.num_blocks
+    assert len(llm.manager) == 0
+
+
+def test_generate_returns_one_output_per_prompt_in_order(llm, reference):
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outputs] == PROMPTS
+    assert len({o.request_id for o in outputs}) == len(PROMPTS)
+    for o, p in zip(outputs, PROMPTS):
+        assert isinstance(o, RequestOutput) and o.finished
+        assert o.prompt_token_ids == llm.tokenizer.encode(p)
+        (c,) = o.outputs
+        assert isinstance(c, CompletionOutput) and c.index == 0
+        assert c.finish_reason == "length" and len(c.token_ids) == GREEDY.max_tokens
+        assert c.text == llm.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert c.cumulative_logprob < 0 and c.error is None
+        m = o.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finish_time
+        assert m.time_to_first_token == pytest.approx(m.first_token_time - m.arrival_time)
+        assert m.time_per_output_token == pytest.approx((m.finish_time - m.first_token_time) / (GREEDY.max_tokens - 1))
+    assert token_ids(outputs) == reference
+    assert_idle(llm)
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_a_mixed_batch(llm, reference):
+    mixed = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), SamplingParams(temperature=1.0, seed=3),
+             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), SamplingParams(temperature=0.5, top_k=5),
+             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    outputs = llm.generate(PROMPTS, mixed, use_tqdm=False)
+    for i in (0, 2, 4):
+        assert outputs[i].outputs[0].token_ids == reference[i]
+    assert_idle(llm)
+
+
+def test_greedy_tokens_survive_chunked_prefill(reference):
+    chunked = LLM(device="cpu", max_num_batched_tokens=5, block_size=4)
+    outputs = chunked.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert token_ids(outputs) == reference
+    assert_idle(chunked)
+
+
+def test_greedy_tokens_survive_preemption_and_recompute(reference):
+    # 16 blocks of 4 tokens: each request fits alone (the longest needs 14), all five together do not
+    tight = LLM(device="cpu", num_kv_blocks=16, block_size=4, max_num_batched_tokens=16, max_model_len=64)
+    assert max(len(tight.tokenizer.encode(p)) for p in PROMPTS) + GREEDY.max_tokens <= 16 * 4
+    outputs = tight.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    assert token_ids(outputs) == reference
+    assert_idle(tight)
+
+
+def test_static_and_continuous_batching_give_the_same_greedy_tokens():
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5, 12, 1)]
+    outputs = {}
+    for scheduling in ("continuous", "static"):
+        engine = LLM(device="cpu", scheduling=scheduling, max_num_seqs=2)
+        outputs[scheduling] = token_ids(engine.generate(PROMPTS, params, use_tqdm=False))
+        assert_idle(engine)
+    assert outputs["static"] == outputs["continuous"]
+    assert [len(t) for t in outputs["static"]] == [3, 9, 5, 12, 1]
+
+
+def test_prompt_forms(llm, reference):
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    assert token_ids(llm.generate(ids, GREEDY, use_tqdm=False)) == [reference[1]]
+    assert token_ids(llm.generate(tuple(np.array(ids)), GREEDY, use_tqdm=False)) == [reference[1]]
+    assert token_ids(llm.generate([ids, PROMPTS[0]], GREEDY, use_tqdm=False)) == [reference[1], reference[0]]
+    from_ids = llm.generate([ids], GREEDY, use_tqdm=False)[0]
+    assert from_ids.prompt is None and from_ids.prompt_token_ids == ids
+    assert llm.generate([], GREEDY, use_tqdm=False) == []
+    default = llm.generate(PROMPTS[0], use_tqdm=False)[0].outputs[0]  # default SamplingParams: 16 tokens
+    assert len(default.token_ids) == 16 or default.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("prompts,params,error,match", [
+    ("", None, ValueError, "empty"),
+    ([[]], None, ValueError, "empty"),
+    (["fine", ""], None, ValueError, r"prompts\[1\] is empty"),
+    ([[1, 2, 512]], None, ValueError, "outside the vocabulary"),
+    ([[1, -1]], None, ValueError, "outside the vocabulary"),
+    ([[1, 2.0]], None, TypeError, "int token ids"),
+    ([[1, True]], None, TypeError, "int token ids"),
+    (42, None, TypeError, "prompts must be"),
+    ([b"bytes"], None, TypeError, r"prompts\[0\]"),
+    ("x" * 5000, None, ValueError, "max_model_len"),
+    (["a", "b"], [SamplingParams()], ValueError, "1 entries for 2 prompts"),
+    (["a"], {"temperature": 0}, TypeError, "sampling_params"),
+    (["a"], ["not params"], TypeError, r"sampling_params\[0\]"),
+])
+def test_bad_input_raises_before_anything_runs(llm, reference, prompts, params, error, match):
+    with pytest.raises(error, match=match):
+        llm.generate(prompts, params, use_tqdm=False)
+    assert_idle(llm)
+    assert token_ids(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == reference[:2]
+
+
+def test_bad_sampling_params_and_engine_arguments_are_rejected():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    for kwargs, error in [(dict(block_size=0), ValueError), (dict(max_num_seqs=1.5), TypeError),
+                          (dict(gpu_memory_utilization=1.5), ValueError), (dict(scheduling="fifo"), ValueError),
+                          (dict(attention_backend="triton"), ValueError), (dict(dtype="int8"), ValueError),
+                          (dict(device="tpu"), ValueError), (dict(max_model_len=10_000), ValueError),
+                          (dict(num_kv_blocks=0), ValueError), (dict(model=3), TypeError)]:
+        with pytest.raises(error, match=next(iter(kwargs))):
+            LLM(**{"device": "cpu", **kwargs})
+
+
+def test_a_request_that_cannot_fit_alone_errors_and_the_others_complete(reference):
+    # 8 blocks of 4 = 32 tokens; max_model_len is set above that on purpose
+    small = LLM(device="cpu", num_kv_blocks=8, block_size=4, max_model_len=256)
+    too_long_prompt = "z" * 40
+    grows_too_long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    outputs = small.generate([PROMPTS[0], too_long_prompt, PROMPTS[2], PROMPTS[0]],
+                             [GREEDY, GREEDY, GREEDY, grows_too_long], use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == reference[0]
+    assert outputs[2].outputs[0].token_ids == reference[2]
+    for o in (outputs[1], outputs[3]):
+        c = o.outputs[0]
+        assert o.finished and c.finish_reason == "error" and "cannot fit" in c.error
+    assert outputs[1].outputs[0].token_ids == []
+    # the growing request kept what it generated before the cache ran out: a prefix of its greedy tokens
+    grown = outputs[3].outputs[0].token_ids
+    assert 12 < len(grown) < 100 and grown[:12] == reference[0]
+    assert len(outputs[3].prompt_token_ids) + len(grown) == 32 + 1  # 32 slots, the last token never written
+    assert_idle(small)
+
+
+def test_an_error_during_a_step_leaves_the_engine_usable(reference, monkeypatch):
+    engine = LLM(device="cpu")
+    real_run, calls = engine.runner.run, []
+
+    def failing_run(seqs, is_prefill):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(engine.runner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_idle(engine)
+    assert token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=7, ignore_eos=True)
+    alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batched = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], [unseeded, seeded, unseeded], use_tqdm=False)
+    other = llm.generate(PROMPTS[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=8,
+                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == again == batched[1].outputs[0].token_ids
+    assert other != alone
+
+
+def random_weight_llm(eos_token_id):
+    """The tiny shape with another EOS: the engine takes a ModelConfig for random weights (seeded)."""
+    config = ModelConfig(**{**TINY_CONFIG, "eos_token_id": eos_token_id})
+    return LLM(config, device="cpu", seed=1)
+
+
+def test_eos_stops_a_request_unless_ignored_and_min_tokens_delays_it():
+    ids = [5, 100, 200, 300, 400]
+    free_run = random_weight_llm(eos_token_id=None).generate(ids, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert free_run.text == ""  # no tokenizer with random weights
+    eos = free_run.token_ids[2]
+    first = free_run.token_ids.index(eos)
+    engine = random_weight_llm(eos_token_id=eos)
+    stopped = engine.generate(ids, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free_run.token_ids[:first + 1]
+    ignored = engine.generate(ids, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == free_run.token_ids and ignored.finish_reason == "length"
+    late = engine.generate(ids, SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 2),
+                           use_tqdm=False)[0].outputs[0]
+    assert eos not in late.token_ids[:first + 2] and len(late.token_ids) >= first + 2
+    assert_idle(engine)
+
+
+def test_stop_token_ids_end_a_request_and_min_tokens_masks_them(llm, reference):
+    stop = reference[1][3]
+    first = reference[1].index(stop)
+    c = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]),
+                     use_tqdm=False)[0].outputs[0]
+    assert c.finish_reason == "stop" and c.token_ids == reference[1][:first + 1]
+    c = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
+                                                min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
+    assert stop not in c.token_ids[:first + 2] and len(c.token_ids) >= first + 2
+
+
+def test_max_model_len_caps_prompt_plus_output():
+    engine = LLM(device="cpu", max_model_len=20)
+    c = engine.generate([[1] * 15], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(c.token_ids) == 5 and c.finish_reason == "length"
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate([[1] * 20], GREEDY, use_tqdm=False)
+
+
+def test_numba_kernels_end_to_end_under_the_simulator(llm):
+    try:
+        from pagedattention.kernels import paged_attention, paged_prefill_attention, write_kv  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Numba kernels not importable yet: {e}")
+    from pagedattention.kernels.runtime import kernels_available
+    if not kernels_available("cpu"):
+        pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompts = ["Hi", "a"]  # the simulator runs ~3,000 threads/s: one prefill step and one decode step
+    engine = LLM(device="cpu", attention_backend="numba")
+    outputs = engine.generate(prompts, params, use_tqdm=False)
+    assert token_ids(outputs) == token_ids(llm.generate(prompts, params, use_tqdm=False))
+    assert_idle(engine)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and KV sizing need a GPU")
+
+
+@cuda
+def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
+    from pagedattention.engine.sequence import Sequence
+    engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
+    assert engine.runner.use_graphs and engine.runner.graph_sizes == [1, 2, 4, 8]
+    prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    seqs = [Sequence(ids, GREEDY) for ids in prompt_ids]
+    for s in seqs:  # prefill each sequence, then stage one decode step by hand
+        engine.scheduler.add(s)
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert not batch.is_prefill and len(batch.seqs) == 5  # replays the bucket of 8 with 3 padding rows
+    graph = engine.runner.run(batch.seqs, is_prefill=False).clone()
+    eager = engine.runner.decode_eager(batch.seqs)
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+    engine._abort_all()
+    outputs = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+    eager_engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3,
+                       enforce_eager=True)
+    assert outputs == token_ids(eager_engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+@cuda
+def test_kv_cache_is_sized_from_free_memory():
+    engine = LLM(max_num_seqs=8, gpu_memory_utilization=0.2, max_model_len=512)
+    free, total = torch.cuda.mem_get_info()
+    cache_bytes = engine.manager.num_blocks * engine.runner.bytes_per_block
+    assert 0.05 * total < cache_bytes < 0.25 * total
+    assert engine.manager.key_caches[0].dtype == torch.bfloat16
