@@ -136,7 +136,8 @@ def main(argv=None) -> int:
 
     card = device_name(device)
     report = {
-        "device": card, "engine_init_s": init_s, "kv_blocks": llm.manager.num_blocks, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
+        "device": card, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
+        "engine_init_s": init_s, "kv_blocks": llm.manager.num_blocks,
         "dtype": dtype, "torch": torch.__version__, "temperature": args.temperature,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": max_model_len, "block_size": args.block_size, "enforce_eager": args.enforce_eager,
@@ -153,8 +154,9 @@ def main(argv=None) -> int:
           f"{'TTFT mean/p50/p99 (s)':>24} {'TPOT mean/p50/p99 (ms)':>24} {'preempt':>7}")
     for r in results:
         t, p = r["ttft_s"], r["tpot_s"]
-        print(f"{r['workload']:<8} {r['scheduling']:<10} {r['max_num_seqs']:>4} {r['requests_per_s']:>7.2f} {r['output_tok_per_s']:>10.0f} "
-              f"{r['total_tok_per_s']:>11.0f} {t['mean']:>8.2f}/{t['p50']:.2f}/{t['p99']:.2f} "
+        print(f"{r['workload']:<8} {r['scheduling']:<10} {r['max_num_seqs']:>4} {r['requests_per_s']:>7.2f} "
+              f"{r['output_tok_per_s']:>10.0f} {r['total_tok_per_s']:>11.0f} "
+              f"{t['mean']:>8.2f}/{t['p50']:.2f}/{t['p99']:.2f} "
               f"{p['mean'] * 1e3:>10.1f}/{p['p50'] * 1e3:.1f}/{p['p99'] * 1e3:.1f} {r['preemptions']:>7}")
     print(f"wrote {path}")
     return 0

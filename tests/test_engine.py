@@ -6,8 +6,10 @@ batched, chunked, preempted and recomputed, statically or continuously batched.
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pagedattention import LLM, CompletionOutput, RequestOutput, SamplingParams
+from pagedattention.engine.sequence import Sequence
 from pagedattention.models import ModelConfig
 from pagedattention.models.tiny import TINY_CONFIG
 
@@ -259,12 +261,36 @@ def test_numba_kernels_end_to_end_under_the_simulator(llm):
     assert_idle(engine)
 
 
+def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
+    """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
+    step's inputs staged into their first rows and the bucket's remaining rows padded."""
+    engine = LLM(device="cpu", max_num_seqs=8, max_model_len=128)
+    runner = engine.runner
+    runner._allocate_decode_buffers()
+    for n, bucket in ((5, 8), (3, 4), (1, 1)):  # the buffers are reused by every bucket and every step
+        for prompt in PROMPTS[:n]:
+            engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
+        engine.step()  # prefill
+        for _ in range(2):
+            batch = engine.scheduler.schedule()
+            assert not batch.is_prefill and len(batch.seqs) == n
+            assert runner._stage_decode(batch.seqs) == bucket
+            runner.graph_output.fill_(float("nan"))
+            with torch.inference_mode():
+                runner._graph_body(bucket)()
+                staged = runner.model.compute_logits(runner.graph_output[:n])
+            torch.testing.assert_close(staged, runner.decode_eager(batch.seqs), rtol=1e-5, atol=1e-5)
+            tokens, logprobs = engine.sampler(staged, batch.seqs, engine.eos_token_ids)
+            engine.scheduler.postprocess(batch, tokens, logprobs)
+        engine._abort_all()
+        assert_idle(engine)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and KV sizing need a GPU")
 
 
 @cuda
 def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
-    from pagedattention.engine.sequence import Sequence
     engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
     assert engine.runner.use_graphs and engine.runner.graph_sizes == [1, 2, 4, 8]
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
@@ -292,3 +318,26 @@ def test_kv_cache_is_sized_from_free_memory():
     cache_bytes = engine.manager.num_blocks * engine.runner.bytes_per_block
     assert 0.05 * total < cache_bytes < 0.25 * total
     assert engine.manager.key_caches[0].dtype == torch.bfloat16
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(block_size=st.sampled_from([1, 2, 4, 8, 16]), cache_tokens=st.integers(16, 200),
+       max_num_batched_tokens=st.integers(1, 64), max_num_seqs=st.integers(1, 6),
+       scheduling=st.sampled_from(["continuous", "static"]),
+       picks=st.lists(st.integers(0, len(PROMPTS) - 1), min_size=1, max_size=8))
+def test_any_schedule_gives_each_request_its_greedy_tokens(reference, block_size, cache_tokens,
+                                                           max_num_batched_tokens, max_num_seqs, scheduling, picks):
+    """Whatever the cache size, token budget and batch cap: a request that fits alone in the cache gets
+    exactly its greedy tokens; one that does not ends with "error" after a prefix of them; no block leaks."""
+    num_kv_blocks = max(1, cache_tokens // block_size)
+    engine = LLM(device="cpu", block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=512,
+                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, scheduling=scheduling)
+    outputs = engine.generate([PROMPTS[i] for i in picks], GREEDY, use_tqdm=False)
+    for i, o in zip(picks, outputs):
+        c = o.outputs[0]
+        slots_needed = len(o.prompt_token_ids) + GREEDY.max_tokens - 1  # the last token is never stored
+        if slots_needed <= num_kv_blocks * block_size:
+            assert c.finish_reason == "length" and c.token_ids == reference[i]
+        else:
+            assert c.finish_reason == "error" and c.token_ids == reference[i][:len(c.token_ids)]
+    assert_idle(engine)

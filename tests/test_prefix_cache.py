@@ -24,9 +24,16 @@ def run_sequence(allocator, cache, tokens):
     blocks once computed. Returns the block table (the sequence holds one reference on each block)."""
     shared = cache.match(tokens)
     allocator.incref(shared)
+    cache.acquire(shared)
     table = shared + allocator.allocate(-(-len(tokens) // BS) - len(shared))
     cache.insert(tokens, table)
     return table
+
+
+def end_sequence(allocator, cache, table):
+    """What the engine does when a sequence ends: drop its references, then tell the cache."""
+    allocator.free(table)
+    cache.release(table)
 
 
 def test_hash_is_chained_xxh64_of_parent_hash_and_int64_tokens():
@@ -73,7 +80,7 @@ def test_the_cache_holds_one_reference_and_keeps_blocks_after_their_sequence_end
     table = run_sequence(allocator, cache, tokens)
     assert [allocator.ref_count(b) for b in table] == [2, 2, 1]
     assert cache.num_evictable == 0  # the sequence still uses them
-    allocator.free(table)            # the sequence ends
+    end_sequence(allocator, cache, table)
     assert [allocator.ref_count(b) for b in table] == [1, 1, 0]
     assert cache.num_evictable == 2
     assert allocator.num_free_blocks == 16 - 2
@@ -81,7 +88,7 @@ def test_the_cache_holds_one_reference_and_keeps_blocks_after_their_sequence_end
     table2 = run_sequence(allocator, cache, tokens + [1])
     assert table2[:2] == table[:2]
     assert cache.num_evictable == 0
-    allocator.free(table2)
+    end_sequence(allocator, cache, table2)
     assert sorted(cache.clear()) == sorted(table[:2])
     assert allocator.num_free_blocks == 16
     assert all(allocator.ref_count(b) == 0 for b in range(16))
@@ -92,13 +99,14 @@ def test_eviction_is_least_recently_used_and_never_touches_blocks_in_use():
     old = run_sequence(allocator, cache, [1] * 9)       # blocks cached first
     young = run_sequence(allocator, cache, [2] * 9)     # cached later
     busy = run_sequence(allocator, cache, [3] * 9)      # still running
-    allocator.free(old)
-    allocator.free(young)
+    end_sequence(allocator, cache, old)
+    end_sequence(allocator, cache, young)
     assert cache.num_evictable == 4
-    assert sorted(cache.evict(2)) == sorted(old[:2])
-    assert cache.match([1] * 9) == []
-    cache.match([2] * 9)  # a hit makes `young` recent again
-    assert sorted(cache.evict(10)) == sorted(young[:2])  # only 2 were evictable
+    end_sequence(allocator, cache, run_sequence(allocator, cache, [1] * 9))  # `old` is used again: now recent
+    assert sorted(cache.evict(2)) == sorted(young[:2])
+    assert cache.match([2] * 9) == []
+    assert sorted(cache.evict(2, keep=[old[0]])) == [old[1]]
+    assert sorted(cache.evict(10)) == [old[0]]  # nothing else is evictable
     assert cache.evict(5) == []
     assert sorted(cache.cached_block_ids) == sorted(busy[:2])
     assert [allocator.ref_count(b) for b in busy] == [2, 2, 1]
@@ -107,7 +115,7 @@ def test_eviction_is_least_recently_used_and_never_touches_blocks_in_use():
 def test_a_chain_is_evicted_from_its_end():
     allocator, cache = make(32)
     table = run_sequence(allocator, cache, list(range(13)))  # 3 full blocks + 1 token
-    allocator.free(table)
+    end_sequence(allocator, cache, table)
     assert cache.evict(1) == [table[2]]
     assert cache.evict(1) == [table[1]]
     assert cache.match(list(range(13))) == table[:1]
@@ -117,13 +125,13 @@ def test_a_block_whose_parent_was_evicted_is_never_matched_through_a_new_parent(
     allocator, cache = make(32)
     tokens = list(range(9))
     first = run_sequence(allocator, cache, tokens)
-    allocator.free(first[:1] + first[2:])  # block 1 stays in use; block 0 is only the cache's
+    end_sequence(allocator, cache, first[:1] + first[2:])  # block 1 stays in use; block 0 is only the cache's
     assert cache.evict(1) == [first[0]]
     second = run_sequence(allocator, cache, tokens)  # recomputes block 0, reuses nothing stale
     assert second[0] != first[0]
     assert cache.match(tokens) == second[:2]
     for t in (first[1:2], second):
-        allocator.free(t)
+        end_sequence(allocator, cache, t)
     cache.clear()
     assert allocator.num_free_blocks == 32
 
@@ -137,7 +145,7 @@ def test_two_equal_prompts_computed_side_by_side_keep_one_cached_copy():
     assert cache.insert(tokens, b) == 0
     assert cache.match(tokens) == a[:2]
     assert [allocator.ref_count(x) for x in a + b] == [2, 2, 1, 1, 1, 1]
-    allocator.free(a + b)
+    end_sequence(allocator, cache, a + b)
     cache.clear()
     assert allocator.num_free_blocks == 32
 
@@ -153,8 +161,8 @@ def test_hash_collisions_never_return_wrong_blocks(monkeypatch):
     # block 1 of the query has a's tokens and a's hash, but follows b's block 0: not a's block 1
     assert cache.match([2] * 4 + [5] * 4 + [0]) == b[:1]
     assert cache.match([1] * 4 + [5] * 4 + [0]) == []
-    allocator.free(a)
-    allocator.free(b)
+    end_sequence(allocator, cache, a)
+    end_sequence(allocator, cache, b)
     cache.clear()
     assert allocator.num_free_blocks == 32
 
@@ -165,7 +173,7 @@ def test_with_one_hash_for_everything_only_confirmed_blocks_are_returned(monkeyp
     a = run_sequence(allocator, cache, [1] * 9)
     assert cache.match([2] * 9) == []
     assert cache.match([1] * 9) in (a[:0], a[:1])  # whatever survived, it is a's
-    allocator.free(a)
+    end_sequence(allocator, cache, a)
     cache.clear()
     assert allocator.num_free_blocks == 32
 
@@ -235,10 +243,12 @@ class PrefixCacheMachine(RuleBasedStateMachine):
             assert self.contents[b] == tuple(tokens[: (i + 1) * BS])
         needed = -(-len(tokens) // BS) - len(shared)
         self.allocator.incref(shared)  # hold them before any eviction
+        self.cache.acquire(shared)
         if self.allocator.num_free_blocks < needed:
             self.cache.evict(needed - self.allocator.num_free_blocks)
         if self.allocator.num_free_blocks < needed:
             self.allocator.free(shared)
+            self.cache.release(shared)
             return
         table = shared + self.allocator.allocate(needed)
         for i in range(len(shared), len(table)):
@@ -252,12 +262,19 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         tokens, table = self.running.pop(data.draw(st.integers(0, len(self.running) - 1)))
         self.cache.insert(tokens, table)  # as the engine does when a sequence ends
         self.allocator.free(table)
+        self.cache.release(table)
 
     @rule(n=st.integers(0, 6))
     def evict(self, n):
         evictable = self.cache.num_evictable
         freed = self.cache.evict(n)
         assert len(freed) == min(n, evictable)
+
+    @invariant()
+    def evictable_blocks_are_the_cached_blocks_only_the_cache_holds(self):
+        only_cache = {b for b in self.cache.cached_block_ids if self.allocator.ref_count(b) == 1}
+        assert set(self.cache.evictable_block_ids) == only_cache
+        assert self.cache.num_evictable == len(only_cache)
 
     @invariant()
     def ref_counts_equal_holders(self):

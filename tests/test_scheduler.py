@@ -116,7 +116,8 @@ def test_finished_sequences_leave_at_once_and_free_their_blocks():
 
 def test_stop_tokens_and_min_tokens():
     s = make_scheduler()
-    eos, stop, ignore = seq(3, max_tokens=9), seq(3, max_tokens=9, stop_token_ids=[7]), seq(3, max_tokens=4, ignore_eos=True)
+    eos, stop = seq(3, max_tokens=9), seq(3, max_tokens=9, stop_token_ids=[7])
+    ignore = seq(3, max_tokens=4, ignore_eos=True)
     late = seq(3, max_tokens=9, min_tokens=3)
     for x in (eos, stop, ignore, late):
         s.add(x)

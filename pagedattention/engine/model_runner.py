@@ -6,6 +6,8 @@ pinned buffers and copied once into the static buffers the captured graphs read.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -25,8 +27,10 @@ def load_model(config: EngineConfig):
     from pagedattention import models
 
     if isinstance(config.model, models.ModelConfig):
-        torch.manual_seed(config.seed)
-        with torch.device(config.device):  # initialised where it runs: seconds, not minutes, for 0.5B
+        cuda_devices = [config.device] if config.device.type == "cuda" else []
+        # initialised where it runs (seconds, not minutes, for 0.5B), seeded without touching the global RNG
+        with torch.random.fork_rng(devices=cuda_devices), torch.device(config.device):
+            torch.manual_seed(config.seed)
             model = models.LlamaForCausalLM(config.model)
             for module in model.modules():
                 if isinstance(module, torch.nn.Linear):
@@ -34,10 +38,13 @@ def load_model(config: EngineConfig):
         model = model.to(config.dtype)
         model.model.rotary_emb.reset_parameters()  # RoPE frequencies stay float32
         return model.eval(), None, config.model
-    if config.model is not None and not isinstance(config.model, str):
-        raise TypeError(f"model must be a checkpoint directory (str), a ModelConfig or None, "
-                        f"got {type(config.model).__name__}")
-    model, tokenizer, model_config = models.load(config.model, dtype=config.dtype, device=config.device)
+    path = config.model
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if path is not None and not isinstance(path, str):
+        raise TypeError(f"model must be a checkpoint directory (str or path), a ModelConfig or None, "
+                        f"got {type(path).__name__}")
+    model, tokenizer, model_config = models.load(path, dtype=config.dtype, device=config.device)
     return model.eval(), tokenizer, model_config
 
 
@@ -70,7 +77,8 @@ class ModelRunner:
         self.manager = PagedAttentionManager(num_blocks, self.block_size, mc.num_hidden_layers,
                                              mc.num_key_value_heads, mc.head_dim, config.dtype, self.device)
         self.model.bind_kv_cache(self.manager.key_caches, self.manager.value_caches)
-        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # the torch reference ops loop over sequences on the host, so only the kernels can be captured
+        self.use_graphs = self.device.type == "cuda" and self.backend == "numba" and not config.enforce_eager
         if self.use_graphs:
             self._capture_decode_graphs()
 
@@ -208,20 +216,7 @@ class ModelRunner:
         The attention kernel is told ``max_context_len = max_model_len``, so one capture serves every
         context length; the real lengths arrive through ``context_lens`` at replay.
         """
-        max_bs, width = self.config.max_num_seqs, self.max_blocks_per_seq
-        self.graph_sizes = graph_batch_sizes(max_bs)
-        pinned = dict(pin_memory=True)
-        self.host = {  # pinned host staging buffers, filled with numpy each step
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, **pinned),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, **pinned),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, **pinned),
-            "context_lens": torch.ones(max_bs, dtype=torch.int32, **pinned),
-            "block_tables": torch.zeros(max_bs, width, dtype=torch.int32, **pinned),
-        }
-        self.static = {name: t.to(self.device) for name, t in self.host.items()}
-        self.host_np = {name: t.numpy() for name, t in self.host.items()}
-        self.graph_output = torch.empty(max_bs, self.model_config.hidden_size,
-                                        dtype=self.config.dtype, device=self.device)
+        self._allocate_decode_buffers()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         for bs in reversed(self.graph_sizes):  # largest first, so the smaller ones reuse its memory pool
@@ -245,7 +240,25 @@ class ModelRunner:
             self.graph_output[:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], attn)
         return run
 
-    def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _allocate_decode_buffers(self) -> None:
+        """The static inputs the graphs read (rows 0..bucket-1) and the host buffers they are staged from."""
+        max_bs, width = self.config.max_num_seqs, self.max_blocks_per_seq
+        self.graph_sizes = graph_batch_sizes(max_bs)
+        pinned = self.device.type == "cuda"  # page-locked, so the copies are true async DMA
+        self.host = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.int64, pin_memory=pinned),
+            "positions": torch.zeros(max_bs, dtype=torch.int64, pin_memory=pinned),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, pin_memory=pinned),
+            "context_lens": torch.ones(max_bs, dtype=torch.int32, pin_memory=pinned),
+            "block_tables": torch.zeros(max_bs, width, dtype=torch.int32, pin_memory=pinned),
+        }
+        self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
+        self.graph_output = torch.empty(max_bs, self.model_config.hidden_size,
+                                        dtype=self.config.dtype, device=self.device)
+
+    def _stage_decode(self, seqs: list[Sequence]) -> int:
+        """Write this step's decode inputs into the static buffers; returns the bucket (graph batch size)."""
         n = len(seqs)
         bs = next(size for size in self.graph_sizes if size >= n)
         h = self.host_np
@@ -260,8 +273,11 @@ class ModelRunner:
         h["block_tables"][n:bs] = 0
         for name, host in self.host.items():
             self.static[name][:bs].copy_(host[:bs], non_blocking=True)
-        self.graphs[bs].replay()
-        return self.graph_output[:n]
+        return bs
+
+    def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        self.graphs[self._stage_decode(seqs)].replay()
+        return self.graph_output[:len(seqs)]
 
     @torch.inference_mode()
     def decode_eager(self, seqs: list[Sequence]) -> torch.Tensor:

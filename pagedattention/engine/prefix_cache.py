@@ -12,15 +12,17 @@ parent is the block matched just before it, so a collision can never hand out th
 Ownership: the cache holds one reference (``incref``) on every block it lists, besides those of the sequences
 using it. A cached block whose only reference is the cache's belongs to nobody else and is *evictable*: it
 keeps its K/V for a later hit until an allocation needs room, when the least recently used ones are released
-first (``evict``). A lookup or an insert marks blocks used, the deepest block of a chain as least recent, so a
-chain is evicted from its end and its shared beginning lives longest.
+first (``evict``). The cache cannot see sequences come and go, so their owner tells it: ``acquire`` after a
+sequence takes references on matched blocks, ``release`` after a sequence drops its blocks. Evictable blocks
+queue in the order they were released, the deepest block of a chain first, so a chain is evicted from its end
+and its shared beginning lives longest; every operation costs O(blocks involved), never O(cache size).
 """
 from __future__ import annotations
 
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import xxhash
@@ -68,30 +70,36 @@ class PrefixCache:
         self.allocator = allocator
         self.block_size = block_size
         self._by_hash: dict[int, CachedBlock] = {}
-        self._lru: OrderedDict[int, CachedBlock] = OrderedDict()  # block_id -> entry, least recent first
+        self._by_block: dict[int, CachedBlock] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks only the cache holds, LRU first
         self.stats = PrefixCacheStats()
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._by_block)
 
     def __contains__(self, block_id: int) -> bool:
-        return block_id in self._lru
+        return block_id in self._by_block
 
     @property
     def cached_block_ids(self) -> list[int]:
-        return list(self._lru)
+        return list(self._by_block)
+
+    @property
+    def evictable_block_ids(self) -> list[int]:
+        """Cached blocks that no sequence holds, least recently used first."""
+        return list(self._evictable)
 
     @property
     def num_evictable(self) -> int:
-        """Cached blocks that no sequence uses: ``evict`` can turn each into a free block."""
-        return sum(1 for b in self._lru if self.allocator.ref_count(b) == 1)
+        """Cached blocks that no sequence holds: ``evict`` can turn each into a free block."""
+        return len(self._evictable)
 
     def match(self, token_ids: Sequence[int]) -> list[int]:
         """Block ids holding the longest cached run of ``token_ids``'s full blocks.
 
         At most ``(len(token_ids) - 1) // block_size`` blocks: the last token is always left to compute,
-        since its logits are what the step needs. The caller increfs the blocks it keeps (e.g. through
-        ``add_sequence(..., shared_blocks=...)``) before anything can evict them.
+        since its logits are what the step needs. A caller that keeps the blocks increfs them (e.g. through
+        ``add_sequence(..., shared_blocks=...)``) and then calls ``acquire``.
         """
         token_ids = _as_token_list(token_ids)
         matched: list[CachedBlock] = []
@@ -103,19 +111,31 @@ class PrefixCache:
                 break
             matched.append(entry)
             parent, parent_hash = entry, entry.block_hash
-        self._touch(matched)
         self.stats.queries += 1
         self.stats.query_tokens += len(token_ids)
         self.stats.hit_blocks += len(matched)
         self.stats.hit_tokens += len(matched) * self.block_size
         return [e.block_id for e in matched]
 
+    def acquire(self, block_ids: Iterable[int]) -> None:
+        """A sequence now holds these blocks (after its incref): cached ones stop being evictable."""
+        for b in block_ids:
+            self._evictable.pop(b, None)
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        """A sequence dropped these blocks (its block table, after the free): cached blocks that only the
+        cache holds now become evictable, as the most recently used, the table's end before its beginning."""
+        for b in reversed(block_ids):
+            if b in self._by_block and self.allocator.ref_count(b) == 1:
+                self._evictable[b] = None
+                self._evictable.move_to_end(b)
+
     def insert(self, token_ids: Sequence[int], block_table: Sequence[int]) -> int:
         """Cache the full blocks of a sequence whose K/V for ``token_ids`` are computed in ``block_table``.
 
-        Blocks already cached are only marked used; when an equal block is cached under another id (two equal
-        prompts computed side by side) the cached one stays and the chain goes on through it. Returns the
-        number of blocks newly cached (each now holds one more reference, the cache's).
+        The sequence must hold every block of ``block_table`` that ``token_ids`` fills. When an equal block is
+        already cached under another id (two equal prompts computed side by side) the cached one stays and the
+        chain goes on through it. Returns the number of blocks newly cached (each gets the cache's reference).
         """
         token_ids = _as_token_list(token_ids)
         num_full = len(token_ids) // self.block_size
@@ -125,7 +145,6 @@ class PrefixCache:
         for block_id in block_table[:num_full]:
             if self.allocator.ref_count(block_id) < 1:  # raises for an id out of range
                 raise ValueError(f"block {block_id} of block_table is free: only blocks in use can be cached")
-        chain: list[CachedBlock] = []
         num_new = 0
         parent, parent_hash = None, ROOT_HASH
         for i in range(num_full):
@@ -137,46 +156,41 @@ class PrefixCache:
                 entry = None
             if entry is None:
                 block_id = operator.index(block_table[i])
-                if block_id in self._lru:  # cached under another prefix: cannot be, but never list a block twice
+                if block_id in self._by_block:  # cached under another prefix: cannot be, but never list a block twice
                     break
                 entry = CachedBlock(block_id, block_hash, block, parent)
                 self.allocator.incref([block_id])  # the cache's own reference
                 self._by_hash[block_hash] = entry
-                self._lru[block_id] = entry
+                self._by_block[block_id] = entry
                 num_new += 1
-            chain.append(entry)
             parent, parent_hash = entry, block_hash
-        self._touch(chain)
         return num_new
 
-    def evict(self, num_blocks: int) -> list[int]:
-        """Release up to ``num_blocks`` evictable blocks, least recently used first; returns the freed ids."""
+    def evict(self, num_blocks: int, keep: Iterable[int] = ()) -> list[int]:
+        """Release up to ``num_blocks`` evictable blocks (never those in ``keep``), least recently used first;
+        returns the ids that became free."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
+        keep = set(keep)
         victims = []
-        for block_id, entry in self._lru.items():
+        for block_id in self._evictable:
             if len(victims) == num_blocks:
                 break
-            if self.allocator.ref_count(block_id) == 1:
-                victims.append(entry)
+            if block_id not in keep:
+                victims.append(self._by_block[block_id])
         return self._drop(victims)
 
     def clear(self) -> list[int]:
         """Forget every block, dropping the cache's references; returns the ids that became free."""
-        return self._drop(list(self._lru.values()))
+        return self._drop(list(self._by_block.values()))
 
     def _drop(self, entries: list[CachedBlock]) -> list[int]:
         for e in entries:
-            del self._lru[e.block_id]
+            del self._by_block[e.block_id]
+            self._evictable.pop(e.block_id, None)
             if self._by_hash.get(e.block_hash) is e:
                 del self._by_hash[e.block_hash]
         return self.allocator.free([e.block_id for e in entries]) if entries else []
-
-    def _touch(self, chain: list[CachedBlock]) -> None:
-        # most recent last; the chain's first block is touched last so that it is evicted last
-        for e in reversed(chain):
-            if self._lru.get(e.block_id) is e:  # (an insert may have dropped an entry of its own chain)
-                self._lru.move_to_end(e.block_id)
 
 
 def _as_token_list(token_ids) -> list[int]:

@@ -19,7 +19,8 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> tuple[list[int], list[float]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 eos_token_ids: set[int]) -> tuple[list[int], list[float]]:
         """``logits`` float32 [len(seqs), vocab] -> (token id, logprob) per row."""
         params = [s.sampling_params for s in seqs]
         self._mask_stop_tokens(logits, seqs, eos_token_ids)

@@ -2,6 +2,8 @@
 
 - ``paged_attention`` (decode.py): one new token per sequence; ``version="v1"`` (two-pass) or ``"v2"`` (one-pass,
   online softmax, split-KV).
+- ``paged_prefill_attention`` (paged_prefill.py): causal multi-token attention over the cache (prefill, chunks,
+  prefix-cache hits).
 - ``write_kv`` / ``copy_blocks`` (cache_ops.py): store a step's new K/V; copy-on-write of whole blocks.
 - ``reference_*`` (reference.py): the plain-torch definitions the kernels are tested against.
 
@@ -18,6 +20,7 @@ _LAZY = {
     "paged_attention": "decode",
     "write_kv": "cache_ops",
     "copy_blocks": "cache_ops",
+    "paged_prefill_attention": "paged_prefill",
 }
 
 
@@ -29,6 +32,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["paged_attention", "write_kv", "copy_blocks",
+__all__ = ["paged_attention", "paged_prefill_attention", "write_kv", "copy_blocks",
            "reference_copy_blocks", "reference_paged_attention", "reference_paged_prefill_attention",
            "reference_write_kv"]

@@ -292,7 +292,7 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
     K_STEPS, V_STEPS = -(-K_JOBS // NT), -(-V_JOBS // NT)
     # array sizes must be compile-time constants
     K_WORDS, V_WORDS, Q_WORDS, S_FLOATS, O_FLOATS = BN * K_ROW, head_dim * V_ROW, KS * 4, NS * 4, NO * 4
-    KR_WORDS, VR_WORDS = K_STEPS * 4, V_STEPS * 8
+    KR_WORDS, VR_WORDS, K_BUFFERS, V_BUFFERS = K_STEPS * 4, V_STEPS * 8, 2 * K_WORDS, 2 * V_WORDS
     mma = mma_bf16 if bf16 else mma_f16
     pack = ptx.pack_bf16x2 if bf16 else ptx.pack_f16x2
 
@@ -334,12 +334,12 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
             vr[i * 8 + 7] = b3 & MASK32
 
     @cuda.jit(device=True, inline=True)
-    def stash(kr, vr, k_tile, v_tile, tid):
-        """The fetched pieces into shared memory: K rows as they are, V transposed into key-pair words."""
+    def stash(kr, vr, k_tile, v_tile, buf, tid):
+        """The fetched pieces into shared buffer ``buf``: K rows as they are, V transposed into key-pair words."""
         for i in range(K_STEPS):
             job = i * NT + tid
             if job < K_JOBS:
-                dst = (job // CHUNKS) * K_ROW + (job % CHUNKS) * 4
+                dst = buf * K_WORDS + (job // CHUNKS) * K_ROW + (job % CHUNKS) * 4
                 k_tile[dst] = kr[i * 4]
                 k_tile[dst + 1] = kr[i * 4 + 1]
                 k_tile[dst + 2] = kr[i * 4 + 2]
@@ -347,7 +347,7 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
         for i in range(V_STEPS):
             job = i * NT + tid
             if job < V_JOBS:
-                dst = 8 * (job // (BN // 2)) * V_ROW + job % (BN // 2)   # dims 8c .. 8c + 7, key pair p
+                dst = buf * V_WORDS + 8 * (job // (BN // 2)) * V_ROW + job % (BN // 2)  # dims 8c .. 8c+7, pair p
                 for w in range(4):
                     a = vr[i * 8 + w]          # dims 8c + 2w (low half), 8c + 2w + 1 (high half) of key 2p
                     b = vr[i * 8 + 4 + w]      # the same dims of key 2p + 1
@@ -357,8 +357,8 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
     @cuda.jit(fastmath=True)
     def kernel(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
                max_blocks, num_heads, num_kv_heads, scale_log2):
-        k_tile = cuda.shared.array(K_WORDS, np.uint32)
-        v_tile = cuda.shared.array(V_WORDS, np.uint32)
+        k_tile = cuda.shared.array(K_BUFFERS, np.uint32)  # two buffers: one read while the other is filled
+        v_tile = cuda.shared.array(V_BUFFERS, np.uint32)
         q_frag = cuda.local.array(Q_WORDS, np.uint32)    # A fragments of this lane's two query rows
         s = cuda.local.array(S_FLOATS, np.float32)       # S (then P) C fragments of the current tile
         o = cuda.local.array(O_FLOATS, np.float32)       # O C fragments
@@ -407,21 +407,27 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
 
         if prefetch:
             fetch(kr, vr, key_cache, value_cache, table_row, row_bytes, 0, kv_end, tid)
+            stash(kr, vr, k_tile, v_tile, 0, tid)
+            cuda.syncthreads()
         for n0 in range(0, kv_end, BN):
-            # 1. stage K rows and V columns of keys n0 .. n0 + BN - 1; with prefetch, the loads of the next
-            #    tile are issued before this tile's math so that their latency hides behind it
+            # 1. stage K rows and V columns of keys n0 .. n0 + BN - 1. With prefetch the tile is already in
+            #    buffer cur, and the loads of the next tile are issued now so that their latency hides behind
+            #    this tile's math; they go to the other buffer after it, and one barrier per tile suffices.
+            cur = (n0 // BN) & 1 if prefetch else 0
             if not prefetch:
                 fetch(kr, vr, key_cache, value_cache, table_row, row_bytes, n0, kv_end, tid)
-            stash(kr, vr, k_tile, v_tile, tid)
-            cuda.syncthreads()
-            if prefetch and n0 + BN < kv_end:
+                stash(kr, vr, k_tile, v_tile, 0, tid)
+                cuda.syncthreads()
+            elif n0 + BN < kv_end:
                 fetch(kr, vr, key_cache, value_cache, table_row, row_bytes, n0 + BN, kv_end, tid)
+            k_base = cur * K_WORDS
+            v_base = cur * V_WORDS
 
             if warp_active and n0 <= warp_last_pos:
                 # 2. S = Q K^T, scaled to base 2
                 for nt in range(NS):
                     c0 = c1 = c2 = c3 = ZERO
-                    kb = (nt * 8 + g) * K_ROW + t
+                    kb = k_base + (nt * 8 + g) * K_ROW + t
                     for ks in range(KS):
                         c0, c1, c2, c3 = mma(q_frag[ks * 4], q_frag[ks * 4 + 1], q_frag[ks * 4 + 2],
                                              q_frag[ks * 4 + 3], k_tile[kb + ks * 8], k_tile[kb + ks * 8 + 4],
@@ -476,12 +482,14 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
                     p1 = pack(s[kp * 8 + 2], s[kp * 8 + 3])
                     p2 = pack(s[kp * 8 + 4], s[kp * 8 + 5])
                     p3 = pack(s[kp * 8 + 6], s[kp * 8 + 7])
-                    vb = g * V_ROW + kp * 8 + t         # keys kp*16 + 2t, +1 (and +8, +9) of dim nt*8 + g
+                    vb = v_base + g * V_ROW + kp * 8 + t  # keys kp*16 + 2t, +1 (and +8, +9) of dim nt*8 + g
                     for nt in range(NO):
                         o[nt * 4], o[nt * 4 + 1], o[nt * 4 + 2], o[nt * 4 + 3] = mma(
                             p0, p1, p2, p3, v_tile[vb + nt * 8 * V_ROW], v_tile[vb + nt * 8 * V_ROW + 4],
                             o[nt * 4], o[nt * 4 + 1], o[nt * 4 + 2], o[nt * 4 + 3])
-            cuda.syncthreads()  # the tile is consumed before the next one overwrites it
+            if prefetch and n0 + BN < kv_end:
+                stash(kr, vr, k_tile, v_tile, 1 - cur, tid)
+            cuda.syncthreads()  # the next tile is in place, and no one reads this buffer any more
 
         if warp_active:
             l_g = quad_sum(l_g)
@@ -605,11 +613,6 @@ def _check_lengths(cu_seqlens_q, context_lens, num_tokens: int, capacity: int) -
     return max(q_lens, default=0)
 
 
-def _words(t: torch.Tensor):
-    """A contiguous fp16/bf16 tensor as a flat array of 32-bit words (two values each), zero-copy."""
-    return as_kernel_array(t.reshape(-1).view(torch.int32)).view(np.uint32)
-
-
 def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *,
                             scale=None, out=None, max_q_len=None):
     """Causal attention of packed new tokens over the paged KV cache.
@@ -652,20 +655,18 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
 
 
 def launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out, scale: float,
-                   max_q_len: int, warps: int = WARPS):
-    """The launch alone, on validated arguments (``warps`` per block of the tensor-core kernel)."""
+                   max_q_len: int, warps: int = WARPS, prefetch: bool = PREFETCH):
+    """The launch alone, on validated arguments (``warps``, ``prefetch``: tensor-core kernel variants)."""
     num_seqs = context_lens.shape[0]
     _, block_size, num_kv_heads, head_dim = key_cache.shape
     num_heads = query.shape[1]
-    tables = as_kernel_array(block_tables)
-    cu = as_kernel_array(cu_seqlens_q)
-    ctx = as_kernel_array(context_lens)
     stream = current_stream()
     if query.dtype == torch.float32:
         kernel = build_fp32_kernel(head_dim, block_size)
         flat = [as_kernel_array(t.reshape(-1)) for t in (query, key_cache, value_cache, out)]
         kernel[(max_q_len, num_seqs, num_heads), FP32_THREADS, stream](
-            flat[0], flat[1], flat[2], tables, cu, ctx, flat[3], num_heads, num_kv_heads, np.float32(scale))
+            flat[0], flat[1], flat[2], as_kernel_array(block_tables), as_kernel_array(cu_seqlens_q),
+            as_kernel_array(context_lens), flat[3], num_heads, num_kv_heads, np.float32(scale))
     else:
         kernel = build_tensor_core_kernel(head_dim, block_size, query.dtype == torch.bfloat16, warps, prefetch)
         grid = ((max_q_len + 16 * warps - 1) // (16 * warps), num_seqs, num_heads)
