@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pagedattention.kernels.paged_prefill import PREFETCH, WARPS, launch_prefill, paged_prefill_attention  # noqa: E402
+from pagedattention.kernels.paged_prefill import (PREFETCH, choose_warps, launch_prefill,  # noqa: E402
+                                                  paged_prefill_attention)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen2.5-0.5b (14q/2kv, d64)": (14, 2, 64), "32q/8kv, d128": (32, 8, 128)}
@@ -111,11 +112,21 @@ def graph_ms(fn, warmup: int, reps: int):
         return None
 
 
-def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=((WARPS, PREFETCH),), warmup=5,
-        reps=30, verbose=True):
+DEFAULT = (None, PREFETCH, None)
+
+
+def parse_variant(text: str):
+    """"W:P:R" -> (warps or None for the automatic choice, prefetch, max_registers or None), e.g. "8:1:128"."""
+    w, p, r = (text.split(":") + ["0", "1", "0"][len(text.split(":")):])[:3]
+    return int(w) or None, p == "1", int(r) or None
+
+
+def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(DEFAULT,), warmup=5, reps=30,
+        verbose=True):
     """Benchmark rows: one per (shape, workload, dtype, kernel variant) with both timings, TFLOP/s and ratio.
 
-    A variant is (warps per block, prefetch); the default one is timed through the public function.
+    A variant is (warps per block or None, prefetch, max_registers or None); the default one is timed through
+    the public function, the others through ``launch_prefill``.
 
     ``paged_ms`` times the public function as the engine calls it (validation and launch included, with
     max_q_len given so nothing is read back); ``paged_graph_ms`` replays the same call from a CUDA graph."""
@@ -129,24 +140,31 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=((
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 torch.manual_seed(0)
-                (q, k, v), paged = make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim, dtype)
+                (q, k, v), paged = make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim,
+                                               dtype)
                 ref_fn = sdpa_fn(q, k, v, num_heads, num_kv_heads)
                 ref = ref_fn().transpose(1, 2).reshape(paged["query"].shape)
                 sdpa_ms = time_ms(ref_fn, warmup, reps)
                 flops = causal_flops(batch, context_len, q_len, num_heads, head_dim)
                 scale = head_dim ** -0.5
-                for w, pf in variants:
+                for w, pf, regs in variants:
                     out = torch.full_like(paged["query"], float("nan"))
-                    if (w, pf) == (WARPS, PREFETCH):
+                    if (w, pf, regs) == DEFAULT:
                         ours = lambda: paged_prefill_attention(**paged, out=out, max_q_len=q_len)  # noqa: E731
                     else:
                         ours = lambda: launch_prefill(**paged, out=out, scale=scale, max_q_len=q_len,  # noqa: E731
-                                                      warps=w, prefetch=pf)
-                    ours()
+                                                      warps=w, prefetch=pf, max_registers=regs)
+                    try:
+                        ours()
+                    except Exception as e:  # a variant that fails to build or run is reported, not fatal
+                        print(f"variant {(w, pf, regs)} failed: {e!r}", flush=True)
+                        continue
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     ms = time_ms(ours, warmup, reps)
                     g_ms = graph_ms(ours, warmup, reps)
-                    row = dict(shape=shape_name, workload=work_name, dtype=dtype_name, warps=w, prefetch=pf, batch=batch,
+                    row = dict(shape=shape_name, workload=work_name, dtype=dtype_name,
+                               warps=w or choose_warps(q_len, batch, num_heads), prefetch=pf, max_registers=regs,
+                               default=(w, pf, regs) == DEFAULT, batch=batch,
                                context_len=context_len, q_len=q_len, paged_ms=round(ms, 4),
                                paged_graph_ms=None if g_ms is None else round(g_ms, 4), sdpa_ms=round(sdpa_ms, 4),
                                paged_tflops=round(flops / ms / 1e9, 2),
@@ -160,14 +178,17 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=((
 
 
 def print_table(rows):
-    print(f"{'shape':28s} {'workload':25s} {'dtype':8s} {'w':>2s} {'pf':>2s} {'paged ms':>8s} {'graph ms':>8s} {'sdpa ms':>7s} "
-          f"{'paged TF/s':>10s} {'graph TF/s':>10s} {'sdpa TF/s':>9s} {'ratio':>5s} {'rel err':>7s}")
+    header = ("shape", "workload", "dtype", "w", "pf", "reg", "paged ms", "graph ms", "sdpa ms", "paged TF/s",
+              "graph TF/s", "sdpa TF/s", "ratio", "rel err")
+    widths = (28, 25, 8, 2, 2, 3, 8, 8, 7, 10, 10, 9, 5, 7)
+    print(" ".join(f"{h:>{w}s}" if i > 2 else f"{h:{w}s}" for i, (h, w) in enumerate(zip(header, widths))))
+    nan = float("nan")
     for r in rows:
-        graph = r["paged_graph_ms"] if r["paged_graph_ms"] is not None else float("nan")
-        graph_tf = r["paged_graph_tflops"] if r["paged_graph_tflops"] is not None else float("nan")
-        print(f"{r['shape']:28s} {r['workload']:25s} {r['dtype']:8s} {r['warps']:2d} {int(r['prefetch']):2d} {r['paged_ms']:8.3f} "
-              f"{graph:8.3f} {r['sdpa_ms']:7.3f} {r['paged_tflops']:10.1f} {graph_tf:10.1f} "
-              f"{r['sdpa_tflops']:9.1f} {r['ratio']:5.2f} {r['rel_err_vs_sdpa']:7.1e}")
+        graph_ms, graph_tf = r["paged_graph_ms"] or nan, r["paged_graph_tflops"] or nan
+        print(f"{r['shape']:28s} {r['workload']:25s} {r['dtype']:8s} {r['warps']:2d} {int(r['prefetch']):2d} "
+              f"{r['max_registers'] or 0:3d} {r['paged_ms']:8.3f} {graph_ms:8.3f} {r['sdpa_ms']:7.3f} "
+              f"{r['paged_tflops']:10.1f} {graph_tf:10.1f} {r['sdpa_tflops']:9.1f} {r['ratio']:5.2f} "
+              f"{r['rel_err_vs_sdpa']:7.1e}")
 
 
 def save(rows, out_dir: Path):
@@ -184,7 +205,7 @@ def save(rows, out_dir: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in rows if (r["warps"], r["prefetch"]) == (WARPS, PREFETCH)]
+    rows = [r for r in rows if r["default"]]
     labels = [f"{r['shape'].split(' (')[0]}\n{r['workload']}\n{r['dtype']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
@@ -202,12 +223,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--variants", nargs="+", default=[f"{WARPS}:{int(PREFETCH)}"],
-                        help="tensor-core kernel variants as WARPS:PREFETCH, e.g. 8:1 8:0 4:1")
+    parser.add_argument("--variants", nargs="+", default=["0:1:0"],
+                        help="kernel variants WARPS:PREFETCH:MAX_REGISTERS (0 = automatic / no cap); the first "
+                             "row of each case with 0:1:0 is the public function")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    variants = [(int(v.split(":")[0]), v.split(":")[1] == "1") for v in args.variants]
-    rows = run(dtypes=args.dtypes, variants=variants, reps=args.reps)
+    rows = run(dtypes=args.dtypes, variants=[parse_variant(v) for v in args.variants], reps=args.reps)
     save(rows, args.out_dir)
     print_table(rows)
 

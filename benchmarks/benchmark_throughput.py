@@ -122,6 +122,23 @@ def main(argv=None) -> int:
     init_s = time.perf_counter() - start  # weights, KV sizing warm-up, CUDA graph capture
     dtype = str(llm.config.dtype).removeprefix("torch.")
     results = []
+    card = device_name(device)
+    tag = card.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
+    path = args.out / f"throughput_{tag}.json"
+
+    def write_report(rows):
+        report = {
+            "device": card, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
+            "engine_init_s": init_s, "kv_blocks": llm.manager.num_blocks,
+            "dtype": dtype, "torch": torch.__version__, "temperature": args.temperature,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "max_model_len": max_model_len, "block_size": args.block_size, "enforce_eager": args.enforce_eager,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": rows,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
     for name in workloads:
         prompts, params = workload(name, args.tiny, args.temperature)
         for cap in caps:
@@ -130,23 +147,12 @@ def main(argv=None) -> int:
                 row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap,
                        **run_one(llm, prompts, params)}
                 results.append(row)
+                write_report(results)
                 print(f"{name} {scheduling:>10} max_num_seqs={cap}: {row['requests_per_s']:.2f} req/s, "
                       f"{row['output_tok_per_s']:.0f} output tok/s, {row['total_tok_per_s']:.0f} total tok/s",
                       flush=True)
 
-    card = device_name(device)
-    report = {
-        "device": card, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
-        "engine_init_s": init_s, "kv_blocks": llm.manager.num_blocks,
-        "dtype": dtype, "torch": torch.__version__, "temperature": args.temperature,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": max_model_len, "block_size": args.block_size, "enforce_eager": args.enforce_eager,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = card.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
-    path = args.out / f"throughput_{tag}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_report(results)
 
     print(f"\n{card}, {report['model']}, {dtype}, {llm.manager.num_blocks} KV blocks of {args.block_size}, "
           f"engine start {init_s:.1f} s")

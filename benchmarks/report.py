@@ -23,6 +23,10 @@ META = {
     "command": ("command", "cmd", "argv"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# Section titles by the file name's first word, in the order the README shows them.
+TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode attention kernels",
+          "prefill": "Paged prefill kernel", "throughput": "Engine throughput: continuous vs static batching",
+          "sharing": "Sharing: parallel sampling, beam search, prefix caching"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
 
 
@@ -75,10 +79,13 @@ def kernel_rows(data: dict) -> list[dict]:
 
 
 def prefill_rows(data: dict) -> list[dict]:
-    """bench_prefill.py: causal TFLOP/s of the paged prefill kernel against torch SDPA (flash) in the same run."""
-    return [{"shape": r["shape"], "workload": r["workload"], "dtype": r["dtype"], "warps": r["warps"],
+    """bench_prefill.py: causal TFLOP/s of the paged prefill kernel against torch SDPA (flash) in the same run;
+    only the configuration the kernel runs by default when the file also holds tuning variants."""
+    rows = [r for r in data["rows"] if r.get("default", True)]
+    return [{"shape": r["shape"], "workload": r["workload"], "dtype": r["dtype"],
              "paged ms": r["paged_ms"], "SDPA ms": r["sdpa_ms"], "paged TFLOP/s": r["paged_tflops"],
-             "SDPA TFLOP/s": r["sdpa_tflops"], "paged / SDPA": r["ratio"]} for r in data["rows"]]
+             "paged TFLOP/s in a CUDA graph": r.get("paged_graph_tflops"), "SDPA TFLOP/s": r["sdpa_tflops"],
+             "paged / SDPA": r["ratio"]} for r in rows]
 
 
 def throughput_rows(data: dict) -> list[dict]:
@@ -177,7 +184,8 @@ def section(path: Path) -> str:
     if not isinstance(data, dict):
         data = {"rows": data} if _is_rows(data) else {}
     card, date, command = (find_meta(data, k) for k in ("card", "date", "command"))
-    head = [f"### {path.stem}", "",
+    title = TITLES.get(path.stem.split("_")[0])
+    head = [f"### {title} ({path.name})" if title else f"### {path.name}", "",
             f"card: {card or 'not recorded'}; date: {date or 'not recorded'}"
             + (f"; copy roofline {data['copy_tbps']:.3f} TB/s" if isinstance(data.get("copy_tbps"), float) else "")
             + "  ",
@@ -185,11 +193,32 @@ def section(path: Path) -> str:
     return "\n".join(head) + "\n\n" + markdown_table(table_rows(path, data)) + "\n"
 
 
-def report(results: Path) -> str:
-    files = sorted(results.glob("*.json"))
+def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """One file per (benchmark, card): the shortest name, as extra runs (tuning, variants) add suffixes to it."""
+    best: dict[tuple, Path] = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        key = (f.stem.split("_")[0], find_meta(data, "card") if isinstance(data, dict) else None)
+        if key not in best or (len(f.stem), f.stem) < (len(best[key].stem), best[key].stem):
+            best[key] = f
+    chosen = [f for f in files if f in best.values()]
+    return chosen, [f for f in files if f not in chosen]
+
+
+def report(results: Path, all_files: bool = True) -> str:
+    order = list(TITLES)
+    files = sorted(results.glob("*.json"), key=lambda f: (order.index(f.stem.split("_")[0])
+                                                          if f.stem.split("_")[0] in order else len(order), f.name))
     if not files:
         return f"_No results yet: run the benchmarks (they write JSON under {results.name}/)._\n"
-    return "\n".join(section(f) for f in files)
+    others: list[Path] = []
+    if not all_files:
+        files, others = canonical(files)
+    text = "\n".join(section(f) for f in files)
+    if others:
+        text += (f"\nOther runs in {results.name}/ (`python benchmarks/report.py` shows every file): "
+                 + ", ".join(f.name for f in others) + "\n")
+    return text
 
 
 def rewrite_readme(readme: Path, text: str) -> None:
@@ -204,9 +233,10 @@ def rewrite_readme(readme: Path, text: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help=f"folder of result JSON (default {RESULTS})")
-    p.add_argument("--readme", type=Path, help=f"rewrite this file between {BEGIN} and {END}")
+    p.add_argument("--readme", type=Path, help=f"rewrite this file between {BEGIN} and {END}, with one run "
+                                               "per benchmark and card (the file with the shortest name)")
     args = p.parse_args(argv)
-    text = report(args.results)
+    text = report(args.results, all_files=not args.readme)
     if args.readme:
         rewrite_readme(args.readme, text)
     else:

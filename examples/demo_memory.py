@@ -44,7 +44,7 @@ CPU_DEFAULTS = dict(num_requests=16, prompt_len=512, answer_len=32)
 QWEN_0_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                  rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
-                 max_position_embeddings=32768)
+                 max_position_embeddings=32768, eos_token_id=151643)
 
 
 @dataclass
@@ -105,24 +105,6 @@ class PeakTracker:
         setattr(self.manager, name, call)
 
 
-def find_manager(root, depth: int = 4):
-    """The engine's PagedAttentionManager, found by walking its attributes (breadth first)."""
-    from pagedattention.memory import PagedAttentionManager
-    frontier, seen = [root], set()
-    for _ in range(depth):
-        next_frontier = []
-        for obj in frontier:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            if isinstance(obj, PagedAttentionManager):
-                return obj
-            next_frontier += [v for v in getattr(obj, "__dict__", {}).values()
-                              if type(v).__module__.startswith("pagedattention")]
-        frontier = next_frontier
-    raise RuntimeError("the LLM holds no PagedAttentionManager that this demo can find")
-
-
 def make_prompts(args) -> tuple[list[int], list[list[int]]]:
     """A seeded system prompt and one question per request: random token ids below 256 (valid in every
     vocabulary, the byte tokenizer's included), the same on every run."""
@@ -148,7 +130,8 @@ def run_engine(args, device: str, prefix_caching: bool) -> tuple[PeakTracker, di
     greedy = dict(temperature=0.0, ignore_eos=True)
     # The system prompt alone first: afterwards the prefix cache holds its full blocks.
     llm.generate([system], SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
-    tracker = PeakTracker(find_manager(llm))
+    llm.reset_stats()  # the engine's own statistics then cover the requests alone
+    tracker = PeakTracker(llm.manager)
     tracker.sample()
     tracker.watch()
     outputs = llm.generate([system + q for q in questions], SamplingParams(max_tokens=args.answer_len, **greedy),
@@ -159,10 +142,7 @@ def run_engine(args, device: str, prefix_caching: bool) -> tuple[PeakTracker, di
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g.: {errors[0]}")
     info = {"generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-            "preemptions": getattr(getattr(llm, "scheduler", None), "num_preemptions", None)}
-    stats = getattr(llm, "stats", None)
-    if callable(stats):
-        info["engine_stats"] = _plain(stats())
+            "preemptions": llm.scheduler.num_preemptions, "engine_stats": _plain(llm.stats())}
     return tracker, info
 
 
@@ -347,6 +327,12 @@ def print_report(r: dict) -> None:
     print(f"internal fragmentation: naive holds {r['naive_blocks'] * bs:,} slots for {r['naive_tokens']:,} tokens; "
           f"paged at its peak holds {peak['slots_held']:,} slots for {peak['tokens_stored']:,} distinct tokens "
           f"(utilization {peak['utilization']:.1%})")
+    e = r.get("engine_stats", {})
+    if "peak_blocks_held" in e and "prefix_cache_hit_tokens" in e:
+        verdict = "agree" if e["peak_blocks_held"] == r["paged_peak_blocks"] else "differ"
+        print(f"the engine's own statistics {verdict}: peak {e['peak_blocks_held']:,} blocks held "
+              f"({e.get('peak_blocks_unshared', 0):,} without sharing); the prefix cache supplied "
+              f"{e['prefix_cache_hit_tokens']:,} of {e['prefix_cache_query_tokens']:,} prompt tokens")
     if "unshared_peak_blocks" in r:
         print(f"measured without sharing (prefix caching off): peak {r['unshared_peak_blocks']:,} blocks = "
               f"{r['unshared_bytes'] / GB:.4g} GB")

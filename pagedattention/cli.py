@@ -34,6 +34,7 @@ examples:
   pagedattention generate "Hello" "The sky is" --temperature 0 --max-tokens 20
   pagedattention generate --model ~/models/Qwen2.5-0.5B-Instruct --file prompts.txt --json
   pagedattention generate "Tell me a story" --n 4 --temperature 0.8 --seed 1
+  pagedattention generate "The best way to" --beam-width 4 --max-tokens 16
   echo "From stdin" | pagedattention generate --file -
 
 Without --model the embedded tiny model (random weights, byte tokenizer) is used: it runs anywhere
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--n", type=int, default=1,
                           help="completions per prompt; they share the prompt's KV blocks (default: 1)")
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    beam = gen.add_argument_group("beam search (instead of sampling)")
+    beam.add_argument("--beam-width", type=int, default=None,
+                      help="keep the W likeliest hypotheses per step; beams share KV blocks (copy-on-write)")
+    beam.add_argument("--length-penalty", type=float, default=1.0,
+                      help="hypotheses ranked by cum. logprob / length**penalty (default: 1.0)")
     engine = gen.add_argument_group("engine")
     engine.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     engine.add_argument("--dtype", default="auto",
@@ -181,6 +187,12 @@ def output_record(request_output) -> dict:
     }
 
 
+def beam_record(prompt: str, beam_output) -> dict:
+    return {"prompt": prompt,
+            "outputs": [{"index": i, "text": s.text, "token_ids": list(s.token_ids), "cum_logprob": s.cum_logprob}
+                        for i, s in enumerate(beam_output.sequences)]}
+
+
 def print_text(outputs, out) -> None:
     for i, request_output in enumerate(outputs):
         print(f"[{i}] prompt: {request_output.prompt!r}", file=out)
@@ -196,6 +208,8 @@ def run_generate(args) -> int:
     prompts = read_prompts(args)
     from . import LLM, SamplingParams  # torch loads here, not for --help
     try:  # bad options and inputs are refused with the engine's message, before anything runs
+        if args.beam_width is not None:
+            return run_beam_search(args, prompts)
         params = SamplingParams(**sampling_kwargs(args))
         llm = LLM(args.model, **engine_kwargs(args))
         outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
@@ -206,6 +220,22 @@ def run_generate(args) -> int:
             print(json.dumps(output_record(request_output), ensure_ascii=False))
     else:
         print_text(outputs, sys.stdout)
+    return 0
+
+
+def run_beam_search(args, prompts: list[str]) -> int:
+    from . import LLM, BeamSearchParams
+    params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
+                              length_penalty=args.length_penalty, ignore_eos=args.ignore_eos)
+    llm = LLM(args.model, **engine_kwargs(args))
+    outputs = llm.beam_search(prompts, params, use_tqdm=not args.no_progress)
+    for i, (prompt, beam_output) in enumerate(zip(prompts, outputs)):
+        if args.json:
+            print(json.dumps(beam_record(prompt, beam_output), ensure_ascii=False))
+            continue
+        print(f"[{i}] prompt: {prompt!r}")
+        for rank, s in enumerate(beam_output.sequences):
+            print(f"[{i}.{rank}] {s.text!r}  (cum. logprob {s.cum_logprob:.3f}, {len(s.token_ids)} tokens)")
     return 0
 
 

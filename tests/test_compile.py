@@ -20,11 +20,13 @@ HEADLINE = "v2 float16 d128 group4"
 
 
 def _configs():
-    """(name, kernel, signature) for every kernel the decode path launches, at the shapes that matter."""
+    """(name, kernel, signature, register cap) for every kernel the decode path launches, at the shapes that
+    matter. The cap is a link-time option (``-maxrregcount``), so it is passed to the linker here too."""
     from numba import types
 
     from pagedattention.kernels import paged_attention_v1 as v1
     from pagedattention.kernels import paged_attention_v2 as v2
+    from pagedattention.kernels.decode import v2_config
 
     words = types.Array(types.int32, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
@@ -37,9 +39,10 @@ def _configs():
     for dtype in ("float16", "bfloat16", "float32"):
         for head_dim, group in ((128, 4), (128, 8), (64, 7), (128, 1)):
             name = f"v2 {dtype} d{head_dim} group{group}"
-            out.append((name, v2.build_v2_kernel(dtype, head_dim, group), v2_sig))
-        out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig))
-        out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig))
+            heads, tokens, registers = v2_config(group)
+            out.append((name, v2.build_v2_kernel(dtype, head_dim, heads, tokens, registers), v2_sig, registers))
+        out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig, None))
+        out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
     return out
 
 
@@ -49,10 +52,11 @@ def compile_report() -> dict:
     from numba.cuda import compile_ptx
 
     report = {}
-    for name, kernel, sig in _configs():
+    for name, kernel, sig, registers in _configs():
         ptx, _ = compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=True)
         data = ptx.encode()
-        handle = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+        options = ["-arch=sm_90", "-verbose"] + ([f"-maxrregcount={registers}"] if registers else [])
+        handle = nvjitlink.create(len(options), options)
         nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
         nvjitlink.complete(handle)
         log = bytearray(nvjitlink.get_info_log_size(handle))
@@ -95,14 +99,21 @@ def test_every_kernel_compiles_for_sm90(report):
 
 
 def test_v2_uses_registers_only(report):
-    """V2's per-lane arrays (query slice, accumulators, K/V words) must be fully unrolled into registers."""
-    assert report[HEADLINE]["spill_bytes"] == 0 and report[HEADLINE]["local_bytes"] == 0, report[HEADLINE]
-    for name, r in report.items():
-        if name.startswith("v2"):
-            assert r["spill_bytes"] == 0, (name, r)
-            assert r["v4_loads"] > 0, (name, r)          # the cache is read with 16-byte loads
-            assert r["shared_bytes"] <= 48 * 1024, (name, r)
+    """V2's per-lane arrays (query slice, accumulators, K/V words) must be fully unrolled into registers.
 
+    The one exception is deliberate: the headline layout (4 query heads x 4 tokens per lane) runs under a
+    128-register cap so that 4 blocks fit per SM, and ptxas then spills ~100 bytes; on the H100 that layout
+    measured 0.390 ms against 0.425 ms for the best spill-free one (benchmarks/kernel_notes.md). The bound
+    below catches any growth of that spill; every other V2 layout must not spill at all.
+    """
+    assert report[HEADLINE]["registers"] <= 128, report[HEADLINE]
+    for name, r in report.items():
+        if not name.startswith("v2"):
+            continue
+        capped_wide_layout = name.endswith(("group4", "group8"))  # 4 heads x 4 tokens under the cap
+        assert r["spill_bytes"] <= (2 * 128 if capped_wide_layout else 0), (name, r)  # stores + loads per thread
+        assert r["v4_loads"] > 0, (name, r)          # the cache is read with 16-byte loads
+        assert r["shared_bytes"] <= 48 * 1024, (name, r)
 
 if __name__ == "__main__":
     print(json.dumps(compile_report()))

@@ -135,6 +135,18 @@ def test_v2_matches_sdpa(problem):
     run_decode_case("v2", problem)
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 1), (7, 1), (4, 2), (3, 3)])
+def test_v2_layouts_for_each_group_size(num_heads, num_kv_heads):
+    """Group 8 is split over two blocks per KV head, 7 is served whole, 2 and 1 take 8 tokens per lane."""
+    gen = torch.Generator().manual_seed(num_heads)
+    lens = [37, 8] if num_kv_heads < 3 else [19]
+    key, value, tables, ctx = make_batch(lens, 8, num_kv_heads, HEAD_DIMS[0], torch.float16, gen)
+    query = torch.randn(len(lens), num_heads, HEAD_DIMS[0], generator=gen).half().to(DEVICE)
+    out = paged_attention(query, key, value, tables, ctx, out=poisoned_like(query))
+    check_close(out.cpu(), reference(query.cpu(), key.cpu(), value.cpu(), tables.cpu(), ctx.cpu(),
+                                     HEAD_DIMS[0] ** -0.5))
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_max_context_len_above_the_actual_lengths(version):
     """The CUDA-graph case: the grid is sized for a bound far above every context."""
@@ -164,11 +176,11 @@ def test_v2_split_kv_partitions_merge(partition_size, lens):
 
 def test_split_plan():
     """No split when the (sequence, KV head) blocks fill the GPU; more partitions the fewer blocks there are."""
-    assert choose_partition_size(2048, 128, 32, 132) == 128
-    small_batch = choose_partition_size(32, 32768, 32, 132)
-    medium_batch = choose_partition_size(512, 4096, 32, 132)
-    assert small_batch % 32 == 0 and 32768 // small_batch >= 16
-    assert 1 < -(-4096 // medium_batch) <= 16
+    assert choose_partition_size(2048, 128, 32, 132) == 128      # B=256 x 8 KV heads, short contexts
+    assert choose_partition_size(512, 4096, 32, 132) == 4096     # B=64 x 8 KV heads: already a wave of blocks
+    small_batch = choose_partition_size(32, 32768, 32, 132)      # B=4 x 8 KV heads, long contexts
+    assert small_batch % 32 == 0 and 16 <= 32768 // small_batch <= 32
+    assert choose_partition_size(32, 300, 32, 132) == 300        # too short to be worth a merge
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -115,6 +115,12 @@ def test_engine_with_prefix_caching_shares_the_system_prompt(tmp_path, capsys):
     assert system_full + n * private <= result["paged_peak_blocks"] < result["naive_blocks"]
     assert result["generated_tokens"] == n * a
     assert main is not None
+    engine_stats = result.get("engine_stats", {})
+    if "peak_blocks_held" in engine_stats:  # the engine counts its own peak: the same figure
+        assert engine_stats["peak_blocks_held"] == result["paged_peak_blocks"]
+        assert "the engine's own statistics agree" in out
+    if "prefix_cache_hit_tokens" in engine_stats:  # every request found the system prompt's full blocks
+        assert engine_stats["prefix_cache_hit_tokens"] == n * system_full * bs
 
 
 def test_command_line_runs_the_demo(tmp_path, capsys):
@@ -130,7 +136,7 @@ def test_report_renders_the_demo_result_with_card_date_and_command(tmp_path, cap
     _, result = run_demo(tmp_path, capsys, "manager")
     report = runpy.run_path(str(ROOT / "benchmarks" / "report.py"), run_name="report")
     text = report["report"](tmp_path)
-    assert "### demo_manager" in text
+    assert "(demo_manager.json)" in text
     assert f"card: {result['card']}; date: {result['date']}" in text
     assert f"command: `{result['command']}`" in text
     assert f"{result['saved_fraction']:.1%}" in text
@@ -143,7 +149,7 @@ def test_report_rewrites_only_the_results_section(tmp_path, capsys):
     readme.write_text(f"# Title\n\n## Results\n{report['BEGIN']}\nold table\n{report['END']}\n\n## After\n")
     report["main"](["--results", str(tmp_path), "--readme", str(readme)])
     text = readme.read_text()
-    assert "old table" not in text and "### demo_manager" in text
+    assert "old table" not in text and "(demo_manager.json)" in text
     assert text.startswith("# Title\n\n## Results\n") and text.endswith(f"{report['END']}\n\n## After\n")
 
 
@@ -157,3 +163,13 @@ def test_report_shows_any_results_file_even_after_its_format_changes(tmp_path):
     header, _, line = text.split("\n\n")[-1].strip().splitlines()
     assert header.split(" | ")[1:3] == ["scheduling", "requests_per_s"] and "latency p50" in header
     assert line == "| W1 | static | 3.25 | 0.125 |"
+
+
+def test_readme_shows_one_run_per_benchmark_and_card_and_names_the_others(tmp_path):
+    report = runpy.run_path(str(ROOT / "benchmarks" / "report.py"), run_name="report")
+    for name, card in (("kernels_cardA", "A"), ("kernels_cardA_variant", "A"), ("kernels_cardB", "B")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"card": card, "rows": [{"x": 1, "y": 2}]}))
+    readme = report["report"](tmp_path, all_files=False)
+    assert "(kernels_cardA.json)" in readme and "(kernels_cardB.json)" in readme
+    assert "(kernels_cardA_variant.json)" not in readme and "kernels_cardA_variant.json" in readme.splitlines()[-1]
+    assert "(kernels_cardA_variant.json)" in report["report"](tmp_path)  # the full report keeps every file

@@ -151,7 +151,7 @@ def test_every_prefill_position_matches_hf(checkpoint):
     prompt = prompts(config.vocab_size, seed=2)[-1]
     driver = PagedDriver(model, config)
     seq = driver.new_sequence(len(prompt))
-    attn_positions = torch.arange(len(prompt))
+    positions = torch.arange(len(prompt))
     slots = [seq["blocks"][p // driver.block_size] * driver.block_size + p % driver.block_size
              for p in range(len(prompt))]
     attn = AttentionMetadata(is_prefill=True, slot_mapping=torch.tensor(slots),
@@ -159,7 +159,7 @@ def test_every_prefill_position_matches_hf(checkpoint):
                              context_lens=torch.tensor([len(prompt)], dtype=torch.int32),
                              cu_seqlens_q=torch.tensor([0, len(prompt)], dtype=torch.int32), max_q_len=len(prompt))
     with torch.no_grad():
-        ours = model.compute_logits(model(torch.tensor(prompt), attn_positions, attn))
+        ours = model.compute_logits(model(torch.tensor(prompt), positions, attn))
         expected = hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
@@ -279,8 +279,8 @@ def test_numba_backend_matches_torch_backend():
     if not all(hasattr(kernels, f) for f in ("write_kv", "paged_attention", "paged_prefill_attention")):
         pytest.skip("the Numba kernels are not in pagedattention.kernels yet")
     model, tokenizer, config = tiny_model()
-    prompt = tokenizer.encode("Hi, there")  # 10 tokens + 3 new: two blocks of 8
+    prompt = tokenizer.encode("Hi, you")  # 8 tokens: the first decode step opens a second block of 8
     with torch.no_grad():
-        expected = PagedDriver(model, config, block_size=8, num_blocks=4).greedy([prompt], 3)
-        got = PagedDriver(model, config, block_size=8, num_blocks=4, backend="numba").greedy([prompt], 3)
+        expected = PagedDriver(model, config, block_size=8, num_blocks=4).greedy([prompt], 2)
+        got = PagedDriver(model, config, block_size=8, num_blocks=4, backend="numba").greedy([prompt], 2)
     assert got == expected

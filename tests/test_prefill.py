@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedattention.kernels.paged_prefill import WARPS, keys_per_tile, paged_prefill_attention
+from pagedattention.kernels.paged_prefill import keys_per_tile, paged_prefill_attention
 from pagedattention.kernels.reference import reference_paged_attention, reference_paged_prefill_attention
 from pagedattention.kernels.runtime import simulator_enabled
 
@@ -83,7 +83,7 @@ def check(specs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torch.f
 # ----------------------------------------------------------------------------------------------------------- shapes
 def test_plain_prefill_crosses_query_and_key_tiles():
     """q_len = context_len: ordinary causal prefill, spanning two query tiles and two key tiles."""
-    n = 16 * WARPS + 6 if SIM else 2000
+    n = 64 + 6 if SIM else 2000
     check([(n, n)], num_heads=2, num_kv_heads=1, head_dim=32)
 
 
@@ -218,13 +218,15 @@ def test_empty_batch_returns_empty_output():
     assert out.shape == (0, 2, 16)
 
 
-def test_eight_warp_variant():
-    """The 8-warp block (128 query rows) that the benchmark also measures computes the same function."""
+@pytest.mark.parametrize("warps,prefetch", [(8, True), (4, False)])
+def test_kernel_variants(warps, prefetch):
+    """The variants the benchmark measures (8 warps = 128 query rows per block; without prefetch, one K/V
+    buffer and two barriers per tile) compute the same function."""
     from pagedattention.kernels.paged_prefill import launch_prefill
 
     specs = [(150, 140)] if SIM else [(3000, 2000), (700, 5)]
     case = make_case(specs, num_heads=1 if SIM else 4, num_kv_heads=1, head_dim=16 if SIM else 64)
     out = torch.full_like(case["query"], float("nan"))
     launch_prefill(**case, out=out, scale=16 ** -0.5 if SIM else 64 ** -0.5, max_q_len=max(q for _, q in specs),
-                   warps=8)
+                   warps=warps, prefetch=prefetch)
     assert_close(out, reference(case), torch.float16)

@@ -157,3 +157,275 @@ def test_a_step_rejects_logprobs_of_the_wrong_shape():
     with pytest.raises(ValueError, match="logprobs"):
         search.step(torch.zeros(2, 5))
     assert search.num_steps == 0 and len(search.beams) == 1
+
+
+# --- through the engine ----------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from pagedattention import LLM, SamplingParams  # noqa: E402
+
+HF_CONFIG = dict(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls; the test machine's cores are shared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random Llama (weights std 0.2, so that outputs vary) and its saved checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).eval()
+    with torch.no_grad():  # a larger EOS row: EOS is sometimes likely, so that hypotheses end at various lengths
+        hf.lm_head.weight[HF_CONFIG["eos_token_id"]] *= 3
+    path = tmp_path_factory.mktemp("tiny_llama")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_llm(hf_checkpoint):
+    return LLM(hf_checkpoint[1], device="cpu", block_size=4, num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The embedded tiny model (512-token byte vocabulary), prefix caching off."""
+    return LLM(device="cpu", block_size=4, num_kv_blocks=256)
+
+
+def assert_idle(llm):
+    """No sequence left; after dropping the prefix cache every block is free with a ref count of 0."""
+    assert not llm.scheduler.has_unfinished() and len(llm.manager) == 0
+    if llm.prefix_cache is not None:  # with no sequence left, the cache alone holds what it lists
+        cached = llm.prefix_cache.cached_block_ids
+        assert all(llm.manager.block_manager.ref_count(b) == 1 for b in cached)
+        assert sorted(llm.prefix_cache.evictable_block_ids) == sorted(cached)
+        assert llm.manager.num_free_blocks == llm.manager.num_blocks - len(cached)
+    llm.reset_prefix_cache()
+    assert llm.manager.num_free_blocks == llm.manager.num_blocks
+    assert all(llm.manager.block_manager.ref_count(b) == 0 for b in range(llm.manager.num_blocks))
+
+
+def hf_beam_search(hf, prompt, beam_width, max_tokens, length_penalty, ignore_eos):
+    """(generated tokens, score) of each sequence HF returns, best first; EOS ends a sequence (kept)."""
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      num_beams=beam_width, num_return_sequences=beam_width, do_sample=False,
+                      max_new_tokens=max_tokens, min_new_tokens=0, length_penalty=length_penalty,
+                      early_stopping="never", eos_token_id=None if ignore_eos else HF_CONFIG["eos_token_id"],
+                      pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    results = []
+    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist()):
+        tokens = seq[len(prompt):]
+        if not ignore_eos and HF_CONFIG["eos_token_id"] in tokens:
+            tokens = tokens[: tokens.index(HF_CONFIG["eos_token_id"]) + 1]
+        results.append((tokens, score))
+    return results
+
+
+@pytest.mark.parametrize("beam_width,length_penalty,ignore_eos", [(2, 1.0, False), (4, 1.0, False),
+                                                                  (3, 0.0, False), (4, 2.0, False),
+                                                                  (3, 1.0, True)])
+def test_beam_search_equals_hugging_face(hf_checkpoint, hf_llm, beam_width, length_penalty, ignore_eos):
+    from pagedattention.engine.beam_search import BeamSearchParams
+    hf, _ = hf_checkpoint
+    rng = random.Random(beam_width * 10 + int(length_penalty * 3) + ignore_eos)
+    prompts = [[rng.randrange(3, HF_CONFIG["vocab_size"]) for _ in range(rng.randint(1, 11))] for _ in range(4)]
+    max_tokens = 10
+    outputs = hf_llm.beam_search(prompts, BeamSearchParams(beam_width, max_tokens, length_penalty, ignore_eos))
+    finished_early = 0
+    for prompt, out in zip(prompts, outputs):
+        expected = hf_beam_search(hf, prompt, beam_width, max_tokens, length_penalty, ignore_eos)
+        got = [(s.token_ids, length_penalized_score(s.cum_logprob, len(s.token_ids), length_penalty))
+               for s in out.sequences]
+        assert len(got) == beam_width
+        assert got[0][0] == expected[0][0]  # the best sequence
+        assert [t for t, _ in got] == [t for t, _ in expected]
+        for (tokens, score), (hf_tokens, hf_score) in zip(got, expected):
+            assert score == pytest.approx(hf_score, abs=1e-4)
+        finished_early += any(len(t) < max_tokens for t, _ in got)
+    if not ignore_eos:
+        assert finished_early > 0  # EOS did end some hypotheses
+    assert_idle(hf_llm)
+
+
+def test_beam_search_shares_blocks_and_gives_the_same_beams_with_prefix_caching(hf_checkpoint):
+    from pagedattention.engine.beam_search import BeamSearchParams
+    _, path = hf_checkpoint
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13, 14]]
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    plain = LLM(path, device="cpu", block_size=4, num_kv_blocks=64)
+    cached = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, enable_prefix_caching=True)
+    expected = plain.beam_search(prompts, params)
+    for _ in range(2):  # the second time the prompts are cache hits
+        got = cached.beam_search(prompts, params)
+        assert [[(s.token_ids, s.cum_logprob) for s in o.sequences] for o in got] == \
+               [[(s.token_ids, pytest.approx(s.cum_logprob, abs=1e-5)) for s in o.sequences] for o in expected]
+    assert cached.stats().prefix_cache_hit_tokens > 0
+    stats = plain.stats()
+    assert stats.peak_blocks_held < stats.peak_blocks_unshared  # beams held their common blocks once
+    assert_idle(plain)
+    assert_idle(cached)
+
+
+def test_beam_search_rejects_what_cannot_run(hf_llm):
+    from pagedattention.engine.beam_search import BeamSearchParams
+    with pytest.raises(ValueError, match="KV blocks"):
+        hf_llm.beam_search([[5] * 200], BeamSearchParams(beam_width=8, max_tokens=50))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        hf_llm.beam_search([[5]], BeamSearchParams(beam_width=hf_llm.config.max_num_seqs + 1, max_tokens=4))
+    with pytest.raises(TypeError):
+        hf_llm.beam_search([[5]], SamplingParams())
+    assert_idle(hf_llm)
+
+
+# parallel sampling (n > 1)
+
+PROMPT = "Parallel sampling shares the prompt's blocks"
+
+
+def completions(output):
+    return [c.token_ids for c in output.outputs]
+
+
+def test_n_completions_are_indexed_and_seeded_by_seed_plus_index(tiny):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    [out] = tiny.generate(PROMPT, params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(t) for t in completions(out)}) == 3  # independent draws
+    # completion i is what a single request seeded with seed + i draws
+    alone = [tiny.generate(PROMPT, SamplingParams(temperature=1.0, max_tokens=10, seed=7 + i, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0].token_ids for i in range(3)]
+    assert completions(out) == alone
+    again = tiny.generate([PROMPT, "something else"], params, use_tqdm=False)[0]
+    assert completions(again) == completions(out)  # reproducible, whatever else is in the batch
+    assert_idle(tiny)
+
+
+def test_n_greedy_completions_all_equal_the_greedy_output(tiny):
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    expected = tiny.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0]
+    [out] = tiny.generate(PROMPT, SamplingParams(n=5, temperature=0, max_tokens=9, ignore_eos=True), use_tqdm=False)
+    for c in out.outputs:
+        assert c.token_ids == expected.token_ids
+        assert c.cumulative_logprob == pytest.approx(expected.cumulative_logprob, abs=1e-4)
+        assert c.finish_reason == "length"
+    assert out.finished
+    assert_idle(tiny)
+
+
+@pytest.mark.parametrize("prompt_len", [8, 10])  # block-aligned (no partial block to copy) or not
+def test_n_sequences_hold_exactly_the_predicted_blocks(prompt_len):
+    """n completions share the prompt's full blocks; n independent requests hold n copies."""
+    bs, n, max_tokens = 4, 8, 7
+    prompt = list(range(40, 40 + prompt_len))
+    kv_tokens = prompt_len + max_tokens - 1  # the last sampled token's K/V is never computed
+    own_blocks = -(-kv_tokens // bs) - prompt_len // bs  # beyond the prompt's full blocks
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+    forked = LLM(device="cpu", block_size=bs, num_kv_blocks=256)
+    forked.generate(prompt, SamplingParams(n=n, temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                    use_tqdm=False)
+    assert forked.stats().peak_blocks_held == prompt_len // bs + n * own_blocks
+
+    copies = LLM(device="cpu", block_size=bs, num_kv_blocks=256)
+    copies.generate([prompt] * n, params, use_tqdm=False)
+    assert copies.stats().peak_blocks_held == n * -(-kv_tokens // bs)
+    assert forked.stats().peak_blocks_unshared == copies.stats().peak_blocks_held
+    assert_idle(forked)
+    assert_idle(copies)
+
+
+def test_n_larger_than_max_num_seqs_is_rejected(tiny):
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        tiny.generate(PROMPT, SamplingParams(n=tiny.config.max_num_seqs + 1))
+    with pytest.raises(ValueError):
+        SamplingParams(n=0)
+    assert_idle(tiny)
+
+
+# prefix caching
+
+def shared_prefix_requests(rng, num_requests, vocab=500):
+    """Requests that share prefixes of random lengths (block-aligned or not) with earlier ones."""
+    bases = [[rng.randrange(vocab) for _ in range(rng.randint(5, 30))] for _ in range(3)]
+    out = []
+    for _ in range(num_requests):
+        base = rng.choice(bases + out)
+        prefix = base[: rng.randint(0, len(base))]
+        out.append(prefix + [rng.randrange(vocab) for _ in range(rng.randint(1, 12))])
+    return out
+
+
+def greedy_alone(llm, prompts, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [256, 24])  # 24: preemption and eviction forced
+def test_prefix_caching_changes_no_greedy_output(tiny, num_kv_blocks):
+    rng = random.Random(num_kv_blocks)
+    prompts = shared_prefix_requests(rng, 16)
+    expected = greedy_alone(tiny, prompts, 10)
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=num_kv_blocks, enable_prefix_caching=True,
+              max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for _ in range(2):  # the second round finds the first round's blocks
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert not llm.scheduler.has_unfinished() and len(llm.manager) == 0
+    stats = llm.stats()
+    assert stats.prefix_cache_hit_rate > 0.3
+    if num_kv_blocks == 24:
+        assert llm.scheduler.num_preemptions > 0
+    assert_idle(llm)
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token(tiny):
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=64, enable_prefix_caching=True)
+    prompt = list(range(100, 112))  # 3 full blocks
+    [expected] = greedy_alone(tiny, [prompt], 5)
+    first = greedy_alone(llm, [prompt], 5)
+    second = greedy_alone(llm, [prompt], 5)  # blocks 0-1 found; block 2 recomputed for the last token's logits
+    assert first == second == [expected]
+    assert llm.prefix_cache.stats.hit_tokens == 2 * 4  # the first lookup found nothing, the second 2 blocks
+    assert_idle(llm)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1), num_kv_blocks=st.sampled_from([20, 40, 256]),
+       caching=st.booleans(), chunk=st.sampled_from([8, 64]))
+def test_request_mixes_match_their_greedy_outputs_alone(tiny, seed, num_kv_blocks, caching, chunk):
+    """Random mixes of n > 1 and single requests sharing prefixes, in a cache small enough to preempt."""
+    rng = random.Random(seed)
+    prompts = shared_prefix_requests(rng, rng.randint(2, 7))
+    ns = [rng.choice([1, 1, 2, 3]) for _ in prompts]
+    max_tokens = [rng.randint(1, 8) for _ in prompts]
+    expected = [greedy_alone(tiny, [p], m)[0] for p, m in zip(prompts, max_tokens)]
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=num_kv_blocks, enable_prefix_caching=caching,
+              max_num_batched_tokens=chunk)
+    params = [SamplingParams(n=n, temperature=0, max_tokens=m, ignore_eos=True) for n, m in zip(ns, max_tokens)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for out, n, tokens in zip(outputs, ns, expected):
+        assert completions(out) == [tokens] * n
+    assert_idle(llm)
+
+
+def test_cached_blocks_nobody_uses_make_room_for_a_growing_sequence(tiny):
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=16, enable_prefix_caching=True)
+    fillers = [[i] * 16 for i in range(1, 4)]
+    llm.generate(fillers, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert llm.manager.num_free_blocks <= 1  # the pool is (nearly) all cached blocks that nobody uses
+    [expected] = greedy_alone(tiny, [[7, 7, 7]], 40)
+    [out] = llm.generate([7, 7, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert out.outputs[0].finish_reason == "length"
+    assert out.outputs[0].token_ids == expected
+    assert_idle(llm)

@@ -19,15 +19,20 @@ it grows) and ``cum_logprob / num_generated ** length_penalty`` otherwise. This 
 ``generate(num_beams=beam_width, do_sample=False, length_penalty=..., early_stopping="never")``, which its
 documentation calls the canonical beam search.
 
-Everything here is pure: the engine owns the sequences and their KV blocks, and maps each new beam to the
-beam it extends (``Candidate.beam``), forking that beam's sequence when several new beams extend it.
+``BeamSearch`` is pure. ``run_beam_search`` runs it in the engine: each beam is a sequence of the
+``PagedAttentionManager``; a beam that several new beams extend is forked (all blocks shared, the last one
+copied on its next write), a beam that none extends is freed. A prompt's search is admitted once its worst case
+(``beam_width`` beams of ``prompt + max_tokens`` tokens, no sharing) fits beside the searches running, so a
+search never waits for memory half-way; all beams of all running searches decode in one batch.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -116,7 +121,7 @@ class BeamSearch:
         self.num_steps += 1
         last_step = self.num_steps == self.max_tokens
         keep = max(2, 1 + len(self.eos_token_ids)) * self.beam_width
-        cum = torch.tensor([b.cum_logprob for b in self.beams], dtype=torch.float32)
+        cum = torch.tensor([b.cum_logprob for b in self.beams], dtype=torch.float32, device=logprobs.device)
         running = []
         for rank, cand in enumerate(top_candidates(cum, logprobs, keep)):
             ends = last_step or cand.token_id in self.eos_token_ids
@@ -152,3 +157,126 @@ class BeamSearch:
         best_cum = max(b.cum_logprob for b in self.beams)
         length = self.max_tokens if self.length_penalty > 0 else self.num_steps
         return length_penalized_score(best_cum, length, self.length_penalty) > self.finished[-1][0]
+
+
+# --- in the engine -------------------------------------------------------------------------------------------
+
+def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """Beam search for each ``(text, token ids)`` prompt on ``llm``'s model runner and KV cache."""
+    from .sampling_params import SamplingParams
+    from .scheduler import Scheduler, cdiv
+    from .sequence import Sequence, SequenceStatus
+
+    manager, runner, cache, config = llm.manager, llm.runner, llm.prefix_cache, llm.config
+    bs, width = manager.block_size, params.beam_width
+    eos = frozenset() if params.ignore_eos else frozenset(llm.eos_token_ids)
+    searches, worst_case = [], []
+    for i, (_, ids) in enumerate(requests):
+        max_tokens = min(params.max_tokens, llm.max_model_len - len(ids))
+        searches.append(BeamSearch(width, max_tokens, params.length_penalty, eos))
+        worst_case.append(width * cdiv(len(ids) + max_tokens - 1, bs))  # the last token's K/V is never needed
+        if worst_case[-1] > manager.num_blocks:
+            raise ValueError(f"prompts[{i}]: {width} beams of {len(ids)} + {max_tokens} tokens may need "
+                             f"{worst_case[-1]} KV blocks, the cache has {manager.num_blocks}")
+
+    def make_room(num_blocks: int, keep=()) -> None:
+        if manager.num_free_blocks < num_blocks and cache is not None:
+            cache.evict(num_blocks - manager.num_free_blocks, keep=keep)
+
+    def free(seq) -> None:
+        table = manager.block_table(seq.seq_id)
+        manager.free_sequence(seq.seq_id)
+        if cache is not None:
+            cache.release(table)
+
+    greedy = SamplingParams(temperature=0.0)  # unused: beams are chosen here, not sampled
+    pending, active, prefilling = deque(range(len(requests))), {}, []  # active: search -> its beams' sequences
+    reserved, outputs = 0, [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="Beam search", dynamic_ncols=True, disable=not use_tqdm)
+    try:
+        while pending or active:
+            while pending:  # admit searches whose worst case fits
+                i = pending[0]
+                num_beams = sum(map(len, active.values()))
+                if active and (reserved + worst_case[i] > manager.num_blocks or num_beams + width > config.max_num_seqs):
+                    break
+                pending.popleft()
+                ids = requests[i][1]
+                seq = Sequence(ids, greedy, request_id=str(i), device=config.device)
+                cached = cache.match(ids) if cache is not None else []
+                make_room(cdiv(len(ids), bs) - len(cached), keep=cached)
+                manager.add_sequence(seq.seq_id, len(ids), shared_blocks=cached)
+                if cached:
+                    cache.acquire(cached)
+                seq.status, seq.prefill_end, seq.num_computed_tokens = SequenceStatus.RUNNING, len(ids), len(cached) * bs
+                active[i], reserved = [seq], reserved + worst_case[i]
+                prefilling.append(seq)
+            search_of = {seq.seq_id: i for i, seqs in active.items() for seq in seqs}
+            if prefilling:  # prompts first, in chunks within the token budget
+                step, budget = [], config.max_num_batched_tokens
+                for seq in prefilling:
+                    if budget == 0:
+                        break
+                    seq.num_scheduled_tokens = min(seq.num_uncomputed_prefill_tokens, budget)
+                    budget -= seq.num_scheduled_tokens
+                    step.append(seq)
+            else:  # every beam of every running search advances by one token
+                step = [seq for seqs in active.values() for seq in seqs]
+                for seq in step:
+                    make_room(manager.blocks_needed_to_append(seq.seq_id))
+                    manager.append_token(seq.seq_id)
+                    seq.num_scheduled_tokens = 1
+            llm.record_step_stats([seq for seqs in active.values() for seq in seqs])
+            logits = runner.run(step, is_prefill=bool(prefilling))
+            sampled = [seq for seq in step if Scheduler.samples(seq)]
+            for seq in step:
+                seq.num_computed_tokens += seq.num_scheduled_tokens
+                seq.num_scheduled_tokens = 0
+                if prefilling and cache is not None:
+                    cache.insert(seq.token_ids[:seq.num_computed_tokens], manager.block_table(seq.seq_id))
+            prefilling = [seq for seq in prefilling if seq.is_prefilling]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            rows_of: dict[int, list[int]] = {}
+            for row, seq in enumerate(sampled):
+                rows_of.setdefault(search_of[seq.seq_id], []).append(row)
+            for i, rows in rows_of.items():
+                search = searches[i]
+                active[i] = _advance(manager, free, active[i], search.step(logprobs[rows]))
+                if search.done:
+                    for seq in active.pop(i):
+                        free(seq)
+                    reserved -= worst_case[i]
+                    outputs[i] = BeamSearchOutput([_with_text(llm.tokenizer, h) for h in search.results()])
+                    bar.update(1)
+    finally:
+        for seq in (seq for seqs in active.values() for seq in seqs):
+            free(seq)
+        bar.close()
+    return outputs
+
+
+def _advance(manager, free, seqs: list, candidates: list[Candidate]) -> list:
+    """The sequences of the new beams: a beam's first extension continues in its sequence, each further one in
+    a fork of it; beams without an extension are freed."""
+    new, extended = [], set()
+    for cand in candidates:
+        parent = seqs[cand.beam]
+        if cand.beam in extended:
+            child = parent.fork(len(new))
+            manager.fork_sequence(parent.seq_id, child.seq_id)
+            new.append(child)
+        else:
+            extended.add(cand.beam)
+            new.append(parent)
+    for beam, seq in enumerate(seqs):
+        if beam not in extended:
+            free(seq)
+    for seq, cand in zip(new, candidates):  # after the forks, which copy the parent's tokens so far
+        seq.token_ids.append(cand.token_id)
+    return new
+
+
+def _with_text(tokenizer, hyp: BeamSearchSequence) -> BeamSearchSequence:
+    text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    return BeamSearchSequence(hyp.token_ids, hyp.cum_logprob, text)

@@ -32,6 +32,7 @@ class EngineConfig:
     enforce_eager: bool = False          # no CUDA graphs for decode
     seed: int = 0
     scheduling: str = "continuous"       # or "static": fixed batches, no admission until a batch ends
+    enable_prefix_caching: bool = False  # reuse the KV blocks of earlier prompts' equal prefixes
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -49,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
         if self.attention_backend not in ("auto", "numba", "torch"):
             raise ValueError(f"attention_backend must be 'auto', 'numba' or 'torch', got {self.attention_backend!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
         self.device = self._resolve_device(self.device)

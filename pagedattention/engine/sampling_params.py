@@ -23,6 +23,8 @@ class SamplingParams:
     stop_token_ids: extra token ids that end the request (the stop token is kept in the output ids).
     ignore_eos: keep generating past EOS (benchmarks). seed: a private random stream for this request, so its
     tokens do not depend on what else is in the batch.
+    n: completions per prompt (parallel sampling): after the prompt's prefill the sequence is forked into n
+    sequences that share the prompt's KV blocks; completion i draws from its own stream seeded with seed + i.
     """
 
     temperature: float = 1.0
@@ -33,7 +35,6 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
-    # Parallel sampling (n > 1, children forked from the prompt's blocks) is not implemented yet.
     n: int = 1
 
     def __post_init__(self):
@@ -69,8 +70,8 @@ class SamplingParams:
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
         if not _is_int(self.n):
             raise TypeError(f"n must be an int, got {type(self.n).__name__}")
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported yet), got {self.n}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
 

@@ -10,6 +10,13 @@ mid-prompt, so chunking cannot cause a preemption; the price is holding the late
 early. Decode reserves one slot per step (``append_token``), which allocates a block every ``block_size``
 tokens; when none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed from its prompt and generated tokens.
+
+Sharing (optional ``prefix_cache``): an admitted sequence starts from the longest cached run of its full
+blocks and prefills only the rest; a sequence's computed full blocks are cached when a prefill chunk ends, when
+it is preempted (so its recomputation is mostly hits) and when it finishes. Cached blocks no sequence uses are
+spare room: they are evicted (least recently used first) before anything is refused or preempted.
+Parallel sampling: ``fork`` turns a request whose prefill has just ended into its n sequences, sharing every
+block; the last, partial block is copied by whichever appends to it first (copy-on-write in the manager).
 """
 from __future__ import annotations
 
@@ -32,10 +39,11 @@ def cdiv(a: int, b: int) -> int:
 
 class Scheduler:
     def __init__(self, manager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: set[int] = frozenset(), scheduling: str = "continuous"):
+                 eos_token_ids: set[int] = frozenset(), scheduling: str = "continuous", prefix_cache=None):
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling must be 'continuous' or 'static', got {scheduling!r}")
         self.manager = manager
+        self.prefix_cache = prefix_cache
         self.num_blocks = manager.num_blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -68,18 +76,23 @@ class Scheduler:
                 break  # only the last admitted sequence can be part-way through its prefill
         if self.static and not self.running:  # the last batch is over: open the next
             self.batch_quota = self.max_num_seqs
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self._admission_open():
+        while (self.waiting and budget > 0 and self._admission_open()
+               and len(self.running) + 1 + self.waiting[0].pending_forks <= self.max_num_seqs):
             seq = self.waiting[0]
             if cdiv(len(seq), self.manager.block_size) > self.num_blocks:
                 self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))
                 continue
-            if not self.manager.can_add(len(seq)):
+            cached = self.prefix_cache.match(seq.token_ids) if self.prefix_cache is not None else []
+            if not self._make_room(cdiv(len(seq), self.manager.block_size) - len(cached), cached):
                 break
             self.waiting.popleft()
-            self.manager.add_sequence(seq.seq_id, len(seq))
+            self.manager.add_sequence(seq.seq_id, len(seq), shared_blocks=cached)
+            if cached:
+                self.prefix_cache.acquire(cached)
             seq.status = SequenceStatus.RUNNING
             seq.prefill_end = len(seq)
-            seq.num_scheduled_tokens = min(len(seq), budget)
+            seq.num_computed_tokens = len(cached) * self.manager.block_size
+            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.num_scheduled_tokens
             if self.static:
                 self.batch_quota -= 1
@@ -92,6 +105,8 @@ class Scheduler:
         while self.running:
             seq = self.running.popleft()
             while self.manager.num_free_blocks < self.manager.blocks_needed_to_append(seq.seq_id):
+                if self.prefix_cache is not None and self.prefix_cache.evict(1):
+                    continue
                 if self.running:
                     self._preempt(self.running.pop())
                 elif scheduled:
@@ -118,6 +133,8 @@ class Scheduler:
             samples = self.samples(seq)
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
+            if batch.is_prefill:
+                self._cache_blocks(seq)
             if not samples:
                 continue  # a prefill chunk that does not reach the end of the prompt
             token_id, logprob = next(sampled)
@@ -126,6 +143,25 @@ class Scheduler:
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
+
+    def fork(self, batch: ScheduledBatch) -> list[int]:
+        """Parallel sampling: each request of ``batch`` whose prefill ends this step becomes its n sequences.
+
+        The children share every block of the parent, join the running queue and are appended to
+        ``batch.seqs``; returns, for each child, the index among the batch's sampling sequences of the parent,
+        whose logits it samples from.
+        """
+        parents = [(row, seq) for row, seq in enumerate(s for s in batch.seqs if self.samples(s)) if seq.pending_forks]
+        rows = []
+        for row, seq in parents:
+            for index in range(1, seq.pending_forks + 1):
+                child = seq.fork(index)
+                self.manager.fork_sequence(seq.seq_id, child.seq_id)
+                self.running.append(child)
+                batch.seqs.append(child)
+                rows.append(row)
+            seq.pending_forks = 0
+        return rows
 
     @staticmethod
     def samples(seq: Sequence) -> bool:
@@ -146,8 +182,36 @@ class Scheduler:
     def _admission_open(self) -> bool:
         return not self.static or self.batch_quota > 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _make_room(self, num_blocks: int, cached: list[int]) -> bool:
+        """Whether ``num_blocks`` blocks can be allocated now, evicting cached blocks nobody uses if needed
+        (never the ``cached`` blocks the sequence is about to reuse)."""
+        free = self.manager.num_free_blocks
+        if free >= num_blocks:
+            return True
+        if self.prefix_cache is None:
+            return False
+        ref_count = self.manager.block_manager.ref_count  # a cached block only the cache holds is evictable
+        spare = self.prefix_cache.num_evictable - sum(1 for b in cached if ref_count(b) == 1)
+        if free + spare < num_blocks:
+            return False
+        self.prefix_cache.evict(num_blocks - free, keep=cached)
+        return True
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's computed full blocks to the prefix cache."""
+        if self.prefix_cache is not None and self.manager.has_sequence(seq.seq_id):
+            self.prefix_cache.insert(seq.token_ids[:seq.num_computed_tokens], self.manager.block_table(seq.seq_id))
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's blocks; cached ones that nobody else holds become evictable."""
+        table = self.manager.block_table(seq.seq_id)
         self.manager.free_sequence(seq.seq_id)
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(table)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._cache_blocks(seq)
+        self.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = seq.num_scheduled_tokens = 0
         seq.num_preemptions += 1
@@ -157,8 +221,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self._cache_blocks(seq)
         if self.manager.has_sequence(seq.seq_id):
-            self.manager.free_sequence(seq.seq_id)
+            self.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error

@@ -42,10 +42,42 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        self.device = device
+        # Parallel sampling: completion `index` of its request; `group` lists the request's sequences (shared by
+        # all of them); the first one forks the others when its prefill ends.
+        self.index = 0
+        self.group = [self]
+        self.pending_forks = sampling_params.n - 1
         # A private random stream makes a seeded request's tokens independent of its batch-mates.
-        self.generator = None
-        if sampling_params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(sampling_params.seed)
+        self.generator = self._generator(sampling_params.seed)
+
+    def _generator(self, seed: int | None):
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed + self.index)
+
+    def fork(self, index: int) -> "Sequence":
+        """Completion ``index`` of the same request, at the same point: same tokens, same progress.
+
+        Its KV blocks are the caller's business (``PagedAttentionManager.fork_sequence``).
+        """
+        child = Sequence.__new__(Sequence)
+        child.__dict__.update(self.__dict__)
+        child.seq_id = next(Sequence._ids)
+        child.token_ids = list(self.token_ids)
+        child.metrics = RequestMetrics(arrival_time=self.metrics.arrival_time,
+                                       first_token_time=self.metrics.first_token_time)
+        child.index = index
+        child.pending_forks = 0
+        child.generator = child._generator(self.sampling_params.seed)
+        self.group.append(child)
+        return child
+
+    @property
+    def request_finished(self) -> bool:
+        """Whether every completion of this sequence's request has finished."""
+        return all(s.is_finished for s in self.group) and (self.group[0].pending_forks == 0
+                                                          or self.group[0].finish_reason == "error")
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -19,9 +19,6 @@ from .paged_attention_v2 import build_merge_kernel, build_v2_kernel, v2_shape
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-#: Thread blocks of V2 resident per SM (about 130 registers x 128 threads); the split aims at several waves.
-_BLOCKS_PER_SM = 4
-_WAVES = 4
 #: Shortest partition worth a merge: below this the scratch traffic and the extra launch cost more than they save.
 _MIN_PARTITION = 256
 
@@ -31,18 +28,41 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def heads_per_block(group: int, cap: int = V.MAX_GROUP_PER_BLOCK) -> int:
-    """Query heads one V2 block serves: the largest divisor of the GQA group that is at most ``cap``."""
-    return max(d for d in range(1, min(group, cap) + 1) if group % d == 0)
+def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
+    """(query heads per block, tokens per group per iteration, register cap) for a GQA group size.
+
+    From the H100 sweep in benchmarks/kernel_notes.md: 4 heads x 4 tokens under a 128-register cap (4 blocks
+    per SM) beat 8 heads per block and every uncapped layout at 32/8 and 64/8 heads; a group of 7 is fastest
+    served whole (7 heads x 2 tokens) rather than one head per block; single heads want 8 tokens in flight.
+    """
+    divisors = [d for d in range(1, min(group, cap) + 1) if group % d == 0]
+    small = [d for d in divisors if d <= 4]
+    heads = small[-1] if small[-1] > 1 or group == 1 else divisors[-1]
+    if heads <= 2:
+        return heads, 8, 128
+    if heads <= 4:
+        return heads, 4, 128
+    return heads, 2, None
 
 
-def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int) -> int:
-    """Tokens per partition: no split when the (sequence, KV head) blocks already fill the GPU several times;
-    otherwise split each context so the grid holds about ``_WAVES`` waves of resident blocks."""
-    target = num_sms * _BLOCKS_PER_SM * _WAVES
-    if num_units >= target or max_context_len <= 2 * _MIN_PARTITION:
+def blocks_per_sm(max_registers) -> int:
+    """V2 blocks of 128 threads resident per SM: 4 under the 128-register cap, 2 for the wide uncapped layouts
+    (about 230 registers)."""
+    return 4 if max_registers == 128 else 2
+
+
+def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int, per_sm: int = 4) -> int:
+    """Tokens per partition, for ``num_units`` (sequence, head block) pairs.
+
+    One wave holds ``num_sms * per_sm`` resident blocks. When the units alone fill most of it, no split (a
+    merge would only add work); otherwise as many partitions as fit in that one wave, never more, since a
+    few blocks spilling into a second wave cost a whole extra round (H100: B=4 x 8 KV heads at 32k tokens took
+    0.206 ms with 16 partitions of 2048 and 0.281 ms with 17 of 1952).
+    """
+    wave = num_sms * per_sm
+    parts = wave // max(num_units, 1)
+    if 4 * num_units >= 3 * wave or parts < 2 or max_context_len <= 2 * _MIN_PARTITION:
         return max_context_len
-    parts = -(-target // num_units)
     size = -(-max_context_len // parts)
     size = -(-size // tile) * tile                       # whole tiles per partition
     return max(size, _MIN_PARTITION)
@@ -51,6 +71,13 @@ def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_s
 def _words(t: torch.Tensor):
     """Flat int32 word view of a contiguous tensor (zero-copy)."""
     return as_kernel_array(t.view(torch.int32).view(-1))
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_scratch(device: torch.device):
+    """Placeholder partial-result arrays for launches without a split (the kernel never touches them)."""
+    t = torch.empty(1, dtype=torch.float32, device=device)
+    return (as_kernel_array(t),) * 3
 
 
 def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len):
@@ -122,12 +149,15 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     if num_seqs == 0:
         return out
     dtype_name = _DTYPE_NAMES[query.dtype]
-    group = heads_per_block(num_heads // num_kv_heads, max_heads_per_block)
+    group, tokens, registers = v2_config(num_heads // num_kv_heads, max_heads_per_block)
+    tokens = tokens_per_group or tokens
+    registers = registers if max_registers is None else (max_registers or None)  # 0: no cap
     num_units = num_kv_heads * (num_heads // num_kv_heads // group)
     if partition_size is None:
-        tile = v2_shape(dtype_name, head_dim, group, tokens_per_group)[3]
+        tile = v2_shape(dtype_name, head_dim, group, tokens)[3]
         sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
-        partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms)
+        partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms,
+                                               blocks_per_sm(registers))
     elif isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
         raise ValueError(f"partition_size must be a positive int, got {partition_size!r}")
     num_partitions = -(-max_context_len // partition_size)
@@ -137,12 +167,12 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         part_l = torch.empty(rows, dtype=torch.float32, device=device)
         part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
+        scratch = as_kernel_array(part_m), as_kernel_array(part_l), as_kernel_array(part_o)
     else:
-        part_m = part_l = part_o = torch.empty(1, dtype=torch.float32, device=device)
+        scratch = _unused_scratch(device)
     stream = current_stream()
     out_w = _words(out)
-    scratch = as_kernel_array(part_m), as_kernel_array(part_l), as_kernel_array(part_o)
-    kernel = build_v2_kernel(dtype_name, head_dim, group, tokens_per_group, max_registers)
+    kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
     kernel[(num_partitions, num_units, num_seqs), V2_THREADS, stream](
         out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
         as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,

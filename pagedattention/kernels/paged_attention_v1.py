@@ -38,7 +38,7 @@ def build_v1_kernel(dtype_name: str):
     pairs = dtype_name != "float32"  # two 16-bit values per 32-bit word
     lo = {"float16": ptx.lo_f16, "bfloat16": ptx.lo_bf16, "float32": ptx.as_f32}[dtype_name]
     hi = {"float16": ptx.hi_f16, "bfloat16": ptx.hi_bf16, "float32": ptx.as_f32}[dtype_name]
-    pack = {"float16": ptx.pack_f16x2, "bfloat16": ptx.pack_bf16x2, "float32": ptx.pack_bf16x2}[dtype_name]
+    pack = ptx.pack_bf16x2 if dtype_name == "bfloat16" else ptx.pack_f16x2  # unused for fp32
     f32_bits = ptx.f32_bits
     neg_big = float32(-3.0e38)
 
@@ -70,7 +70,8 @@ def build_v1_kernel(dtype_name: str):
         block_size = key_cache.shape[1]
         group = query.shape[1] // key_cache.shape[2]    # query heads per KV head
         kv_head = head // group
-        context_len = context_lens[seq]
+        # Lengths past the scratch row or the table (a caller's broken promise) are cut, never overrun.
+        context_len = min(context_lens[seq], logits.shape[2], block_tables.shape[1] * block_size)
 
         # The query, widened to fp32 and pre-scaled, shared by all threads.
         q = cuda.shared.array(MAX_HEAD_DIM, float32)

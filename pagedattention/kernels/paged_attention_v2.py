@@ -5,8 +5,9 @@ Grid and threads::
     grid    (num_partitions, num_kv_heads * head_blocks, num_seqs)
             block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s for query heads
             head0 .. head0+GB-1, which all read KV head u // head_blocks: each K/V byte is read once per
-            sequence, not once per query head. GB = query heads per block (the GQA group, split in pieces
-            of at most 8 when wider); head_blocks = group // GB.
+            sequence, not once per query head. GB = query heads per block, a divisor of the GQA group chosen
+            by ``decode.v2_config`` (at most 4 under a 128-register cap, or a whole group of 5-8 without
+            a small divisor); head_blocks = group // GB blocks share a KV head (re-reading it from L2).
     threads 128 = NUM_GROUPS thread groups of TG lanes. A group works on one token at a time; its TG lanes
             split the token's head_dim: lane r loads 16-byte vectors r, r+TG, ... of the K and V rows.
             Each iteration a group takes N tokens (N independent K loads and N V loads in flight per lane);
@@ -38,6 +39,7 @@ import math
 from numba import cuda, float32, uint32
 
 from . import ptx
+from .runtime import simulator_enabled
 
 THREADS = 128
 NEG_BIG = -1.0e30  # "minus infinity" that stays finite: fastmath assumes no infinities, and m_old - m_new must not
@@ -45,22 +47,20 @@ NEG_BIG = -1.0e30  # "minus infinity" that stays finite: fastmath assumes no inf
 
 
 @functools.lru_cache(maxsize=None)
-def v2_shape(dtype_name: str, head_dim: int, heads_per_block: int, tokens: int | None = None):
+def v2_shape(dtype_name: str, head_dim: int, heads_per_block: int, tokens: int):
     """Thread layout for a configuration: (TG lanes per token, NUM_GROUPS, N tokens per group, TILE)."""
     itemsize = 4 if dtype_name == "float32" else 2
     vectors = head_dim * itemsize // 16            # 16-byte vectors per head row
     lanes = min(32, vectors)
     groups = THREADS // lanes
-    if tokens is None:  # fewer tokens in flight when more query heads hold registers (<= 128 registers)
-        tokens = {1: 8, 2: 4}.get(heads_per_block, 2)
     return lanes, groups, tokens, groups * tokens
 
 
 @functools.lru_cache(maxsize=None)
-def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens: int | None = None,
+def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens: int,
                     max_registers: int | None = None):
-    """The V2 attention kernel for one (dtype, head_dim, query heads per block); ``tokens`` (per group and
-    iteration) and ``max_registers`` are tuning knobs."""
+    """The V2 attention kernel for one (dtype, head_dim, query heads per block, tokens per group and
+    iteration); ``max_registers`` caps registers (for occupancy)."""
     pairs = dtype_name != "float32"
     epw = 2 if pairs else 1                               # elements per 32-bit word
     lo = {"float16": ptx.lo_f16, "bfloat16": ptx.lo_bf16, "float32": ptx.as_f32}[dtype_name]
@@ -81,7 +81,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
     GROUP_HEADS_DIM = (NUM_GROUPS, GB, D)
     STATS = (2, GB)
 
-    options = {} if max_registers is None else {"max_registers": max_registers}
+    options = {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
 
     @cuda.jit(fastmath=True, **options)
     def kernel(out_w, part_m, part_l, part_o, query_w, key_w, value_w, block_tables, context_lens,
@@ -97,7 +97,8 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
         kv_head = unit // head_blocks
         head0 = kv_head * heads_per_kv + (unit % head_blocks) * GB  # first query head of this block
 
-        context_len = context_lens[seq]
+        # Lengths past what the grid or the table can cover (a caller's broken promise) are cut, never overrun.
+        context_len = min(context_lens[seq], num_partitions * partition_size, max_blocks << block_shift)
         start = part * partition_size
         if start >= context_len:
             return                                         # partition past this sequence's context: no work
@@ -266,7 +267,7 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
     def merge_kernel(out_w, part_m, part_l, part_o, context_lens, num_heads, partition_size, num_partitions):
         head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
-        used = (context_lens[seq] + partition_size - 1) // partition_size
+        used = min((context_lens[seq] + partition_size - 1) // partition_size, num_partitions)
         first = (seq * num_heads + head) * num_partitions     # row of partition 0
         big = float32(NEG_BIG)
         for p in range(used):

@@ -7,7 +7,9 @@ tokens, whose K/V are already in the cache. Query row ``r`` of the sequence sits
 ``context_len - q_len + r`` and sees cache positions ``<=`` that (causal with an offset).
 
 fp16 and bf16 run on the tensor cores (``mma.sync.m16n8k16`` through inline PTX, FlashAttention-2 style);
-fp32 runs a simple CUDA-core kernel (one thread block per query row and head).
+fp32 runs a simple CUDA-core kernel (one thread block per query row and head). Under Numba's CUDA simulator,
+which cannot run inline PTX, the warp-wide intrinsics are replaced by plain-Python versions that compute the
+same fragments, so the tests run the real kernel code.
 """
 from __future__ import annotations
 
@@ -24,13 +26,16 @@ from .runtime import as_kernel_array, current_stream, simulator_enabled
 from .validation import (check_block_tables, check_cache, check_context_lens, check_device, check_out,
                          check_query, check_scale, check_tensor)
 
-WARPS = 8           # warps per block of the tensor-core kernel, 16 query rows each
+WARPS = (4, 8)      # warps per block of the tensor-core kernel (16 query rows each); see choose_warps
 PREFETCH = True     # load the next K/V tile into registers while the current one is multiplied
 FP32_THREADS = 64   # threads per block of the fp32 kernel (one key each per step)
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = 1.4426950408889634
+# Shared-memory indices are cast to unsigned: Numba then skips the negative-index wrap-around test, which
+# otherwise costs ~6 instructions per shared load in the inner loops.
+unsigned = np.uint64
 MASK32 = 0xFFFFFFFF  # 32-bit words are stored as uint32 whatever sign the helpers return them with
 
 
@@ -251,6 +256,7 @@ else:
 #
 #   query, out       [total_q_tokens, num_heads, W]       W = head_dim / 2 32-bit words (two 16-bit values each)
 #   key/value_cache  [num_blocks, block_size, num_kv_heads, W]
+#   (all seven tensors arrive as data_ptr() byte addresses; the int32 ones are read with ld_i32_at)
 #   cache position j of sequence s:  block_tables[s, j // block_size], offset j % block_size
 #   kv_head = h // (num_heads // num_kv_heads)
 #
@@ -258,14 +264,17 @@ else:
 #   offset = context_len - q_len; it sees keys j <= pos. The block needs keys 0 .. kv_end - 1,
 #   kv_end = offset + min(m0 + BM, q_len), walked in tiles of BN keys (keys_per_tile).
 #
-# Per K/V tile, in shared memory:
+# Per K/V tile, in shared memory (two buffers each, indexed by the tile's parity):
 #   k_tile [BN keys][W + 4 words]         key n, words of head_dim: what S = Q K^T reads as B (8 keys x 16 dims)
 #   v_tile [head_dim][BN / 2 + 4 words]   dim d, word p = {V[2p][d], V[2p + 1][d]}: what O += P V reads as B
 #   (the +4 word padding makes every fragment read hit 32 distinct banks)
-#   1. all threads stage the tile with 16-byte loads. K: job c -> key c // (W / 4), words 4 * (c % (W / 4)) ..
-#      (consecutive lanes read consecutive bytes of a row). V: job c -> key pair p = c % (BN / 2), dims
-#      8 * (c // (BN / 2)) .. + 7; the two rows' 16-bit values are interleaved into 8 words of v_tile.
-#      Keys >= kv_end are stored as zeros, so no stale NaN of the cache can leak into P V.
+#   1. fetch: each thread loads its 16-byte pieces of the *next* tile into registers (kr, vr) before the
+#      current tile's math, so the loads' latency (block-table read, then the row) hides behind it; stash then
+#      writes them into the other buffer, and one barrier per tile publishes it. K: job c -> key c // (W / 4),
+#      bytes 16 * (c % (W / 4)) .. (consecutive lanes read consecutive bytes of a row). V: job c -> key pair
+#      p = c % (BN / 2), dims 8 * (c // (BN / 2)) .. + 7; the two rows' 16-bit values are interleaved into
+#      8 words of v_tile. Keys >= kv_end are stored as zeros, so no stale NaN of the cache can leak into P V.
+#      (prefetch=False: fetch, stash and a barrier at the top of each tile, one buffer; for comparison.)
 #   2. each warp whose rows see any key of the tile computes S = Q K^T (BN / 8 C tiles, head_dim / 16 mma each,
 #      Q kept in registers as A fragments for the whole kernel), masks keys j > pos on tiles crossing the
 #      diagonal, and updates the online softmax in base 2 (scale * log2(e) folded in): row max m (shared by
@@ -275,8 +284,8 @@ else:
 # Tiles entirely above a warp's diagonal are skipped by that warp; the block still passes the barriers.
 # ---------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: int = WARPS,
-                             prefetch: bool = PREFETCH):
+def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: int, prefetch: bool = PREFETCH,
+                             max_registers: int | None = None):
     BM = 16 * warps               # query rows per block
     NT = 32 * warps               # threads per block
     W = head_dim // 2             # 32-bit words per row
@@ -340,10 +349,10 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
             job = i * NT + tid
             if job < K_JOBS:
                 dst = buf * K_WORDS + (job // CHUNKS) * K_ROW + (job % CHUNKS) * 4
-                k_tile[dst] = kr[i * 4]
-                k_tile[dst + 1] = kr[i * 4 + 1]
-                k_tile[dst + 2] = kr[i * 4 + 2]
-                k_tile[dst + 3] = kr[i * 4 + 3]
+                k_tile[unsigned(dst)] = kr[i * 4]
+                k_tile[unsigned(dst + 1)] = kr[i * 4 + 1]
+                k_tile[unsigned(dst + 2)] = kr[i * 4 + 2]
+                k_tile[unsigned(dst + 3)] = kr[i * 4 + 3]
         for i in range(V_STEPS):
             job = i * NT + tid
             if job < V_JOBS:
@@ -351,10 +360,12 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
                 for w in range(4):
                     a = vr[i * 8 + w]          # dims 8c + 2w (low half), 8c + 2w + 1 (high half) of key 2p
                     b = vr[i * 8 + 4 + w]      # the same dims of key 2p + 1
-                    v_tile[dst + 2 * w * V_ROW] = (a & 0xFFFF) | ((b & 0xFFFF) << 16)
-                    v_tile[dst + (2 * w + 1) * V_ROW] = (a >> 16) | (b & 0xFFFF0000)
+                    v_tile[unsigned(dst + 2 * w * V_ROW)] = (a & 0xFFFF) | ((b & 0xFFFF) << 16)
+                    v_tile[unsigned(dst + (2 * w + 1) * V_ROW)] = (a >> 16) | (b & 0xFFFF0000)
 
-    @cuda.jit(fastmath=True)
+    options = {} if max_registers is None else {"max_registers": max_registers}
+
+    @cuda.jit(fastmath=True, **options)
     def kernel(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
                max_blocks, num_heads, num_kv_heads, scale_log2):
         k_tile = cuda.shared.array(K_BUFFERS, np.uint32)  # two buffers: one read while the other is filled
@@ -430,7 +441,8 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
                     kb = k_base + (nt * 8 + g) * K_ROW + t
                     for ks in range(KS):
                         c0, c1, c2, c3 = mma(q_frag[ks * 4], q_frag[ks * 4 + 1], q_frag[ks * 4 + 2],
-                                             q_frag[ks * 4 + 3], k_tile[kb + ks * 8], k_tile[kb + ks * 8 + 4],
+                                             q_frag[ks * 4 + 3], k_tile[unsigned(kb + ks * 8)],
+                                             k_tile[unsigned(kb + ks * 8 + 4)],
                                              c0, c1, c2, c3)
                     s[nt * 4] = c0 * scale_log2
                     s[nt * 4 + 1] = c1 * scale_log2
@@ -485,7 +497,8 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
                     vb = v_base + g * V_ROW + kp * 8 + t  # keys kp*16 + 2t, +1 (and +8, +9) of dim nt*8 + g
                     for nt in range(NO):
                         o[nt * 4], o[nt * 4 + 1], o[nt * 4 + 2], o[nt * 4 + 3] = mma(
-                            p0, p1, p2, p3, v_tile[vb + nt * 8 * V_ROW], v_tile[vb + nt * 8 * V_ROW + 4],
+                            p0, p1, p2, p3, v_tile[unsigned(vb + nt * 8 * V_ROW)],
+                            v_tile[unsigned(vb + nt * 8 * V_ROW + 4)],
                             o[nt * 4], o[nt * 4 + 1], o[nt * 4 + 2], o[nt * 4 + 3])
             if prefetch and n0 + BN < kv_end:
                 stash(kr, vr, k_tile, v_tile, 1 - cur, tid)
@@ -650,13 +663,34 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
         raise ValueError(f"max_q_len must lie in [0, total_q_tokens = {num_tokens}], got {max_q_len}")
     if num_seqs == 0 or max_q_len == 0:
         return out
+    if query.is_cuda and query.device.index != torch.cuda.current_device():
+        with torch.cuda.device(query.device):  # the kernel reads raw addresses of this device
+            return launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
+                                  scale, max_q_len)
     return launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
                           scale, max_q_len)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    if simulator_enabled():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def choose_warps(max_q_len: int, num_seqs: int, num_heads: int) -> int:
+    """8 warps (128 query rows per block) halve the K/V staging per row and were faster on the H100 whenever
+    their blocks filled at least half the SMs (128 blocks: 15% faster than 4 warps); with fewer (a 512-token
+    chunk of 14 heads: 56 blocks) 4 warps and twice the blocks were slightly faster."""
+    blocks_of_8 = -(-max_q_len // 128) * num_seqs * num_heads
+    return WARPS[1] if 2 * blocks_of_8 >= _num_sms() else WARPS[0]
+
+
 def launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out, scale: float,
-                   max_q_len: int, warps: int = WARPS, prefetch: bool = PREFETCH):
-    """The launch alone, on validated arguments (``warps``, ``prefetch``: tensor-core kernel variants)."""
+                   max_q_len: int, warps: int | None = None, prefetch: bool = PREFETCH,
+                   max_registers: int | None = None):
+    """The launch alone, on validated arguments. ``warps`` (None: :func:`choose_warps`), ``prefetch`` and
+    ``max_registers`` select variants of the tensor-core kernel."""
     num_seqs = context_lens.shape[0]
     _, block_size, num_kv_heads, head_dim = key_cache.shape
     num_heads = query.shape[1]
@@ -668,7 +702,9 @@ def launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, co
             flat[0], flat[1], flat[2], as_kernel_array(block_tables), as_kernel_array(cu_seqlens_q),
             as_kernel_array(context_lens), flat[3], num_heads, num_kv_heads, np.float32(scale))
     else:
-        kernel = build_tensor_core_kernel(head_dim, block_size, query.dtype == torch.bfloat16, warps, prefetch)
+        warps = warps or choose_warps(max_q_len, num_seqs, num_heads)
+        kernel = build_tensor_core_kernel(head_dim, block_size, query.dtype == torch.bfloat16, warps, prefetch,
+                                          max_registers)
         grid = ((max_q_len + 16 * warps - 1) // (16 * warps), num_seqs, num_heads)
         kernel[grid, 32 * warps, stream](
             query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),

@@ -18,8 +18,8 @@ SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 #: Cache and query dtypes. bf16 is converted bit-wise inside the kernels.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The largest query-head group one V2 thread block serves; wider groups are split over several blocks (which
-#: read their KV head from L2 once it is there). More heads per block cost registers, hence occupancy.
-MAX_GROUP_PER_BLOCK = 4
+#: find their KV head in L2 once one has read it). More heads per block cost registers, hence occupancy.
+MAX_GROUP_PER_BLOCK = 8
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtype=None, dtypes=None, contiguous: bool = True):

@@ -69,15 +69,19 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
 
     def forward(self, positions, dtype):
+        """cos and signed sin ``[num_tokens, 1 (heads), head_dim]`` for ``apply_rope``."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]   # [num_tokens, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]           # [num_tokens, 1 (heads), head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate ``x [num_tokens, heads, head_dim]``: dim i pairs with dim i + head_dim/2 (HF's "rotate_half")."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, signed_sin):
+    """Rotate ``x [num_tokens, heads, head_dim]``: dim i pairs with dim i + head_dim/2 (HF's "rotate_half").
+
+    HF's ``x * cos + cat(-x2, x1) * cat(sin, sin)`` equals ``x * cos + cat(x2, x1) * cat(-sin, sin)``, and
+    ``cat(x2, x1)`` is a roll: three kernels instead of five, which matters in a launch-bound decode step.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -104,7 +108,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attn(q, k, v.contiguous(), attn)
+        out = self.attn(q, k, v, attn)  # v stays a strided view of qkv: write_kv reads dense rows only
         return self.o_proj(out.reshape(n, self.q_size))
 
 
