@@ -117,9 +117,10 @@ def test_stopping_early_never_loses_a_better_hypothesis(length_penalty):
         worst = length_penalized_score(search.results()[-1].cum_logprob, len(search.results()[-1].token_ids),
                                        length_penalty)
         # every continuation of the beams that were running when it stopped
+        logprobs = torch.stack([toy_logprobs(b.token_ids + [seed], vocab) for b in beams])
+        all_tokens = torch.arange(vocab).expand(len(beams), vocab)
         running = [(c, beams[c.beam].token_ids + [c.token_id]) for c in top_candidates(
-            torch.tensor([b.cum_logprob for b in beams]),
-            torch.stack([toy_logprobs(b.token_ids + [seed], vocab) for b in beams]), 4 * len(beams))
+            torch.tensor([b.cum_logprob for b in beams]), logprobs, all_tokens, 4 * len(beams))
             if c.token_id not in eos]
         for cand, tokens in running[:2]:
             best = max_completion(tokens, cand.cum_logprob, vocab, max_tokens, eos, seed, length_penalty)
@@ -344,6 +345,18 @@ def test_n_sequences_hold_exactly_the_predicted_blocks(prompt_len):
     assert_idle(copies)
 
 
+def test_a_request_that_cannot_fit_reports_the_error_in_each_of_its_n_outputs():
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=8, max_model_len=64)
+    too_long, fine = [9] * 40, [9] * 5
+    big, small = llm.generate([too_long, fine], SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True),
+                              use_tqdm=False)
+    assert [c.finish_reason for c in big.outputs] == ["error"] * 3 and big.finished
+    assert [c.index for c in big.outputs] == [0, 1, 2]
+    assert "cannot fit" in big.outputs[0].error
+    assert [c.finish_reason for c in small.outputs] == ["length"] * 3
+    assert_idle(llm)
+
+
 def test_n_larger_than_max_num_seqs_is_rejected(tiny):
     with pytest.raises(ValueError, match="max_num_seqs"):
         tiny.generate(PROMPT, SamplingParams(n=tiny.config.max_num_seqs + 1))
@@ -360,7 +373,10 @@ def shared_prefix_requests(rng, num_requests, vocab=500):
     out = []
     for _ in range(num_requests):
         base = rng.choice(bases + out)
-        prefix = base[: rng.randint(0, len(base))]
+        cut = rng.randint(0, len(base))
+        if rng.random() < 0.5:
+            cut -= cut % 4  # block-aligned (block_size 4 in these tests)
+        prefix = base[:cut]
         out.append(prefix + [rng.randrange(vocab) for _ in range(rng.randint(1, 12))])
     return out
 

@@ -82,16 +82,18 @@ def length_penalized_score(cum_logprob: float, num_tokens: int, length_penalty: 
     return cum_logprob / num_tokens ** length_penalty
 
 
-def top_candidates(cum_logprobs: torch.Tensor, logprobs: torch.Tensor, k: int) -> list[Candidate]:
+def top_candidates(cum_logprobs: torch.Tensor, logprobs: torch.Tensor, token_ids: torch.Tensor,
+                   k: int) -> list[Candidate]:
     """The ``k`` best one-token extensions over all beams, best first.
 
-    ``cum_logprobs`` float32 ``[num_beams]``, ``logprobs`` ``[num_beams, vocab]`` (log-softmax of the next-token
-    logits). The sum is taken in float32, as Hugging Face does, so that equal inputs rank equally.
+    ``cum_logprobs`` float32 ``[num_beams]``; ``logprobs [num_beams, m]`` are the log-probabilities of the next
+    tokens ``token_ids [num_beams, m]``: the whole vocabulary, or each beam's best ``m >= k`` tokens (the best k
+    over all beams are among those). The sum is taken in float32, as Hugging Face does.
     """
-    num_beams, vocab_size = logprobs.shape
+    m = logprobs.shape[1]
     scores = (logprobs.float() + cum_logprobs.float()[:, None]).reshape(-1)
     values, flat = torch.topk(scores, k=min(k, scores.numel()))
-    beams, tokens = (flat // vocab_size).tolist(), (flat % vocab_size).tolist()
+    beams, tokens = (flat // m).tolist(), token_ids.reshape(-1)[flat].tolist()
     return [Candidate(b, t, v) for b, t, v in zip(beams, tokens, values.tolist())]
 
 
@@ -107,23 +109,34 @@ class BeamSearch:
     num_steps: int = 0
     done: bool = False
 
-    def step(self, logprobs: torch.Tensor) -> list[Candidate]:
+    @property
+    def num_candidates(self) -> int:
+        """Candidates a step ranks: enough that ``beam_width`` of them continue even if EOS ends the best."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.beam_width
+
+    def step(self, logprobs: torch.Tensor, token_ids: torch.Tensor | None = None) -> list[Candidate]:
         """Advance by one token given ``logprobs [len(beams), vocab]``; returns the new running beams.
 
-        Each returned candidate names the index (in the old ``beams``) of the beam it extends; ``beams`` is
-        replaced by the new ones in the same order. Sets ``done`` when the search is over (``beams`` is then
-        empty).
+        Or given only each beam's best tokens: ``token_ids [len(beams), m]`` (``m >= num_candidates``) and
+        their ``logprobs`` (the engine takes them for all searches at once). Each returned candidate names
+        the index (in the old ``beams``) of the beam it extends; ``beams`` is replaced by the new ones in the
+        same order. Sets ``done`` when the search is over (``beams`` is then empty).
         """
         if self.done:
             raise RuntimeError("the beam search is already done")
         if logprobs.dim() != 2 or logprobs.shape[0] != len(self.beams):
             raise ValueError(f"logprobs must be [{len(self.beams)}, vocab], got {list(logprobs.shape)}")
+        keep = self.num_candidates
+        if token_ids is None:
+            logprobs, token_ids = torch.topk(logprobs.float(), min(keep, logprobs.shape[1]), dim=-1)
+        elif token_ids.shape != logprobs.shape:
+            raise ValueError(f"token_ids {list(token_ids.shape)} must have the shape of logprobs "
+                             f"{list(logprobs.shape)}")
         self.num_steps += 1
         last_step = self.num_steps == self.max_tokens
-        keep = max(2, 1 + len(self.eos_token_ids)) * self.beam_width
         cum = torch.tensor([b.cum_logprob for b in self.beams], dtype=torch.float32, device=logprobs.device)
         running = []
-        for rank, cand in enumerate(top_candidates(cum, logprobs, keep)):
+        for rank, cand in enumerate(top_candidates(cum, logprobs, token_ids, keep)):
             ends = last_step or cand.token_id in self.eos_token_ids
             if ends and rank < self.beam_width:
                 self._add_finished(cand)
@@ -172,6 +185,7 @@ def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: B
     bs, width = manager.block_size, params.beam_width
     eos = frozenset() if params.ignore_eos else frozenset(llm.eos_token_ids)
     searches, worst_case = [], []
+    num_candidates = BeamSearch(width, params.max_tokens, eos_token_ids=eos).num_candidates
     for i, (_, ids) in enumerate(requests):
         max_tokens = min(params.max_tokens, llm.max_model_len - len(ids))
         searches.append(BeamSearch(width, max_tokens, params.length_penalty, eos))
@@ -199,7 +213,8 @@ def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: B
             while pending:  # admit searches whose worst case fits
                 i = pending[0]
                 num_beams = sum(map(len, active.values()))
-                if active and (reserved + worst_case[i] > manager.num_blocks or num_beams + width > config.max_num_seqs):
+                fits = reserved + worst_case[i] <= manager.num_blocks and num_beams + width <= config.max_num_seqs
+                if active and not fits:
                     break
                 pending.popleft()
                 ids = requests[i][1]
@@ -209,7 +224,8 @@ def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: B
                 manager.add_sequence(seq.seq_id, len(ids), shared_blocks=cached)
                 if cached:
                     cache.acquire(cached)
-                seq.status, seq.prefill_end, seq.num_computed_tokens = SequenceStatus.RUNNING, len(ids), len(cached) * bs
+                seq.status, seq.prefill_end = SequenceStatus.RUNNING, len(ids)
+                seq.num_computed_tokens = len(cached) * bs
                 active[i], reserved = [seq], reserved + worst_case[i]
                 prefilling.append(seq)
             search_of = {seq.seq_id: i for i, seqs in active.items() for seq in seqs}
@@ -236,13 +252,15 @@ def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: B
                 if prefilling and cache is not None:
                     cache.insert(seq.token_ids[:seq.num_computed_tokens], manager.block_table(seq.seq_id))
             prefilling = [seq for seq in prefilling if seq.is_prefilling]
+            # each beam's best next tokens, for all searches at once: one top-k and one copy to the host
             logprobs = torch.log_softmax(logits.float(), dim=-1)
+            values, tokens = (t.cpu() for t in torch.topk(logprobs, min(num_candidates, logprobs.shape[1]), dim=-1))
             rows_of: dict[int, list[int]] = {}
             for row, seq in enumerate(sampled):
                 rows_of.setdefault(search_of[seq.seq_id], []).append(row)
             for i, rows in rows_of.items():
                 search = searches[i]
-                active[i] = _advance(manager, free, active[i], search.step(logprobs[rows]))
+                active[i] = _advance(manager, free, active[i], search.step(values[rows], tokens[rows]))
                 if search.done:
                     for seq in active.pop(i):
                         free(seq)

@@ -133,7 +133,8 @@ class LLM:
     def record_step_stats(self, seqs) -> None:
         """Blocks held by ``seqs`` (the step's sequences, after its allocations) vs. held without sharing."""
         bs = self.manager.block_size
-        unshared = sum(-(-self.manager.context_len(s.seq_id) // bs) for s in seqs if self.manager.has_sequence(s.seq_id))
+        unshared = sum(-(-self.manager.context_len(s.seq_id) // bs)
+                       for s in seqs if self.manager.has_sequence(s.seq_id))
         held = self.manager.num_blocks - self.manager.num_free_blocks
         if self.prefix_cache is not None:
             held -= self.prefix_cache.num_evictable  # cached blocks that no sequence holds
