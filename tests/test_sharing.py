@@ -1,12 +1,18 @@
-"""Sharing KV blocks: beam search (its step logic here, pure; through the engine below)."""
-import itertools
+"""Sharing KV blocks: beam search (its step logic, pure, then through the engine against Hugging Face),
+parallel sampling (n > 1 by fork and copy-on-write) and automatic prefix caching, with exact block accounting.
+
+Every engine test ends with ``assert_idle``: no sequence left, and once the prefix cache is dropped every
+block free with a ref count of 0.
+"""
 import math
 import random
 import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pagedattention import LLM, SamplingParams
 from pagedattention.engine.beam_search import (BeamSearch, BeamSearchParams, length_penalized_score,
                                               top_candidates)
 
@@ -162,10 +168,6 @@ def test_a_step_rejects_logprobs_of_the_wrong_shape():
 
 # --- through the engine ----------------------------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-from pagedattention import LLM, SamplingParams  # noqa: E402
-
 HF_CONFIG = dict(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
@@ -236,7 +238,6 @@ def hf_beam_search(hf, prompt, beam_width, max_tokens, length_penalty, ignore_eo
                                                                   (3, 0.0, False), (4, 2.0, False),
                                                                   (3, 1.0, True)])
 def test_beam_search_equals_hugging_face(hf_checkpoint, hf_llm, beam_width, length_penalty, ignore_eos):
-    from pagedattention.engine.beam_search import BeamSearchParams
     hf, _ = hf_checkpoint
     rng = random.Random(beam_width * 10 + int(length_penalty * 3) + ignore_eos)
     prompts = [[rng.randrange(3, HF_CONFIG["vocab_size"]) for _ in range(rng.randint(1, 11))] for _ in range(4)]
@@ -259,7 +260,6 @@ def test_beam_search_equals_hugging_face(hf_checkpoint, hf_llm, beam_width, leng
 
 
 def test_beam_search_shares_blocks_and_gives_the_same_beams_with_prefix_caching(hf_checkpoint):
-    from pagedattention.engine.beam_search import BeamSearchParams
     _, path = hf_checkpoint
     prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13, 14]]
     params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
@@ -278,7 +278,6 @@ def test_beam_search_shares_blocks_and_gives_the_same_beams_with_prefix_caching(
 
 
 def test_beam_search_rejects_what_cannot_run(hf_llm):
-    from pagedattention.engine.beam_search import BeamSearchParams
     with pytest.raises(ValueError, match="KV blocks"):
         hf_llm.beam_search([[5] * 200], BeamSearchParams(beam_width=8, max_tokens=50))
     with pytest.raises(ValueError, match="max_num_seqs"):

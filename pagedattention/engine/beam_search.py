@@ -5,7 +5,8 @@ Each step (``BeamSearch.step``):
 
 1. every running beam proposes every token; a candidate's score is the beam's ``cum_logprob`` plus the token's
    log-probability, and the best ``max(2, 1 + #eos) * beam_width`` candidates over all beams are kept, best first
-   (more than ``beam_width``, so that enough of them continue even when the best ones end with EOS);
+   (more than ``beam_width``, so that enough of them continue even when the best ones end with EOS; they are
+   among each beam's own best that many, which is all the engine copies to the host);
 2. a candidate ending in EOS becomes a finished hypothesis if it ranks among the first ``beam_width``; its score
    is ``cum_logprob / num_generated_tokens ** length_penalty`` (EOS counted), and only the ``beam_width`` best
    finished hypotheses are kept;
@@ -16,8 +17,9 @@ The search stops after ``max_tokens`` steps, or earlier once ``beam_width`` hypo
 running beam could still beat the worst of them: a beam's score can at best reach
 ``cum_logprob / max_tokens ** length_penalty`` when ``length_penalty > 0`` (its log-probability only falls as
 it grows) and ``cum_logprob / num_generated ** length_penalty`` otherwise. This is exactly Hugging Face's
-``generate(num_beams=beam_width, do_sample=False, length_penalty=..., early_stopping="never")``, which its
-documentation calls the canonical beam search.
+``generate(num_beams=beam_width, do_sample=False, length_penalty=..., early_stopping="never")`` (with
+``length_penalty=0`` its docstring's "canonical" beam search). vLLM's ``LLM.beam_search`` differs in details:
+it always runs ``max_tokens`` steps, finishes every EOS candidate, and counts the prompt in the length.
 
 ``BeamSearch`` is pure. ``run_beam_search`` runs it in the engine: each beam is a sequence of the
 ``PagedAttentionManager``; a beam that several new beams extend is forked (all blocks shared, the last one

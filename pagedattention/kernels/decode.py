@@ -16,6 +16,7 @@ from .paged_attention_v1 import THREADS as V1_THREADS
 from .paged_attention_v1 import build_v1_kernel
 from .paged_attention_v2 import THREADS as V2_THREADS
 from .paged_attention_v2 import build_merge_kernel, build_v2_kernel, v2_shape
+from .paged_attention_tc import build_tc_kernel, tc_supported, tc_tile
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -46,9 +47,17 @@ def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
 
 
 def blocks_per_sm(max_registers) -> int:
-    """V2 blocks of 128 threads resident per SM: 4 under the 128-register cap, 2 for the wide uncapped layouts
-    (about 230 registers)."""
-    return 4 if max_registers == 128 else 2
+    """Blocks of 128 threads resident per SM under a register cap (65536 registers per SM); 2 for the wide
+    uncapped CUDA-core layouts (about 230 registers)."""
+    return 65536 // (128 * max_registers) if max_registers else 2
+
+
+def tc_config(dtype_name: str, head_dim: int, group: int):
+    """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
+    CUDA-core kernel is used instead."""
+    if not tc_supported(dtype_name, head_dim, group) or group < 5:
+        return None
+    return (2 if head_dim == 64 else 1), 128
 
 
 def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int, per_sm: int = 4) -> int:
@@ -140,21 +149,34 @@ def decode_v1(query, key_cache, value_cache, block_tables, context_lens, *, scal
 
 def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, out=None,
                        max_context_len=None, partition_size=None, tokens_per_group=None, max_registers=None,
-                       max_heads_per_block=V.MAX_GROUP_PER_BLOCK):
-    """The one-pass kernel (see paged_attention_v2.py). ``partition_size`` (tokens) overrides the split-KV plan;
-    the last three arguments are tuning knobs for benchmarks."""
+                       max_heads_per_block=V.MAX_GROUP_PER_BLOCK, tensor_cores=None):
+    """The one-pass kernel (see paged_attention_v2.py, and paged_attention_tc.py for the tensor-core variant
+    used where ``tc_config`` picks it). ``partition_size`` (tokens) overrides the split-KV plan; the other
+    keyword arguments after it are tuning knobs for benchmarks (``tensor_cores``: None = automatic, or a
+    (chunks, register cap) pair to force the tensor-core kernel, False to force the CUDA-core one)."""
     num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, max_context_len = _validate(
         query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len)
     out = torch.empty_like(query) if out is None else out
     if num_seqs == 0:
         return out
     dtype_name = _DTYPE_NAMES[query.dtype]
-    group, tokens, registers = v2_config(num_heads // num_kv_heads, max_heads_per_block)
-    tokens = tokens_per_group or tokens
-    registers = registers if max_registers is None else (max_registers or None)  # 0: no cap
-    num_units = num_kv_heads * (num_heads // num_kv_heads // group)
-    if partition_size is None:
+    tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads) if tensor_cores is None else tensor_cores
+    if tc and not tc_supported(dtype_name, head_dim, num_heads // num_kv_heads):
+        raise ValueError(f"tensor_cores: no tensor-core kernel for {dtype_name}, head_dim {head_dim}, "
+                         f"group {num_heads // num_kv_heads}")
+    if tc:
+        chunks, registers = tc
+        registers = registers if max_registers is None else (max_registers or None)
+        num_units, tile = num_kv_heads, tc_tile(chunks)
+        kernel = build_tc_kernel(dtype_name, head_dim, chunks, registers)
+    else:
+        group, tokens, registers = v2_config(num_heads // num_kv_heads, max_heads_per_block)
+        tokens = tokens_per_group or tokens
+        registers = registers if max_registers is None else (max_registers or None)  # 0: no cap
+        num_units = num_kv_heads * (num_heads // num_kv_heads // group)
         tile = v2_shape(dtype_name, head_dim, group, tokens)[3]
+        kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
+    if partition_size is None:
         sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
         partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms,
                                                blocks_per_sm(registers))
@@ -172,7 +194,6 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         scratch = _unused_scratch(device)
     stream = current_stream()
     out_w = _words(out)
-    kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
     kernel[(num_partitions, num_units, num_seqs), V2_THREADS, stream](
         out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
         as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,

@@ -1,0 +1,231 @@
+"""PagedAttention V2 on the tensor cores: decode for fp16/bf16 with head_dim a multiple of 64.
+
+A GQA group's query heads all read the same K/V rows, so per cache byte the CUDA-core kernel
+(paged_attention_v2.py) does GB multiply-adds per element for QK and as many for PV; at 7 heads on a 64-wide
+head that is more instruction issue than the memory system needs time. Here the group's heads are the rows of
+an ``mma.m16n8k16`` A operand (rows >= GB are zero padding), so one instruction scores 8 tokens for all heads.
+
+Grid and threads::
+
+    grid    (num_partitions, num_kv_heads, num_seqs)
+            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s for query heads
+            u*GB .. u*GB + GB - 1 (GB = the whole group, at most 8), which all read KV head u.
+    threads 128 = 4 warps. Each iteration the block covers TILE = 4 * CH * 16 tokens from ``base``; warp w
+            takes the CH chunks of 16 tokens starting at base + (c*4 + w)*16, c < CH. Lane = 4g + t
+            (g = lane // 4, t = lane % 4) owns query head g (fragment row g; rows g + 8 are padding).
+
+Per 16-token chunk (tokens j = 0..15 from the chunk start), with W = head_dim / 2 32-bit words per row:
+
+    S[head, j] = Q K^T:  B fragment of n-tile n (tokens 8n .. 8n + 7): lane (g, t) loads token 8n + g, words
+            t*W/4 .. t*W/4 + W/4 - 1 (16-byte loads). The k dimension is permuted, identically for Q and K, so that
+            these contiguous words are what the fragments need: k-step k, logical columns 2t, 2t+1 <-> word
+            t*W/4 + 2k and columns 2t+8, 2t+9 <-> word t*W/4 + 2k + 1. The C fragment gives lane (g, t)
+            S[g, 8n + 2t] and S[g, 8n + 2t + 1].
+    O[head, :] += P V:   A fragment = P of the 16 tokens in 16-bit (from the C fragments as they are),
+            B fragment of n-tile d (8 output columns): lane (g, t) loads tokens 2t, 2t+1, 2t+8, 2t+9, words
+            g*W/8 .. g*W/8 + W/8 - 1, and ``interleave_lo/hi`` (prmt) pairs the two tokens' values of one dim.
+            Column n of n-tile d is head_dim element 2*(n*W/8 + d//2) + d%2; the C fragment gives lane (g, t)
+            O[g, column 2t] and O[g, column 2t + 1].
+
+Softmax state per lane for head g (base 2, ``scale * log2(e)`` folded into S): m is the same on the 4 lanes of
+a row (two shuffles per tile), l is the lane's partial sum (summed over the 4 lanes at the end), acc are its
+O columns. Tokens past the context are masked (loads clamped to the last real token, P = 0). At the end the
+4 warps' states are merged through shared memory; with one partition the block writes the normalised output,
+otherwise (m, l, O / l) go to fp32 scratch in the layout of ``paged_attention_v2.build_merge_kernel``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from numba import cuda, float32, uint32
+
+from . import ptx
+from .paged_attention_v2 import NEG_BIG, THREADS
+from .runtime import simulator_enabled
+
+WARPS = THREADS // 32
+LOG2E = 1.4426950408889634
+
+
+def tc_supported(dtype_name: str, head_dim: int, group: int) -> bool:
+    """Whether the tensor-core kernel serves this configuration."""
+    return dtype_name in ("float16", "bfloat16") and head_dim % 64 == 0 and 1 <= group <= 8
+
+
+def tc_tile(chunks: int) -> int:
+    """Tokens per block iteration."""
+    return WARPS * 16 * chunks
+
+
+@functools.lru_cache(maxsize=None)
+def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: int | None = None):
+    """The tensor-core decode kernel for one (dtype, head_dim, 16-token chunks per warp and iteration)."""
+    bf16 = dtype_name == "bfloat16"
+    mma = ptx.mma_bf16 if bf16 else ptx.mma_f16
+    pack = ptx.pack_bf16x2 if bf16 else ptx.pack_f16x2
+    ld_v4, ilo, ihi = ptx.ld_v4, ptx.interleave_lo, ptx.interleave_hi
+    D = head_dim
+    W = D // 2            # words per head row
+    KS = D // 16          # k-steps of S = Q K^T
+    KW = W // 4           # K words per lane and token (KW // 4 16-byte loads)
+    VW = W // 8           # V words per lane and token (VW // 4 16-byte loads)
+    NO = D // 8           # n-tiles of O
+    CH = chunks
+    TILE = tc_tile(chunks)
+    K_LEN, V_LEN, S_LEN = CH * 2 * KW, CH * 4 * VW, CH * 4
+    Q_LEN, ACC_LEN = 2 * KS, 2 * NO
+    WARP_HEADS, WARP_HEADS_DIM, STATS = (WARPS, 8), (WARPS, 8, D), (2, 8)
+
+    options = {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
+
+    @cuda.jit(fastmath=True, **options)
+    def kernel(out_w, part_m, part_l, part_o, query_w, key_w, value_w, block_tables, context_lens,
+               num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
+        part = cuda.blockIdx.x
+        kv_head = cuda.blockIdx.y
+        seq = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        g = (tid % 32) // 4                                # fragment row: query head head0 + g
+        t = tid % 4
+        group = num_heads // num_kv_heads
+        head0 = kv_head * group
+
+        context_len = min(context_lens[seq], num_partitions * partition_size, max_blocks << block_shift)
+        start = part * partition_size
+        if start >= context_len:
+            return
+        end = min(start + partition_size, context_len)
+        scale_log2 = scale * float32(LOG2E)
+
+        # A fragments of Q (rows g; rows g + 8 are zero): k-step k holds words t*KW + 2k and t*KW + 2k + 1.
+        q = cuda.local.array(Q_LEN, uint32)
+        for i in range(KW // 4):
+            w0 = w1 = w2 = w3 = uint32(0)
+            if g < group:
+                w0, w1, w2, w3 = ld_v4(query_w, (seq * num_heads + head0 + g) * W + t * KW + 4 * i)
+            q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3] = w0, w1, w2, w3
+        acc = cuda.local.array(ACC_LEN, float32)
+        for i in range(ACC_LEN):
+            acc[i] = 0.0
+        m = float32(NEG_BIG)
+        l = float32(0.0)
+
+        kw = cuda.local.array(K_LEN, uint32)              # [chunk][n-tile][KW words]
+        vw = cuda.local.array(V_LEN, uint32)              # [chunk][token 2t, 2t+1, 2t+8, 2t+9][VW words]
+        s = cuda.local.array(S_LEN, float32)              # [chunk][n-tile][2]
+        table = seq * max_blocks
+        block_mask = (1 << block_shift) - 1
+        for base in range(start, end, TILE):
+            # Issue every load of the tile first.
+            for c in range(CH):
+                first = base + (c * WARPS + warp) * 16
+                for n in range(2):
+                    token = min(first + 8 * n + g, end - 1)          # clamped: masked below
+                    block = block_tables[table + (token >> block_shift)]
+                    row = (((block << block_shift) + (token & block_mask)) * num_kv_heads + kv_head) * W + t * KW
+                    for i in range(KW // 4):
+                        x = (c * 2 + n) * KW + 4 * i
+                        kw[x], kw[x + 1], kw[x + 2], kw[x + 3] = ld_v4(key_w, row + 4 * i)
+                for r in range(4):
+                    token = min(first + 2 * t + (r & 1) + 8 * (r >> 1), end - 1)
+                    block = block_tables[table + (token >> block_shift)]
+                    row = (((block << block_shift) + (token & block_mask)) * num_kv_heads + kv_head) * W + g * VW
+                    for i in range(VW // 4):
+                        x = (c * 4 + r) * VW + 4 * i
+                        vw[x], vw[x + 1], vw[x + 2], vw[x + 3] = ld_v4(value_w, row + 4 * i)
+            # S = Q K^T in base 2, masked past the end.
+            for c in range(CH):
+                first = base + (c * WARPS + warp) * 16
+                for n in range(2):
+                    c0 = c1 = c2 = c3 = float32(0.0)
+                    for k in range(KS):
+                        x = (c * 2 + n) * KW + 2 * k
+                        c0, c1, c2, c3 = mma(q[2 * k], uint32(0), q[2 * k + 1], uint32(0), kw[x], kw[x + 1],
+                                             c0, c1, c2, c3)
+                    token = first + 8 * n + 2 * t
+                    s[(c * 2 + n) * 2] = c0 * scale_log2 if token < end else NEG_BIG
+                    s[(c * 2 + n) * 2 + 1] = c1 * scale_log2 if token + 1 < end else NEG_BIG
+            # Online softmax over the tile (row max shared by the 4 lanes of the row).
+            m_new = m
+            for x in range(S_LEN):
+                m_new = max(m_new, s[x])
+            m_new = max(m_new, cuda.shfl_xor_sync(0xFFFFFFFF, m_new, 1))
+            m_new = max(m_new, cuda.shfl_xor_sync(0xFFFFFFFF, m_new, 2))
+            alpha = math.exp2(m - m_new)
+            m = m_new
+            l *= alpha
+            for i in range(ACC_LEN):
+                acc[i] *= alpha
+            for x in range(S_LEN):
+                p = float32(0.0)
+                if s[x] > float32(NEG_BIG):
+                    p = math.exp2(s[x] - m_new)
+                s[x] = p
+                l += p
+            # O += P V, one k-step of 16 tokens per chunk.
+            for c in range(CH):
+                a0 = pack(s[c * 4], s[c * 4 + 1])
+                a2 = pack(s[c * 4 + 2], s[c * 4 + 3])
+                for d in range(NO):
+                    x = c * 4 * VW + d // 2
+                    if d % 2 == 0:
+                        b0 = ilo(vw[x], vw[x + VW])
+                        b1 = ilo(vw[x + 2 * VW], vw[x + 3 * VW])
+                    else:
+                        b0 = ihi(vw[x], vw[x + VW])
+                        b1 = ihi(vw[x + 2 * VW], vw[x + 3 * VW])
+                    acc[2 * d], acc[2 * d + 1], _, _ = mma(a0, uint32(0), a2, uint32(0), b0, b1,
+                                                           acc[2 * d], acc[2 * d + 1], float32(0.0), float32(0.0))
+        l += cuda.shfl_xor_sync(0xFFFFFFFF, l, 1)
+        l += cuda.shfl_xor_sync(0xFFFFFFFF, l, 2)
+
+        # Merge the 4 warps' states of each head through shared memory.
+        sm_m = cuda.shared.array(WARP_HEADS, float32)
+        sm_l = cuda.shared.array(WARP_HEADS, float32)
+        sm_acc = cuda.shared.array(WARP_HEADS_DIM, float32)
+        if t == 0:
+            sm_m[warp, g] = m
+            sm_l[warp, g] = l
+        for d in range(NO):
+            for h in range(2):
+                sm_acc[warp, g, 2 * ((2 * t + h) * VW + d // 2) + d % 2] = acc[2 * d + h]
+        cuda.syncthreads()
+        sm_scale = cuda.shared.array(WARP_HEADS, float32)  # exp(m_w - M) / L per warp and head
+        sm_stat = cuda.shared.array(STATS, float32)        # the merged (M, L) per head
+        if tid < group:
+            big = float32(NEG_BIG)
+            for w in range(WARPS):
+                big = max(big, sm_m[w, tid])
+            total = float32(0.0)
+            for w in range(WARPS):
+                weight = math.exp2(sm_m[w, tid] - big)
+                sm_scale[w, tid] = weight
+                total += sm_l[w, tid] * weight
+            for w in range(WARPS):
+                sm_scale[w, tid] /= total
+            sm_stat[0, tid] = big / float32(LOG2E)           # the merge kernel works in base e
+            sm_stat[1, tid] = total
+        cuda.syncthreads()
+        # Thread i writes output words i, i+128, ... of the group x W block of words.
+        for x in range(tid, group * W, THREADS):
+            gh = x // W
+            w = x % W
+            o0 = float32(0.0)
+            o1 = float32(0.0)
+            for wp in range(WARPS):
+                o0 += sm_acc[wp, gh, 2 * w] * sm_scale[wp, gh]
+                o1 += sm_acc[wp, gh, 2 * w + 1] * sm_scale[wp, gh]
+            head = head0 + gh
+            if num_partitions == 1:
+                out_w[(seq * num_heads + head) * W + w] = pack(o0, o1)
+            else:
+                row = (seq * num_heads + head) * num_partitions + part
+                part_o[row * D + 2 * w] = o0
+                part_o[row * D + 2 * w + 1] = o1
+                if w == 0:
+                    part_m[row] = sm_stat[0, gh]
+                    part_l[row] = sm_stat[1, gh]
+
+    return kernel
