@@ -1,7 +1,8 @@
 """Decode-attention kernels on the GPU: V1, V2, torch gather+SDPA, torch SDPA on contiguous KV, and a copy.
 
     python benchmarks/bench_kernels.py --out benchmarks/results
-    python benchmarks/bench_kernels.py --tune     # V2 variants x partition sizes at the key shapes, then exit
+    python benchmarks/bench_kernels.py --tune     # V2 variants (CUDA cores, tensor cores) x partition sizes at
+                                                  # the key shapes, then exit
 
 Each call is captured once in a CUDA graph and timed by replaying it (as the engine's decode steps run), with
 CUDA events around every replay, the L2 cache flushed before each, and the median of many replays reported.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pagedattention.kernels import paged_attention  # noqa: E402
-from pagedattention.kernels.decode import decode_v2, v2_config  # noqa: E402
+from pagedattention.kernels.decode import decode_v2, tc_config  # noqa: E402
 
 # vLLM's Triton paged decode kernel on the same card type (workloads.md): (B, ctx) -> (ms, fraction of copy bw)
 VLLM_TRITON = {(64, 4096): (0.392, 0.912), (4, 32768): (0.201, 0.888), (256, 128): (0.081, 0.572)}
@@ -53,10 +54,12 @@ class Timer:
         with torch.cuda.graph(graph):
             fn()
         # Bring the clocks up after the host-side pauses (compiles, data generation) before timing.
+        # Synchronise after each replay: replays queued faster than the GPU runs them (a 20 ms V1 call at 32k
+        # tokens) would keep it busy for ~1000 queued replays, 20 s, after the host's 100 ms had passed.
         spin_until = time.perf_counter() + 0.1
         while time.perf_counter() < spin_until:
             graph.replay()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
         times = []
         for _ in range(self.reps):
             # Evict L2 by reading 256 MB (a read leaves no dirty lines to write back inside the timed region,
@@ -132,8 +135,12 @@ def run_shape(timer, copy_bw, batch, ctx, num_heads=32, num_kv_heads=8, head_dim
                               max_context_len=ctx)
         errors[version] = (got.float() - expected).abs().max().item()
 
+    dtype_name = str(dtype).replace("torch.", "")
+    sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+    tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads, batch * num_kv_heads, ctx, sms)
     row = dict(batch=batch, ctx=ctx, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-               block_size=block_size, dtype=str(dtype).replace("torch.", ""), bytes=nbytes, max_abs_err=errors)
+               block_size=block_size, dtype=dtype_name, bytes=nbytes, max_abs_err=errors,
+               v2_kernel=f"tensor cores {tc}" if tc else "cuda cores")
     kc = key[tables.long()].view(batch, -1, num_kv_heads, head_dim)[:, :ctx].transpose(1, 2).contiguous()
     vc = value[tables.long()].view(batch, -1, num_kv_heads, head_dim)[:, :ctx].transpose(1, 2).contiguous()
     methods = {
@@ -159,53 +166,47 @@ def run_shape(timer, copy_bw, batch, ctx, num_heads=32, num_kv_heads=8, head_dim
     return row
 
 
-TUNE_SHAPES = [(64, 4096, 32, 8, 128), (4, 32768, 32, 8, 128), (256, 128, 32, 8, 128), (64, 2048, 64, 8, 128),
-               (64, 2048, 14, 2, 64)]
-TUNE_VARIANTS = [  # (max query heads per block, tokens per group per iteration, max registers; 0 = no cap)
-    (4, 4, 128), (4, 3, 128), (4, 2, 0), (2, 8, 128), (8, 2, 0), (1, 8, 128),
+TUNE_SHAPES = [  # (batch, ctx, num_heads, num_kv_heads, head_dim, dtype)
+    (4, 32768, 32, 8, 128, torch.float16), (64, 4096, 32, 8, 128, torch.float16), (64, 2048, 64, 8, 128, torch.float16),
+    (64, 2048, 14, 2, 64, torch.bfloat16), (256, 512, 14, 2, 64, torch.bfloat16),
+]
+TUNE_VARIANTS = [  # decode_v2 knobs: the CUDA-core layouts, then tensor cores as (chunks, register cap)
+    dict(tensor_cores=False),
+    dict(tensor_cores=False, max_heads_per_block=4, tokens_per_group=3),
+    dict(tensor_cores=(1, None)), dict(tensor_cores=(1, 128)), dict(tensor_cores=(2, None)),
+    dict(tensor_cores=(2, 128)),
 ]
 
 
-def tune(timer, copy_bw):
-    """Time V2 variants and split sizes; print the best per shape."""
+def tune(timer, copy_bw, path):
+    """Time V2 variants and split sizes, print them, and save them to ``path`` after every shape."""
     results = []
-    for batch, ctx, num_heads, num_kv_heads, head_dim in TUNE_SHAPES:
+    for batch, ctx, num_heads, num_kv_heads, head_dim, dtype in TUNE_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(batch + ctx)
-        query, key, value, tables, lens = make_problem(batch, ctx, num_heads, num_kv_heads, head_dim, 16,
-                                                       torch.float16, gen)
+        query, key, value, tables, lens = make_problem(batch, ctx, num_heads, num_kv_heads, head_dim, 16, dtype, gen)
         nbytes = 2 * batch * ctx * num_kv_heads * head_dim * 2 + 4 * query.numel()
         out = torch.empty_like(query)
         expected = torch_gather_sdpa(query.float(), key.float(), value.float(), tables, ctx)
         timings = []
-        seen = set()
-        for cap, tokens, regs in TUNE_VARIANTS:
-            group = num_heads // num_kv_heads
-            per_block = v2_config(group, cap)[0]
-            if (per_block, tokens, regs) in seen:
-                continue
-            seen.add((per_block, tokens, regs))
-            for size in (None, ctx, 2048, 1024, 512, 256):
-                if size is not None and size > ctx:
+        for variant in TUNE_VARIANTS:
+            for size in (None, 2048, 1024, 512):
+                if size is not None and (size >= ctx or batch * num_kv_heads >= 512 or ctx // size > 16):
                     continue
-                kw = dict(out=out, max_context_len=ctx, partition_size=size, tokens_per_group=tokens,
-                          max_registers=regs, max_heads_per_block=cap)
+                kw = dict(out=out, max_context_len=ctx, partition_size=size, **variant)
                 err = (decode_v2(query, key, value, tables, lens, **kw).float() - expected).abs().max().item()
                 ms = timer.graph_ms(lambda: decode_v2(query, key, value, tables, lens, **kw))
-                timings.append(dict(heads_per_block=per_block, tokens=tokens, max_registers=regs,
-                                    partition=size or "auto", ms=ms, pct_copy=100 * nbytes / (ms * 1e-3) / copy_bw,
-                                    err=err))
-        timings.sort(key=lambda t: t["ms"])
-        name = f"B{batch} ctx{ctx} {num_heads}/{num_kv_heads} d{head_dim}"
-        print(name + ": " + "; ".join(f"gb{t['heads_per_block']} n{t['tokens']} r{t['max_registers']} "
-                                      f"p{t['partition']} {t['ms']:.3f}ms {t['pct_copy']:.0f}%" for t in timings[:6]))
-        autos = [t for t in timings if t["partition"] == "auto"]
-        print("    auto split per variant: " + "; ".join(f"gb{t['heads_per_block']} n{t['tokens']} "
-                                                         f"r{t['max_registers']} {t['ms']:.3f}" for t in autos))
-        print(f"    max err {max(t['err'] for t in timings):.1e}", flush=True)
+                timings.append(dict(variant=str(variant), partition=size or "auto", ms=ms,
+                                    pct_copy=100 * nbytes / (ms * 1e-3) / copy_bw, err=err))
+        name = f"B{batch} ctx{ctx} {num_heads}/{num_kv_heads} d{head_dim} {str(dtype)[6:]}"
+        print(name, flush=True)
+        for t in timings:
+            print(f"    {t['variant']:58s} p{t['partition']!s:5s} {t['ms']:.4f} ms {t['pct_copy']:5.1f}% "
+                  f"err {t['err']:.1e}", flush=True)
         results.append(dict(shape=name, timings=timings))
+        with open(path, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), copy_tbps=copy_bw / 1e12, shapes=results), f, indent=1)
         del key, value
         torch.cuda.empty_cache()
-    return results
 
 
 def host_overhead_us(reps=200) -> float:
@@ -299,8 +300,7 @@ def main():
     if args.tune:
         print(f"{card}: copy {copy_bw / 1e12:.3f} TB/s (back to back), "
               f"{copy_bandwidth_graphed(timer) / 1e12:.3f} TB/s (graphed: copy engines)")
-        with open(os.path.join(args.out, f"kernels_tune_{slug}.json"), "w") as f:
-            json.dump(dict(card=card, copy_tbps=copy_bw / 1e12, shapes=tune(timer, copy_bw)), f, indent=1)
+        tune(timer, copy_bw, os.path.join(args.out, f"kernels_tune_{slug}.json"))
         return
     shapes = [dict(batch=b, ctx=c, sweep=True) for b, c in HEADLINE]
     if not args.quick:
@@ -326,7 +326,8 @@ def main():
         r = rows[-1]
         print(f"B{r['batch']} ctx{r['ctx']} {r['num_heads']}/{r['num_kv_heads']} d{r['head_dim']} "
               f"bs{r['block_size']} {r['dtype']}: v2 {r['v2']['ms']:.3f} ms ({r['v2']['pct_copy']:.1f}%), "
-              f"v1 {r['v1']['ms']:.3f} ms, err {r['max_abs_err']}  [{time.time() - started:.0f}s]", flush=True)
+              f"v1 {r['v1']['ms']:.3f} ms, err {r['max_abs_err']}, v2 on {r['v2_kernel']}  [{time.time() - started:.0f}s]",
+              flush=True)
     overhead = host_overhead_us()
     result = dict(card=card, copy_tbps=copy_bw / 1e12, host_overhead_us_v2_eager=overhead, torch=torch.__version__,
                   rows=rows)

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pagedattention.kernels.paged_prefill import (PREFETCH, choose_warps, launch_prefill,  # noqa: E402
-                                                  paged_prefill_attention)
+from pagedattention.kernels.paged_prefill import choose_warps, launch_prefill, paged_prefill_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen2.5-0.5b (14q/2kv, d64)": (14, 2, 64), "32q/8kv, d128": (32, 8, 128)}
@@ -112,21 +111,21 @@ def graph_ms(fn, warmup: int, reps: int):
         return None
 
 
-DEFAULT = (None, PREFETCH, None)
+DEFAULT = (None, None)
 
 
 def parse_variant(text: str):
-    """"W:P:R" -> (warps or None for the automatic choice, prefetch, max_registers or None), e.g. "8:1:128"."""
-    w, p, r = (text.split(":") + ["0", "1", "0"][len(text.split(":")):])[:3]
-    return int(w) or None, p == "1", int(r) or None
+    """"W:R" -> (warps or None for the automatic choice, max_registers or None), e.g. "8:128"."""
+    w, r = (text.split(":") + ["0"])[:2]
+    return int(w) or None, int(r) or None
 
 
 def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(DEFAULT,), warmup=5, reps=30,
         verbose=True):
     """Benchmark rows: one per (shape, workload, dtype, kernel variant) with both timings, TFLOP/s and ratio.
 
-    A variant is (warps per block or None, prefetch, max_registers or None); the default one is timed through
-    the public function, the others through ``launch_prefill``.
+    A variant is (warps per block or None, max_registers or None); the default one is timed through the public
+    function, the others through ``launch_prefill``.
 
     ``paged_ms`` times the public function as the engine calls it (validation and launch included, with
     max_q_len given so nothing is read back); ``paged_graph_ms`` replays the same call from a CUDA graph."""
@@ -147,24 +146,24 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(D
                 sdpa_ms = time_ms(ref_fn, warmup, reps)
                 flops = causal_flops(batch, context_len, q_len, num_heads, head_dim)
                 scale = head_dim ** -0.5
-                for w, pf, regs in variants:
+                for w, regs in variants:
                     out = torch.full_like(paged["query"], float("nan"))
-                    if (w, pf, regs) == DEFAULT:
+                    if (w, regs) == DEFAULT:
                         ours = lambda: paged_prefill_attention(**paged, out=out, max_q_len=q_len)  # noqa: E731
                     else:
                         ours = lambda: launch_prefill(**paged, out=out, scale=scale, max_q_len=q_len,  # noqa: E731
-                                                      warps=w, prefetch=pf, max_registers=regs)
+                                                      warps=w, max_registers=regs)
                     try:
                         ours()
                     except Exception as e:  # a variant that fails to build or run is reported, not fatal
-                        print(f"variant {(w, pf, regs)} failed: {e!r}", flush=True)
+                        print(f"variant {(w, regs)} failed: {e!r}", flush=True)
                         continue
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     ms = time_ms(ours, warmup, reps)
                     g_ms = graph_ms(ours, warmup, reps)
                     row = dict(shape=shape_name, workload=work_name, dtype=dtype_name,
-                               warps=w or choose_warps(q_len, batch, num_heads), prefetch=pf, max_registers=regs,
-                               default=(w, pf, regs) == DEFAULT, batch=batch,
+                               warps=w or choose_warps(q_len, batch, num_heads), max_registers=regs,
+                               default=(w, regs) == DEFAULT, batch=batch,
                                context_len=context_len, q_len=q_len, paged_ms=round(ms, 4),
                                paged_graph_ms=None if g_ms is None else round(g_ms, 4), sdpa_ms=round(sdpa_ms, 4),
                                paged_tflops=round(flops / ms / 1e9, 2),
@@ -178,14 +177,14 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(D
 
 
 def print_table(rows):
-    header = ("shape", "workload", "dtype", "w", "pf", "reg", "paged ms", "graph ms", "sdpa ms", "paged TF/s",
+    header = ("shape", "workload", "dtype", "w", "reg", "paged ms", "graph ms", "sdpa ms", "paged TF/s",
               "graph TF/s", "sdpa TF/s", "ratio", "rel err")
-    widths = (28, 25, 8, 2, 2, 3, 8, 8, 7, 10, 10, 9, 5, 7)
+    widths = (28, 25, 8, 2, 3, 8, 8, 7, 10, 10, 9, 5, 7)
     print(" ".join(f"{h:>{w}s}" if i > 2 else f"{h:{w}s}" for i, (h, w) in enumerate(zip(header, widths))))
     nan = float("nan")
     for r in rows:
         graph_ms, graph_tf = r["paged_graph_ms"] or nan, r["paged_graph_tflops"] or nan
-        print(f"{r['shape']:28s} {r['workload']:25s} {r['dtype']:8s} {r['warps']:2d} {int(r['prefetch']):2d} "
+        print(f"{r['shape']:28s} {r['workload']:25s} {r['dtype']:8s} {r['warps']:2d} "
               f"{r['max_registers'] or 0:3d} {r['paged_ms']:8.3f} {graph_ms:8.3f} {r['sdpa_ms']:7.3f} "
               f"{r['paged_tflops']:10.1f} {graph_tf:10.1f} {r['sdpa_tflops']:9.1f} {r['ratio']:5.2f} "
               f"{r['rel_err_vs_sdpa']:7.1e}")
@@ -223,9 +222,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--variants", nargs="+", default=["0:1:0"],
-                        help="kernel variants WARPS:PREFETCH:MAX_REGISTERS (0 = automatic / no cap); the first "
-                             "row of each case with 0:1:0 is the public function")
+    parser.add_argument("--variants", nargs="+", default=["0:0"],
+                        help="kernel variants WARPS:MAX_REGISTERS (0 = automatic / no cap); 0:0 is the public "
+                             "function")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = run(dtypes=args.dtypes, variants=[parse_variant(v) for v in args.variants], reps=args.reps)

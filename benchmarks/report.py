@@ -3,10 +3,10 @@
     python benchmarks/report.py                      # print the tables
     python benchmarks/report.py --readme README.md   # rewrite the README's Results section in place
 
-Each result file is one JSON object. The files of known scripts (kernels_*, prefill_*, throughput_*, the
-memory demo) get a table of their headline columns; any other file, or one whose keys have changed, gets
-its rows as they are: the first list of objects it holds (nested objects flattened to "a b" columns), else
-its nested objects of numbers (one row each, named by path), else one row of its top-level numbers.
+Each result file is one JSON object. The files of known scripts (kernels_*, prefill_*, throughput_*,
+sharing_*, the memory demo) get tables of their headline columns; any other file, or one whose keys have
+changed, gets its rows as they are: each list of objects it holds (nested objects flattened to "a b"
+columns), else its nested objects of numbers (one row each, named by path), else one row of its numbers.
 The card, date and command come from the keys named in META, whichever a script used.
 """
 from __future__ import annotations
@@ -111,7 +111,26 @@ def memory_demo_rows(data: dict) -> list[dict]:
     return [row]
 
 
-PRESENTERS = {"kernels_": kernel_rows, "prefill_": prefill_rows, "throughput_": throughput_rows}
+def sharing_tables(data: dict) -> list[tuple[str, list[dict]]]:
+    """bench_sharing.py: KV memory held with fork/copy-on-write vs private copies, then prefix caching."""
+    sharing = [{"workload": r["workload"], "sharing": r["sharing"], "n / beam width": r["n"],
+                "KV memory saved %": r["kv_memory_saving_pct"], "peak blocks held": r["peak_blocks_held"],
+                "peak blocks unshared": r["peak_blocks_unshared"], "requests/s": r["requests_per_s"],
+                "output tok/s": r["output_tok_per_s"], "preemptions": r.get("preemptions")} for r in data["sharing"]]
+    caching = [{"workload": r["workload"], "prefix caching": r["prefix_caching"], "requests": r["num_requests"],
+                "system prompt tokens": r["system_prompt_tokens"], "TTFT mean s": r["ttft_mean_s"],
+                "TTFT p99 s": r["ttft_p99_s"], "output tok/s": r["output_tok_per_s"],
+                "total tok/s": r["total_tok_per_s"], "hit rate": r["prefix_cache_hit_rate"]}
+               for r in data["prefix_caching"]]
+    return [("parallel sampling and beam search", sharing), ("prefix caching", caching)]
+
+
+def one_table(presenter):
+    return lambda data: [(None, presenter(data))]
+
+
+PRESENTERS = {"kernels_": one_table(kernel_rows), "prefill_": one_table(prefill_rows),
+              "throughput_": one_table(throughput_rows), "sharing_": sharing_tables}
 
 
 # --- any other file ------------------------------------------------------------------------------------
@@ -132,18 +151,16 @@ def _is_rows(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
-def generic_rows(data: dict) -> list[dict]:
-    for preferred in ("rows", "results"):
-        if _is_rows(data.get(preferred)):
-            return [flatten(r) for r in data[preferred]]
-    for value in data.values():
-        if _is_rows(value):
-            return [flatten(r) for r in value]
+def generic_tables(data: dict) -> list[tuple[str | None, list[dict]]]:
+    """Every list of objects the file holds, one table each (captioned by its key when there are several)."""
+    lists = [(key, value) for key, value in data.items() if _is_rows(value)]
+    if lists:
+        return [(key if len(lists) > 1 else None, [flatten(r) for r in value]) for key, value in lists]
     rows = leaf_rows({k: v for k, v in data.items() if isinstance(v, dict)})
     if rows:
-        return rows
+        return [(None, rows)]
     meta_keys = {k for keys in META.values() for k in keys}
-    return [{k: v for k, v in data.items() if is_scalar(v) and k not in meta_keys}]
+    return [(None, [{k: v for k, v in data.items() if is_scalar(v) and k not in meta_keys}])]
 
 
 def leaf_rows(tree: dict, path: str = "") -> list[dict]:
@@ -168,15 +185,15 @@ def find_meta(data: dict, key: str):
     return None
 
 
-def table_rows(path: Path, data: dict) -> list[dict]:
+def tables(path: Path, data: dict) -> list[tuple[str | None, list[dict]]]:
     if data.get("demo") == "memory":
-        presenter = memory_demo_rows
+        presenter = one_table(memory_demo_rows)
     else:
-        presenter = next((f for prefix, f in PRESENTERS.items() if path.stem.startswith(prefix)), generic_rows)
+        presenter = next((f for prefix, f in PRESENTERS.items() if path.stem.startswith(prefix)), generic_tables)
     try:
         return presenter(data)
     except (KeyError, TypeError, ZeroDivisionError):  # a script changed its format: show what is there
-        return generic_rows(data)
+        return generic_tables(data)
 
 
 def section(path: Path) -> str:
@@ -190,7 +207,8 @@ def section(path: Path) -> str:
             + (f"; copy roofline {data['copy_tbps']:.3f} TB/s" if isinstance(data.get("copy_tbps"), float) else "")
             + "  ",
             f"command: `{command}`" if command else "command: not recorded in the JSON"]
-    return "\n".join(head) + "\n\n" + markdown_table(table_rows(path, data)) + "\n"
+    body = [(f"{caption}:\n\n" if caption else "") + markdown_table(rows) for caption, rows in tables(path, data)]
+    return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n"
 
 
 def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -207,8 +225,10 @@ def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def report(results: Path, all_files: bool = True) -> str:
     order = list(TITLES)
-    files = sorted(results.glob("*.json"), key=lambda f: (order.index(f.stem.split("_")[0])
-                                                          if f.stem.split("_")[0] in order else len(order), f.name))
+    def position(f: Path):  # by benchmark in TITLES order, GPU runs before CPU ones, then by name
+        kind = f.stem.split("_")[0]
+        return order.index(kind) if kind in order else len(order), "cpu" in f.stem.split("_")[1:], f.name
+    files = sorted(results.glob("*.json"), key=position)
     if not files:
         return f"_No results yet: run the benchmarks (they write JSON under {results.name}/)._\n"
     others: list[Path] = []

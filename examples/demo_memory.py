@@ -88,9 +88,13 @@ class PeakTracker:
         self.peak_blocks = self.stats_at_peak.blocks_in_use
 
     def watch(self) -> None:
-        for name in ("add_sequence", "append_token", "append_tokens", "fork_sequence"):
-            self._wrap(name, after=self.sample)
-        self._wrap("free_sequence", before=self.refresh)
+        # every public method that may take blocks (add_sequence, append_token, append_token_batch, ...)
+        # or give them back (free_sequence)
+        for name in dir(self.manager):
+            if name.startswith(("add_", "append_", "fork_")) and callable(getattr(self.manager, name)):
+                self._wrap(name, after=self.sample)
+            elif name.startswith("free_") and callable(getattr(self.manager, name)):
+                self._wrap(name, before=self.refresh)
 
     def _wrap(self, name, before=None, after=None):
         method = getattr(self.manager, name)
@@ -219,9 +223,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="pagedattention demo memory", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="KV memory of many requests sharing one long system prompt: naive copies vs PagedAttention.",
-        epilog="defaults: GPU %(g)s; CPU %(c)s\nexample: pagedattention demo memory --num-requests 8 "
-               "--prompt-len 256 --answer-len 16 --json benchmarks/results/demo_memory_cpu.json"
-               % {"g": GPU_DEFAULTS, "c": CPU_DEFAULTS})
+        epilog="defaults: on a GPU {g[num_requests]} requests x {g[prompt_len]}-token prompts + {g[answer_len]}-token "
+               "answers;\n          on a CPU {c[num_requests]} x {c[prompt_len]} + {c[answer_len]}\n"
+               "examples:\n  pagedattention demo memory --unshared\n"
+               "  pagedattention demo memory --num-requests 8 --prompt-len 256 --answer-len 16 --json out.json\n"
+               "  pagedattention demo memory --mode manager     # sharing by fork_sequence, no model run"
+               .format(g=GPU_DEFAULTS, c=CPU_DEFAULTS))
     p.add_argument("--num-requests", type=int, help="requests sharing the system prompt")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per request (system prompt + question)")
     p.add_argument("--question-len", type=int, default=16, help="tokens of each request's own question (default 16)")

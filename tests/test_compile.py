@@ -24,6 +24,7 @@ def _configs():
     matter. The cap is a link-time option (``-maxrregcount``), so it is passed to the linker here too."""
     from numba import types
 
+    from pagedattention.kernels import paged_attention_tc as tc
     from pagedattention.kernels import paged_attention_v1 as v1
     from pagedattention.kernels import paged_attention_v2 as v2
     from pagedattention.kernels.decode import v2_config
@@ -41,13 +42,17 @@ def _configs():
             name = f"v2 {dtype} d{head_dim} group{group}"
             heads, tokens, registers = v2_config(group)
             out.append((name, v2.build_v2_kernel(dtype, head_dim, heads, tokens, registers), v2_sig, registers))
+        if dtype != "float32":  # every (head_dim, chunks, cap) that decode.tc_config can pick
+            for head_dim, chunks, registers in ((64, 1, 128), (128, 1, None), (128, 2, None)):
+                name = f"tc {dtype} d{head_dim} chunks{chunks}"
+                out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))
         out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig, None))
         out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
     return out
 
 
 def compile_report() -> dict:
-    """{kernel name: {"registers", "spill_bytes", "local_bytes", "shared_bytes", "v4_loads"}} for sm_90."""
+    """{kernel name: {"registers", "spill_bytes", "local_bytes", "shared_bytes", "v4_loads", "mma"}} for sm_90."""
     from cuda.bindings import nvjitlink
     from numba.cuda import compile_ptx
 
@@ -70,6 +75,7 @@ def compile_report() -> dict:
             "local_bytes": int(re.search(r"(\d+) bytes lmem", log).group(1)),
             "shared_bytes": int(re.search(r"(\d+) bytes smem", log).group(1)),
             "v4_loads": ptx.count("ld.global.nc.v4.u32"),
+            "mma": ptx.count("mma.sync.aligned.m16n8k16"),
         }
     return report
 
@@ -114,6 +120,20 @@ def test_v2_uses_registers_only(report):
         assert r["spill_bytes"] <= (2 * 128 if capped_wide_layout else 0), (name, r)  # stores + loads per thread
         assert r["v4_loads"] > 0, (name, r)          # the cache is read with 16-byte loads
         assert r["shared_bytes"] <= 48 * 1024, (name, r)
+
+
+def test_tensor_core_kernels_use_registers_only(report):
+    """The tensor-core decode kernels: 16-byte loads, the products on the tensor cores (mma instructions in
+    the PTX), and no spill, except a small one at head_dim 64 under the 128-register cap: uncapped, ptxas
+    needs only 112 registers and spills nothing, but the capped build measured faster on the H100 (14/2 d64
+    bf16 B64 ctx2048, 512-token partitions: 0.0352 ms against 0.0380; benchmarks/kernel_notes.md)."""
+    tc = {name: r for name, r in report.items() if name.startswith("tc")}
+    assert len(tc) == 6
+    for name, r in tc.items():
+        assert r["spill_bytes"] <= (64 if "d64" in name else 0) and r["local_bytes"] == 0, (name, r)
+        assert r["v4_loads"] > 0 and r["mma"] > 0, (name, r)
+        assert r["shared_bytes"] <= 48 * 1024, (name, r)
+
 
 if __name__ == "__main__":
     print(json.dumps(compile_report()))

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedattention.kernels import copy_blocks, paged_attention, reference_copy_blocks, reference_write_kv, write_kv
-from pagedattention.kernels.decode import choose_partition_size, decode_v2
+from pagedattention.kernels.decode import choose_partition_size, decode_v2, tc_config
 from pagedattention.kernels.reference import gather_kv
 from pagedattention.kernels.runtime import simulator_enabled
 
@@ -147,6 +147,32 @@ def test_v2_layouts_for_each_group_size(num_heads, num_kv_heads):
                                      HEAD_DIMS[0] ** -0.5))
 
 
+TC_CASES = [  # (group, num_kv_heads, context lens, dtype, block size, partition size, head_dim, (chunks, cap))
+    (7, 1, [37], torch.float16, 16, None, 64, (1, 128)),
+    (7, 1, [150, 37], torch.bfloat16, 8, 64, 64, (2, None)),
+    (4, 2, [5, 129], torch.float16, 32, None, 64, (1, None)),
+    (1, 1, [20], torch.bfloat16, 16, None, 128, (1, None)),
+    (8, 1, [70, 1], torch.float16, 16, 32, 64 if SIM else 128, (2, None)),
+]
+
+
+@pytest.mark.parametrize("group,num_kv_heads,lens,dtype,block_size,partition_size,head_dim,layout", TC_CASES)
+def test_v2_tensor_cores_match_sdpa(group, num_kv_heads, lens, dtype, block_size, partition_size, head_dim,
+                                    layout):
+    """The tensor-core kernel (forced, whatever the automatic choice) at every group size it serves, in the
+    layouts the dispatch picks, with and without a split; contexts shorter than one tile and ending mid-chunk."""
+    gen = torch.Generator().manual_seed(group * 7 + len(lens))
+    if not SIM:  # full sizes on a GPU
+        lens = [n * 20 + 3 for n in lens]
+        partition_size = partition_size and partition_size * 8
+    key, value, tables, ctx = make_batch(lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    query = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = decode_v2(query, key, value, tables, ctx, out=poisoned_like(query), tensor_cores=layout,
+                    partition_size=partition_size, max_context_len=tables.shape[1] * block_size)
+    check_close(out.cpu(), reference(query.cpu(), key.cpu(), value.cpu(), tables.cpu(), ctx.cpu(),
+                                     head_dim ** -0.5))
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_max_context_len_above_the_actual_lengths(version):
     """The CUDA-graph case: the grid is sized for a bound far above every context."""
@@ -181,6 +207,20 @@ def test_split_plan():
     small_batch = choose_partition_size(32, 32768, 32, 132)      # B=4 x 8 KV heads, long contexts
     assert small_batch % 32 == 0 and 16 <= 32768 // small_batch <= 32
     assert choose_partition_size(32, 300, 32, 132) == 300        # too short to be worth a merge
+
+
+def test_tensor_core_dispatch():
+    """Tensor cores for 16-bit caches with head_dim 64 or 128: always for groups of 5-8, for a group of 4 only
+    when the launch is split over the context; never for fp32, other head sizes or groups of 1-3."""
+    sms = 132
+    assert tc_config("bfloat16", 64, 7, 64 * 2, 2048, sms) is not None          # Qwen2.5-0.5B: 14/2 heads
+    assert tc_config("float16", 128, 8, 64 * 8, 2048, sms) is not None          # 64/8 heads, no split
+    assert tc_config("float16", 128, 4, 4 * 8, 32768, sms) is not None          # 32/8 heads, B=4, split
+    assert tc_config("float16", 128, 4, 64 * 8, 4096, sms) is None              # 32/8 heads, B=64, no split
+    assert tc_config("float16", 128, 4, 4 * 8, 300, sms) is None                # too short to split
+    for args in (("float32", 128, 8), ("float16", 256, 8), ("bfloat16", 32, 7), ("float16", 128, 2),
+                 ("float16", 128, 1)):
+        assert tc_config(*args, 4 * 8, 32768, sms) is None, args
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,10 @@ sequence back through its slots must give its shadow: a fork reads as its parent
 and a write through one sequence never shows in another.
 """
 import math
+import random
 from collections import Counter
+
+import numpy as np
 
 import pytest
 import torch
@@ -123,6 +126,34 @@ class ManagerMachine(RuleBasedStateMachine):
         self.check_private(seq, slots)
         self.shadow[seq] = torch.cat([self.shadow[seq], write(m, slots)])
 
+    @rule(data=st.data())
+    def append_batch(self, data):
+        """``append_token_batch`` does what one ``append_token`` after another would, all or nothing."""
+        m = self.manager
+        live = sorted(self.shadow)
+        batch = data.draw(st.lists(st.sampled_from(live), unique=True)) if live else []
+        owners = Counter(b for s in self.shadow for b in m.block_table(s))
+        needed = 0  # one block per full last block, one per copy while another owner is left
+        for s in batch:
+            if m.context_len(s) % self.bs == 0:
+                needed += 1
+            elif owners[m.block_table(s)[-1]] > 1:
+                needed += 1
+                owners[m.block_table(s)[-1]] -= 1
+        before = state(m)
+        contexts = [m.context_len(s) for s in batch]
+        if needed > m.num_free_blocks:
+            with pytest.raises(OutOfBlocksError):
+                m.append_token_batch(batch)
+            assert state(m) == before
+            return
+        slots = m.append_token_batch(batch)
+        assert m.num_free_blocks == before[0] - needed
+        assert slots == [m.slot(s, ctx) for s, ctx in zip(batch, contexts)]
+        for s, slot in zip(batch, slots):
+            self.check_private(s, [slot])
+            self.shadow[s] = torch.cat([self.shadow[s], write(m, [slot])])
+
     def check_private(self, seq, slots):
         """A slot handed out for writing never lies in a block another sequence also holds."""
         for slot in slots:
@@ -176,6 +207,23 @@ class ManagerMachine(RuleBasedStateMachine):
         assert m.num_free_blocks + len(held) == m.num_blocks
         for s in self.shadow:
             assert len(m.block_table(s)) == math.ceil(m.context_len(s) / self.bs)
+        assert m.num_table_entries == sum(len(m.block_table(s)) for s in self.shadow)
+        assert all(m.block_manager.ref_count(b) == 1 for b in m.block_manager.private)
+
+    @invariant()
+    def block_tables_array_holds_each_table(self):
+        m = self.manager
+        ids = sorted(self.shadow)
+        width = max((len(m.block_table(s)) for s in ids), default=0) + 1
+        out = np.full((len(ids) + 1, width), -7, dtype=np.int32)
+        m.block_tables_array(ids, out)
+        for row, s in enumerate(ids):
+            table = m.block_table(s)
+            assert out[row, :len(table)].tolist() == table and (out[row, len(table):] == -7).all()
+        assert (out[len(ids)] == -7).all()
+        padded = m.block_tables_array(ids)  # a new array, as wide as the longest table, 0 after each
+        assert padded.dtype == np.int32 and padded.shape == (len(ids), width - 1)
+        assert padded.tolist() == [m.block_table(s) + [0] * (width - 1 - len(m.block_table(s))) for s in ids]
 
     @invariant()
     def every_sequence_reads_back_its_own_data(self):
@@ -349,3 +397,70 @@ def test_cache_shapes():
         assert cache.shape == (5, 4, 2, 8) and cache.dtype == torch.bfloat16
     assert len({c.data_ptr() for c in m.key_caches + m.value_caches}) == 6
     assert m.memory_stats().bytes_per_block == 2 * 3 * 4 * 2 * 8 * 2
+
+
+def test_append_token_batch_matches_one_append_at_a_time():
+    """Same history on two managers; a batch append on one, single appends on the other: same blocks, same
+    slots, same ref counts, including copy-on-write of last blocks that forks and an outside owner share."""
+    rng = random.Random(0)
+    for _ in range(40):
+        batched, single = make_manager(num_blocks=48, block_size=4), make_manager(num_blocks=48, block_size=4)
+        live, outside = [], []
+        for step in range(30):
+            op = rng.random()
+            if op < 0.3 or not live:
+                tokens = rng.randint(0, 9)
+                if batched.can_add(tokens):
+                    for m in (batched, single):
+                        m.add_sequence(step, tokens)
+                    live.append(step)
+            elif op < 0.5:
+                parent = rng.choice(live)
+                for m in (batched, single):
+                    m.fork_sequence(parent, step)
+                live.append(step)
+            elif op < 0.6:
+                table = batched.block_table(rng.choice(live))
+                if table:  # a reference the manager does not know of, e.g. the prefix cache's
+                    block = rng.choice(table)
+                    for m in (batched, single):
+                        m.block_manager.incref([block])
+                    outside.append(block)
+            elif op < 0.7 and outside:
+                block = outside.pop(rng.randrange(len(outside)))
+                for m in (batched, single):
+                    m.block_manager.free([block])
+            elif op < 0.8:
+                seq = live.pop(rng.randrange(len(live)))
+                for m in (batched, single):
+                    m.free_sequence(seq)
+            else:
+                batch = rng.sample(live, rng.randint(0, len(live)))
+                needed = 0
+                for s in batch:  # what appending one at a time will take
+                    needed += single.blocks_needed_to_append(s)
+                    if single.blocks_needed_to_append(s) <= single.num_free_blocks:
+                        single.append_token(s)
+                if needed > batched.num_free_blocks:
+                    before = state(batched)
+                    with pytest.raises(OutOfBlocksError):
+                        batched.append_token_batch(batch)
+                    assert state(batched) == before
+                    break  # the two managers part ways here
+                slots = batched.append_token_batch(batch)
+                assert slots == [single.slot(s, single.context_len(s) - 1) for s in batch]
+            assert state(batched) == state(single)
+            assert batched.num_table_entries == sum(len(batched.block_table(s)) for s in batched)
+
+
+def test_append_token_batch_errors_leave_state_unchanged():
+    m = make_manager()
+    m.add_sequence("a", 3)
+    m.add_sequence("b", 4)
+    before = state(m)
+    with pytest.raises(KeyError, match="'missing'"):
+        m.append_token_batch(["a", "missing"])
+    with pytest.raises(ValueError, match="twice"):
+        m.append_token_batch(["a", "b", "a"])
+    assert state(m) == before
+    assert m.append_token_batch([]) == []

@@ -428,10 +428,24 @@ def test_request_mixes_match_their_greedy_outputs_alone(tiny, seed, num_kv_block
     llm = LLM(device="cpu", block_size=4, num_kv_blocks=num_kv_blocks, enable_prefix_caching=caching,
               max_num_batched_tokens=chunk)
     params = [SamplingParams(n=n, temperature=0, max_tokens=m, ignore_eos=True) for n, m in zip(ns, max_tokens)]
+    check_step_stats(llm)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     for out, n, tokens in zip(outputs, ns, expected):
         assert completions(out) == [tokens] * n
     assert_idle(llm)
+
+
+def check_step_stats(llm):
+    """Make every step check that the unshared block count it records in O(1) (the manager's running total
+    of block-table lengths) is the sum of the running sequences' table lengths."""
+    record = llm.record_step_stats
+
+    def checked(seqs=None):
+        running = llm.scheduler.running
+        assert llm.manager.num_table_entries == sum(len(llm.manager.block_table(s.seq_id)) for s in running)
+        assert len(llm.manager) == len(running)
+        record(seqs)
+    llm.record_step_stats = checked
 
 
 def test_cached_blocks_nobody_uses_make_room_for_a_growing_sequence(tiny):

@@ -130,11 +130,18 @@ class LLM:
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
-    def record_step_stats(self, seqs) -> None:
-        """Blocks held by ``seqs`` (the step's sequences, after its allocations) vs. held without sharing."""
-        bs = self.manager.block_size
-        unshared = sum(-(-self.manager.context_len(s.seq_id) // bs)
-                       for s in seqs if self.manager.has_sequence(s.seq_id))
+    def record_step_stats(self, seqs=None) -> None:
+        """Blocks held by ``seqs`` (the step's sequences, after its allocations) vs. held without sharing.
+
+        ``None``: every sequence the manager holds (in a ``generate`` step, the running ones), whose block
+        table lengths the manager keeps summed, so a step costs O(1) rather than a pass over the batch.
+        """
+        if seqs is None:
+            unshared = self.manager.num_table_entries
+        else:
+            bs = self.manager.block_size
+            unshared = sum(-(-self.manager.context_len(s.seq_id) // bs)
+                           for s in seqs if self.manager.has_sequence(s.seq_id))
         held = self.manager.num_blocks - self.manager.num_free_blocks
         if self.prefix_cache is not None:
             held -= self.prefix_cache.num_evictable  # cached blocks that no sequence holds
@@ -151,12 +158,13 @@ class LLM:
                                    f"running={len(self.scheduler.running)}, free blocks="
                                    f"{self.manager.num_free_blocks})")
             return 0
-        self.record_step_stats(self.scheduler.running)
+        self.record_step_stats()  # the running sequences are those the manager holds
         logits = self.runner.run(batch.seqs, batch.is_prefill)
         child_rows = self.scheduler.fork(batch) if batch.is_prefill else []
         if child_rows:  # each child samples its own first token from its parent's logits
             logits = torch.cat([logits, logits[child_rows]])
-        sampling = [seq for seq in batch.seqs if Scheduler.samples(seq)]
+        # every sequence of a decode step samples; in a prefill step those whose prompt ends
+        sampling = [seq for seq in batch.seqs if Scheduler.samples(seq)] if batch.is_prefill else batch.seqs
         token_ids, logprobs = self.sampler(logits, sampling, self.eos_token_ids) if sampling else ([], [])
         self.scheduler.postprocess(batch, token_ids, logprobs)
         return len(token_ids)

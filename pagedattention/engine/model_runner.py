@@ -151,15 +151,6 @@ class ModelRunner:
         input_ids, positions, attn = self._prepare_decode(seqs)
         return self.model.compute_logits(self.model(input_ids, positions, attn))
 
-    def _block_table_array(self, seqs: list[Sequence], out: np.ndarray | None = None) -> np.ndarray:
-        """int32 [len(seqs), width] block tables (into ``out`` if given; else as wide as the longest)."""
-        tables = [self.manager.block_table(seq.seq_id) for seq in seqs]
-        if out is None:
-            out = np.zeros((len(seqs), max(map(len, tables))), dtype=np.int32)
-        for row, table in zip(out, tables):
-            row[:len(table)] = table
-        return out
-
     def _slots(self, block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         bs = self.block_size
         return block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
@@ -178,7 +169,7 @@ class ModelRunner:
         # positions: start_i, start_i + 1, ... for each sequence, packed
         rows = np.repeat(np.arange(len(seqs)), q_lens)
         positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seqlens[:-1], q_lens) + starts[rows]
-        block_tables = self._block_table_array(seqs)
+        block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
         slots = self._slots(block_tables, rows, positions)
         sample_rows = [int(cu_seqlens[i + 1]) - 1 for i, s in enumerate(seqs) if Scheduler.samples(s)]
         attn = AttentionMetadata(
@@ -190,8 +181,8 @@ class ModelRunner:
     def _decode_arrays(self, seqs: list[Sequence], block_tables, input_ids, positions, context_lens, slots):
         """Fill decode inputs for ``seqs`` into rows 0..n-1 of the given numpy arrays (block tables filled)."""
         n = len(seqs)
-        input_ids[:n] = [s.last_token_id for s in seqs]
-        positions[:n] = [len(s) - 1 for s in seqs]
+        input_ids[:n] = [s.token_ids[-1] for s in seqs]
+        positions[:n] = [len(s.token_ids) - 1 for s in seqs]
         context_lens[:n] = positions[:n] + 1
         slots[:n] = self._slots(block_tables, np.arange(n), positions[:n])
 
@@ -199,7 +190,7 @@ class ModelRunner:
         n = len(seqs)
         input_ids, positions, slots = (np.empty(n, dtype=np.int64) for _ in range(3))
         context_lens = np.empty(n, dtype=np.int32)
-        block_tables = self._block_table_array(seqs)
+        block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
         self._decode_arrays(seqs, block_tables, input_ids, positions, context_lens, slots)
         attn = AttentionMetadata(
             is_prefill=False, slot_mapping=self._to_device(slots), block_tables=self._to_device(block_tables),
@@ -258,21 +249,31 @@ class ModelRunner:
                                         dtype=self.config.dtype, device=self.device)
 
     def _stage_decode(self, seqs: list[Sequence]) -> int:
-        """Write this step's decode inputs into the static buffers; returns the bucket (graph batch size)."""
+        """Write this step's decode inputs into the static buffers; returns the bucket (graph batch size).
+
+        Block tables travel packed: ``width`` = this batch's longest table, rows of ``width`` entries at the
+        start of the host buffer, copied into the first ``width`` columns of the static ``[max_num_seqs,
+        max_blocks_per_seq]`` table (a few KB instead of the whole max_model_len-wide table every step). The
+        columns beyond are stale but never read: every context fits in ``width`` blocks.
+        """
         n = len(seqs)
         bs = next(size for size in self.graph_sizes if size >= n)
         h = self.host_np
-        self._block_table_array(seqs, out=h["block_tables"])
-        self._decode_arrays(seqs, h["block_tables"], h["input_ids"], h["positions"], h["context_lens"],
-                            h["slot_mapping"])
+        width = cdiv(max(len(s.token_ids) for s in seqs), self.block_size)
+        tables = h["block_tables"].reshape(-1)[:bs * width].reshape(bs, width)
+        self.manager.block_tables_array([s.seq_id for s in seqs], tables)
+        self._decode_arrays(seqs, tables, h["input_ids"], h["positions"], h["context_lens"], h["slot_mapping"])
         # padding rows: attend to one (never written) slot, store nothing
         h["input_ids"][n:bs] = 0
         h["positions"][n:bs] = 0
         h["context_lens"][n:bs] = 1
         h["slot_mapping"][n:bs] = -1
-        h["block_tables"][n:bs] = 0
+        tables[n:bs] = 0
         for name, host in self.host.items():
-            self.static[name][:bs].copy_(host[:bs], non_blocking=True)
+            if name == "block_tables":
+                self.static[name][:bs, :width].copy_(host.view(-1)[:bs * width].view(bs, width), non_blocking=True)
+            else:
+                self.static[name][:bs].copy_(host[:bs], non_blocking=True)
         return bs
 
     def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:

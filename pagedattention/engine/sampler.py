@@ -23,21 +23,23 @@ class Sampler:
                  eos_token_ids: set[int]) -> tuple[list[int], list[float]]:
         """``logits`` float32 [len(seqs), vocab] -> (token id, logprob) per row."""
         params = [s.sampling_params for s in seqs]
-        self._mask_stop_tokens(logits, seqs, eos_token_ids)
+        self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
         logprobs = torch.log_softmax(logits, dim=-1)
-        if all(p.greedy for p in params):
+        temperatures = [p.temperature for p in params]
+        if not any(temperatures):  # every row greedy
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, params, seqs)
+            tokens = self._sample(logits, params, temperatures, seqs)
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens.tolist(), chosen.tolist()
+        # one device->host copy per step: token ids (< 2**53) and float32 logprobs are exact in float64
+        both = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).cpu()
+        return both[0].long().tolist(), both[1].tolist()
 
     @staticmethod
-    def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> None:
+    def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], params, eos_token_ids: set[int]) -> None:
         """min_tokens: a request may not end (EOS or a stop token) before it has this many tokens."""
-        for row, seq in enumerate(seqs):
-            p = seq.sampling_params
-            if seq.num_output_tokens < p.min_tokens:
+        for row, (seq, p) in enumerate(zip(seqs, params)):
+            if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids or ())
                 if not p.ignore_eos:
                     banned |= eos_token_ids
@@ -45,16 +47,15 @@ class Sampler:
                 if banned:
                     logits[row, banned] = float("-inf")
 
-    def _sample(self, logits: torch.Tensor, params, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, params, temperatures: list[float], seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                   dtype=logits.dtype, device=logits.device)
-        scaled = logits / temperature.unsqueeze(1)
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        if min(top_k) < vocab or min(top_p) < 1.0:
-            scaled = self._apply_top_k_top_p(scaled, top_k, top_p)
+        # one host->device copy of the temperatures; greedy rows (temperature 0) divide by 1
+        temperature = torch.tensor(temperatures, dtype=logits.dtype).to(logits.device, non_blocking=True)
+        greedy = temperature == 0
+        scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
+        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+            top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+            scaled = self._apply_top_k_top_p(scaled, top_k, [p.top_p for p in params])
         probs = torch.softmax(scaled, dim=-1)
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):

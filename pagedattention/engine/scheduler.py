@@ -24,6 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pagedattention.memory.errors import OutOfBlocksError
+
 from .sequence import Sequence, SequenceStatus
 
 
@@ -69,7 +71,7 @@ class Scheduler:
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         for seq in self.running:
-            if seq.is_prefilling:
+            if seq.num_computed_tokens < seq.prefill_end:  # is_prefilling, inlined: a pass over the batch
                 seq.num_scheduled_tokens = min(seq.num_uncomputed_prefill_tokens, budget)
                 budget -= seq.num_scheduled_tokens
                 scheduled.append(seq)
@@ -101,7 +103,18 @@ class Scheduler:
         if scheduled:
             return ScheduledBatch(scheduled, is_prefill=True)
 
-        # decode: one token for every running sequence; make room by preempting the newest
+        # decode: one token for every running sequence. Usually the free blocks cover every sequence's
+        # append, and then one batched manager call does it all (no eviction or preemption would happen).
+        if self.running:
+            try:
+                self.manager.append_token_batch([seq.seq_id for seq in self.running])
+            except OutOfBlocksError:
+                pass  # not enough room: go sequence by sequence below, evicting and preempting
+            else:
+                for seq in self.running:
+                    seq.num_scheduled_tokens = 1
+                return ScheduledBatch(list(self.running), is_prefill=False)
+        # make room by preempting the newest
         while self.running:
             seq = self.running.popleft()
             while self.manager.num_free_blocks < self.manager.blocks_needed_to_append(seq.seq_id):
@@ -129,13 +142,15 @@ class Scheduler:
         in batch order.
         """
         sampled = iter(zip(token_ids, logprobs))
+        is_prefill = batch.is_prefill
         for seq in batch.seqs:
-            samples = self.samples(seq)
-            seq.num_computed_tokens += seq.num_scheduled_tokens
+            # inline ``samples(seq)``: this loop runs once per sequence per step
+            computed = seq.num_computed_tokens + seq.num_scheduled_tokens
+            seq.num_computed_tokens = computed
             seq.num_scheduled_tokens = 0
-            if batch.is_prefill:
+            if is_prefill:
                 self._cache_blocks(seq)
-            if not samples:
+            if computed != len(seq.token_ids):
                 continue  # a prefill chunk that does not reach the end of the prompt
             token_id, logprob = next(sampled)
             seq.append_token(token_id, logprob)
@@ -170,12 +185,14 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
-        if seq.num_output_tokens >= params.min_tokens:
+        num_tokens = len(seq.token_ids)
+        num_output_tokens = num_tokens - seq.num_prompt_tokens
+        if num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
             if params.stop_token_ids and token_id in params.stop_token_ids:
                 return "stop"
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if num_output_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -1,5 +1,8 @@
 """``paged_attention``: decode attention over the paged KV cache, dispatching to the V1 or V2 Numba kernel.
 
+V2 runs on the CUDA cores (paged_attention_v2.py) or, for wide GQA groups and split launches in fp16/bf16,
+on the tensor cores (paged_attention_tc.py); ``tc_config`` decides. Both share the split-KV merge kernel.
+
 Host side of the kernels: validation, the split-KV plan (how many partitions per sequence), scratch buffers and
 the launches on torch's current stream. With ``max_context_len`` given nothing here reads a GPU tensor, so a
 call can be captured in a CUDA graph and replayed after ``context_lens``/``block_tables`` change in place.
@@ -47,17 +50,32 @@ def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
 
 
 def blocks_per_sm(max_registers) -> int:
-    """Blocks of 128 threads resident per SM under a register cap (65536 registers per SM); 2 for the wide
-    uncapped CUDA-core layouts (about 230 registers)."""
+    """Blocks of 128 threads per SM that the split plan counts on: what fits under a register cap (65536
+    registers per SM), else 2 (the wide CUDA-core layouts use about 230 registers; the uncapped tensor-core
+    ones 167-183, where 3 fit, but the 2-per-SM plan measured best at B4 ctx32768)."""
     return 65536 // (128 * max_registers) if max_registers else 2
 
 
-def tc_config(dtype_name: str, head_dim: int, group: int):
+def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_context_len: int, num_sms: int):
     """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
-    CUDA-core kernel is used instead."""
-    if not tc_supported(dtype_name, head_dim, group) or group < 5:
+    CUDA-core kernel is used instead; ``num_units`` = sequences x KV heads.
+
+    From the H100 tune in benchmarks/kernel_notes.md (same run): wide groups always (14/2 d64 bf16 B64 ctx2048
+    0.0355 ms against 0.0567; 64/8 d128 B64 ctx2048 0.205 against 0.318); a group of 4 only where the grid
+    must be split over the context (B4 ctx32768: 0.201 against 0.206; without a split, B64 ctx4096, the two
+    tie at best and the CUDA-core kernel stays). One chunk per warp under a 128-register cap at head_dim 64;
+    at 128 uncapped, one chunk when split (8 partitions of 4096 tokens at B4) and two otherwise.
+    """
+    if not tc_supported(dtype_name, head_dim, group) or group < 4:
         return None
-    return (2 if head_dim == 64 else 1), 128
+    registers = 128 if head_dim == 64 else None
+    split = choose_partition_size(num_units, max_context_len, tc_tile(1), num_sms,
+                                  blocks_per_sm(registers)) < max_context_len
+    if head_dim == 64:
+        return (1, 128) if group >= 5 or split else None
+    if split:
+        return 1, None
+    return (2, None) if group >= 5 else None
 
 
 def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int, per_sm: int = 4) -> int:
@@ -160,7 +178,10 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     if num_seqs == 0:
         return out
     dtype_name = _DTYPE_NAMES[query.dtype]
-    tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads) if tensor_cores is None else tensor_cores
+    sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
+    tc = tensor_cores
+    if tc is None:
+        tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads, num_seqs * num_kv_heads, max_context_len, sms)
     if tc and not tc_supported(dtype_name, head_dim, num_heads // num_kv_heads):
         raise ValueError(f"tensor_cores: no tensor-core kernel for {dtype_name}, head_dim {head_dim}, "
                          f"group {num_heads // num_kv_heads}")
@@ -177,7 +198,6 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         tile = v2_shape(dtype_name, head_dim, group, tokens)[3]
         kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
     if partition_size is None:
-        sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
         partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms,
                                                blocks_per_sm(registers))
     elif isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:

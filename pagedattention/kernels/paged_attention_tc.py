@@ -1,4 +1,4 @@
-"""PagedAttention V2 on the tensor cores: decode for fp16/bf16 with head_dim a multiple of 64.
+"""PagedAttention V2 on the tensor cores: decode for fp16/bf16 with head_dim 64 or 128.
 
 A GQA group's query heads all read the same K/V rows, so per cache byte the CUDA-core kernel
 (paged_attention_v2.py) does GB multiply-adds per element for QK and as many for PV; at 7 heads on a 64-wide
@@ -49,8 +49,8 @@ LOG2E = 1.4426950408889634
 
 
 def tc_supported(dtype_name: str, head_dim: int, group: int) -> bool:
-    """Whether the tensor-core kernel serves this configuration."""
-    return dtype_name in ("float16", "bfloat16") and head_dim % 64 == 0 and 1 <= group <= 8
+    """Whether the tensor-core kernel serves this configuration (wider heads would not fit in registers)."""
+    return dtype_name in ("float16", "bfloat16") and head_dim in (64, 128) and 1 <= group <= 8
 
 
 def tc_tile(chunks: int) -> int:

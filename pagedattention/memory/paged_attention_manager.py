@@ -18,6 +18,7 @@ import array
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
+import numpy as np
 import torch
 
 from .block_manager import BlockManager, check_ids
@@ -39,6 +40,36 @@ def _check_int(value, name: str, minimum: int) -> int:
 def _to_tensor(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor over the array's memory (it keeps the array alive)."""
     return torch.frombuffer(values, dtype=dtype) if len(values) else torch.empty(0, dtype=dtype)
+
+
+class _OwnedBlockManager(BlockManager):
+    """A ``BlockManager`` that also knows, without a ctypes call, a set of blocks whose ref count is 1.
+
+    ``private`` holds blocks handed out by ``allocate`` (count 1) until anything touches their count again:
+    an ``incref`` (a fork, a shared prefix, the prefix cache's reference) or a ``free`` drops them from the
+    set. So ``b in private`` implies ``ref_count(b) == 1`` exactly, whoever shares blocks through this object;
+    a block not in the set may still have count 1 (ask ``ref_count``).
+    """
+
+    def __init__(self, num_blocks: int):
+        super().__init__(num_blocks)
+        self.private: set[int] = set()
+
+    def allocate(self, n: int) -> list[int]:
+        blocks = super().allocate(n)
+        self.private.update(blocks)
+        return blocks
+
+    def incref(self, ids: Iterable[int]) -> None:
+        ids = check_ids(ids)
+        super().incref(ids)
+        self.private.difference_update(ids)
+
+    def free(self, ids: Iterable[int]) -> list[int]:
+        ids = check_ids(ids)
+        freed = super().free(ids)
+        self.private.difference_update(ids)
+        return freed
 
 
 @dataclass(frozen=True)
@@ -70,7 +101,8 @@ class PagedAttentionManager:
         self.num_layers = num_layers
         self.dtype = dtype
         self.device = device
-        self.block_manager = BlockManager(num_blocks)
+        self.block_manager = _OwnedBlockManager(num_blocks)
+        self._num_blocks = num_blocks  # fixed: no ctypes call to ask
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.key_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -78,6 +110,7 @@ class PagedAttentionManager:
         # int32 arrays rather than lists: block_tables_tensor then copies whole rows with memcpy
         self._block_tables: dict[Hashable, array.array] = {}
         self._context_lens: dict[Hashable, int] = {}
+        self.num_table_entries = 0  # sum of len(block_table) over the sequences: blocks held without sharing
 
     # --- sequences
 
@@ -104,6 +137,7 @@ class PagedAttentionManager:
             raise
         self._block_tables[seq_id] = array.array("i", shared + own)
         self._context_lens[seq_id] = num_tokens
+        self.num_table_entries += num_blocks
 
     def append_token(self, seq_id: Hashable) -> int:
         """Reserve the next position of ``seq_id``; returns its slot."""
@@ -130,8 +164,61 @@ class PagedAttentionManager:
             self.block_manager.free([shared])  # drops our reference only: the other owners keep it
             table[-1] = private
         table.extend(new_blocks)
+        self.num_table_entries += len(new_blocks)
         self._context_lens[seq_id] = start + n
         return self._slots(table, start, start + n)
+
+    def append_token_batch(self, seq_ids: list[Hashable]) -> list[int]:
+        """``append_token`` for each of ``seq_ids`` (distinct), all or nothing; returns their slots.
+
+        A decode step's allocations in one pass. The common case, a last block that is ours alone and not
+        full, costs no allocator call (``block_manager.private`` knows the block's ref count is 1); the
+        sequences that need a new block or a copy-on-write share one ``allocate`` and, for the copies, one
+        block copy and one ``free``. Blocks go to sequences in ``seq_ids`` order, exactly as one
+        ``append_token`` after another would hand them out. ``OutOfBlocksError`` (nothing changed) if fewer
+        blocks are free than the batch needs.
+        """
+        bs, private = self.block_size, self.block_manager.private
+        tables, lens = self._block_tables, self._context_lens
+        try:
+            rows = [(tables[s], lens[s]) for s in seq_ids]
+        except KeyError as e:
+            raise KeyError(f"unknown sequence {e.args[0]!r}") from None
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids lists a sequence twice")
+        needs = []  # (row, copy-on-write?) of the sequences that need a block
+        owners: dict[int, int] = {}  # shared last block -> its ref count as the appends so far leave it
+        for i, (table, ctx) in enumerate(rows):
+            if ctx % bs == 0:
+                needs.append((i, False))
+            elif table[-1] not in private:
+                last = table[-1]
+                count = owners[last] if last in owners else self.block_manager.ref_count(last)
+                if count > 1:  # each copy drops one owner: when all hold it, the last one keeps it
+                    needs.append((i, True))
+                    owners[last] = count - 1
+                elif last not in owners:
+                    private.add(last)  # count 1 seen now, and only this object changes it
+        new_blocks = self.block_manager.allocate(len(needs)) if needs else []
+        copies = [(rows[i][0][-1], b) for (i, cow), b in zip(needs, new_blocks) if cow]
+        if copies:
+            try:
+                self._copy_blocks(copies)
+            except BaseException:
+                self.block_manager.free(new_blocks)
+                raise
+            self.block_manager.free([shared for shared, _ in copies])  # our reference only
+        for (i, cow), b in zip(needs, new_blocks):
+            if cow:
+                rows[i][0][-1] = b
+            else:
+                rows[i][0].append(b)
+        self.num_table_entries += len(needs) - len(copies)
+        slots = []
+        for s, (table, ctx) in zip(seq_ids, rows):
+            lens[s] = ctx + 1
+            slots.append(table[ctx // bs] * bs + ctx % bs)
+        return slots
 
     def fork_sequence(self, parent_id: Hashable, child_id: Hashable) -> None:
         """``child_id`` becomes a copy of ``parent_id`` sharing all its blocks; nothing is allocated."""
@@ -141,11 +228,14 @@ class PagedAttentionManager:
         self.block_manager.incref(table)
         self._block_tables[child_id] = array.array("i", table)
         self._context_lens[child_id] = self._context_lens[parent_id]
+        self.num_table_entries += len(table)
 
     def free_sequence(self, seq_id: Hashable) -> None:
         """Drop ``seq_id``; blocks it was the last owner of become free."""
-        self.block_manager.free(self._table(seq_id))
+        table = self._table(seq_id)
+        self.block_manager.free(table)
         del self._block_tables[seq_id], self._context_lens[seq_id]
+        self.num_table_entries -= len(table)
 
     # --- queries
 
@@ -181,7 +271,7 @@ class PagedAttentionManager:
 
     @property
     def num_blocks(self) -> int:
-        return self.block_manager.num_blocks
+        return self._num_blocks
 
     def blocks_needed_to_append(self, seq_id: Hashable) -> int:
         """Blocks ``append_token(seq_id)`` would allocate now: 1 for a new block or a copy-on-write, else 0."""
@@ -209,6 +299,29 @@ class PagedAttentionManager:
         for i, t in enumerate(tables):
             flat[i * max_blocks : i * max_blocks + len(t)] = t
         return _to_tensor(flat, torch.int32).view(len(tables), max_blocks).to(self.device)
+
+    def block_tables_array(self, seq_ids: Iterable[Hashable], out: np.ndarray | None = None) -> np.ndarray:
+        """int32 block tables of ``seq_ids`` as numpy rows: into the first rows of ``out`` (C-contiguous, wide
+        enough; entries past a table's end keep what they held), or a new array as wide as the longest table,
+        padded with 0.
+
+        One join of the tables' buffers and one scatter, rather than a numpy call per row.
+        """
+        tables = [self._table(s) for s in seq_ids]
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        longest = int(lens.max()) if len(tables) else 0
+        if out is None:
+            out = np.zeros((len(tables), longest), dtype=np.int32)
+        elif not out.flags.c_contiguous or out.dtype != np.int32 or out.ndim != 2:
+            raise ValueError(f"out must be a C-contiguous 2-D int32 array, got {out.dtype} {out.shape}")
+        elif longest > out.shape[1] or len(tables) > out.shape[0]:
+            raise ValueError(f"out of shape {out.shape} cannot hold {len(tables)} tables of up to {longest} blocks")
+        width = out.shape[1]
+        starts = np.cumsum(lens) - lens  # where each table begins in the joined buffer
+        # entry j of table i goes to flat index i * width + j = (i * width - starts[i]) + (starts[i] + j)
+        index = np.repeat(np.arange(len(tables)) * width - starts, lens) + np.arange(lens.sum())
+        out.reshape(-1)[index] = np.frombuffer(b"".join(tables), dtype=np.int32)
+        return out[:len(tables)]
 
     def context_lens_tensor(self, seq_ids: Iterable[Hashable]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""
@@ -266,7 +379,8 @@ class PagedAttentionManager:
 
     def _last_block_is_shared(self, table: array.array, context_len: int) -> bool:
         """Whether the next token would land in a block that another owner also holds."""
-        return context_len % self.block_size != 0 and self.block_manager.ref_count(table[-1]) > 1
+        return (context_len % self.block_size != 0 and table[-1] not in self.block_manager.private
+                and self.block_manager.ref_count(table[-1]) > 1)
 
     def _slots(self, table: array.array, start: int, end: int) -> list[int]:
         """Slots of positions ``start..end-1``, one ``range`` per block rather than one step per token."""
