@@ -77,7 +77,7 @@ def build(num_seqs: int, seed: int = 0):
         seq.num_computed_tokens = ctx - 1
         llm.scheduler.running.append(seq)
     gen = torch.Generator().manual_seed(seed)
-    logits_pool = torch.randn(4, num_seqs, VOCAB, generator=gen)
+    logits_pool = torch.randn(2, num_seqs, VOCAB, generator=gen)
     return llm, logits_pool
 
 
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--label", default="", help="a note stored in the JSON (e.g. which engine version)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host_overhead_cpu.json")
     args = parser.parse_args()
@@ -179,7 +180,7 @@ def main() -> None:
     print(f"{'sampler tensor math':<22}" + "".join(f"{r['sample_tensor_math_ms']:>15.3f}" for r in results)
           + "   (CPU; runs on the GPU in the engine)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"device": "cpu", "cpu_threads": torch.get_num_threads(), "vocab": VOCAB, "block_size": BLOCK_SIZE,
+    report = {"label": args.label, "device": "cpu", "cpu_threads": torch.get_num_threads(), "vocab": VOCAB, "block_size": BLOCK_SIZE,
               "max_model_len": MAX_MODEL_LEN, "context": [500, 1000], "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

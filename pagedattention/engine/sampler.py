@@ -49,8 +49,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, params, temperatures: list[float], seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]
-        # one host->device copy of the temperatures; greedy rows (temperature 0) divide by 1
-        temperature = torch.tensor(temperatures, dtype=logits.dtype).to(logits.device, non_blocking=True)
+        temperature = self._to_device(temperatures, logits.dtype, logits.device)  # greedy rows (0) divide by 1
         greedy = temperature == 0
         scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
         if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
@@ -62,14 +61,24 @@ class Sampler:
             if seq.generator is not None:
                 race[row].exponential_(generator=seq.generator)
         sampled = (probs / race).argmax(dim=-1)
+        if 0 not in temperatures:  # no greedy row: skip a full-vocabulary argmax
+            return sampled
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     @staticmethod
-    def _apply_top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Per-row parameters as a tensor on the logits' device. From pinned memory the copy is asynchronous:
+        a copy from pageable memory would first wait for the forward pass, instead of queueing behind it."""
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    def _apply_top_k_top_p(self, scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
         """Set every logit outside a row's top-k and top-p set to -inf (one sort for the whole batch)."""
         n, vocab = scaled.shape
-        k = torch.tensor(top_k, device=scaled.device)
-        p = torch.tensor(top_p, dtype=scaled.dtype, device=scaled.device)
+        k = self._to_device(top_k, torch.int64, scaled.device)
+        p = self._to_device(top_p, scaled.dtype, scaled.device)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=scaled.device).expand(n, vocab)
         drop = rank >= k.unsqueeze(1)

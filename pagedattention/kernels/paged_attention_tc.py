@@ -40,6 +40,7 @@ import math
 
 from numba import cuda, float32, uint32
 
+from . import mma as tensor_core
 from . import ptx
 from .paged_attention_v2 import NEG_BIG, THREADS
 from .runtime import simulator_enabled
@@ -62,7 +63,7 @@ def tc_tile(chunks: int) -> int:
 def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: int | None = None):
     """The tensor-core decode kernel for one (dtype, head_dim, 16-token chunks per warp and iteration)."""
     bf16 = dtype_name == "bfloat16"
-    mma = ptx.mma_bf16 if bf16 else ptx.mma_f16
+    mma = tensor_core.mma_bf16 if bf16 else tensor_core.mma_f16
     pack = ptx.pack_bf16x2 if bf16 else ptx.pack_f16x2
     ld_v4, ilo, ihi = ptx.ld_v4, ptx.interleave_lo, ptx.interleave_hi
     D = head_dim

@@ -19,7 +19,7 @@ import numpy as np
 from .runtime import simulator_enabled
 
 __all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "lo_f16", "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits",
-           "pack_f16x2", "pack_bf16x2", "interleave_lo", "interleave_hi", "mma_f16", "mma_bf16"]
+           "pack_f16x2", "pack_bf16x2", "interleave_lo", "interleave_hi"]
 
 
 if simulator_enabled():
@@ -211,85 +211,20 @@ else:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tensor-core helpers for the decode kernel on the tensor cores (paged_attention_tc.py).
+# Fragment shuffles for the decode kernel on the tensor cores (paged_attention_tc.py).
 #
 # ``interleave_lo(a, b)`` / ``interleave_hi(a, b)``: one ``prmt.b32`` each; the low (high) 16-bit halves of two
 # words side by side, a's in the low half. Two rows of 16-bit values become the column pairs an mma B fragment
 # wants: {V[t][d], V[t + 1][d]} from row words {V[t][d], V[t][d + 1]} and {V[t + 1][d], V[t + 1][d + 1]}.
 #
-# ``mma_f16`` / ``mma_bf16``: ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}``, D[16x8] = A[16x16] B[16x8] + C
-# with fp32 accumulators. Fragment layout (PTX ISA); lane = 4 g + t, g = lane // 4, t = lane % 4:
-#   A (4 words): a0 = A[g, 2t:2t+2]  a1 = A[g+8, 2t:2t+2]  a2 = A[g, 2t+8:2t+10]  a3 = A[g+8, 2t+8:2t+10]
-#   B (2 words): b0 = B[2t:2t+2, g]  b1 = B[2t+8:2t+10, g]
-#   C, D (4 floats): C[g, 2t], C[g, 2t+1], C[g+8, 2t], C[g+8, 2t+1]
-# A word holds two 16-bit values, the lower-indexed one in the low half. Under the simulator the whole warp
-# meets at a barrier, the last lane to arrive multiplies the gathered fragments in float64, and each lane takes
-# its part of D.
+# The mma intrinsics themselves live in mma.py, beside the other tensor-core instructions.
 # ---------------------------------------------------------------------------------------------------------------
 if simulator_enabled():
-    import threading
-
     def interleave_lo(a, b):
         return (_u32(a) & 0xFFFF) | ((_u32(b) & 0xFFFF) << 16)
 
     def interleave_hi(a, b):
         return (_u32(a) >> 16) | (_u32(b) & 0xFFFF0000)
-
-    _lane = np.arange(32)
-    _g, _t = _lane // 4, _lane % 4
-    _reg4, _reg2, _half = np.arange(4), np.arange(2), np.arange(2)
-    _A_ROW = (_g[:, None, None] + 8 * (_reg4[None, :, None] & 1)) + 0 * _half    # [lane, register, half]
-    _A_COL = 2 * _t[:, None, None] + _half[None, None, :] + 8 * (_reg4[None, :, None] >> 1)
-    _B_ROW = 2 * _t[:, None, None] + _half[None, None, :] + 8 * _reg2[None, :, None]
-    _B_COL = _g[:, None, None] + 0 * _B_ROW
-    _C_ROW = _g[:, None] + 8 * (_reg4[None, :] >> 1)                              # [lane, register]
-    _C_COL = 2 * _t[:, None] + (_reg4[None, :] & 1)
-    _mma_lock = threading.Lock()
-
-    class _MmaWarp:
-        """One simulated warp's meeting point; two slots alternate so a fast lane's next deposit never
-        overwrites operands of the current multiply."""
-
-        def __init__(self):
-            self.barrier = threading.Barrier(32, action=self._multiply, timeout=120.0)
-            self.operands = ([None] * 32, [None] * 32)
-            self.results = [None, None]
-            self.phase = [0] * 32
-            self.current = 0
-            self.bf16 = False
-
-        def _multiply(self):
-            per_lane = self.operands[self.current]
-            words = np.array([[_u32(x) for x in ops[:6]] for ops in per_lane], dtype=np.uint32)
-            if self.bf16:
-                halves = np.stack([(words << 16).view(np.float32), (words & 0xFFFF0000).view(np.float32)], -1)
-            else:
-                halves = words.view(np.float16).reshape(32, 6, 2).astype(np.float32)
-            a, b, c = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
-            a[_A_ROW, _A_COL] = halves[:, :4]
-            b[_B_ROW, _B_COL] = halves[:, 4:]
-            c[_C_ROW, _C_COL] = np.array([ops[6:] for ops in per_lane], np.float64)
-            d = (a @ b + c).astype(np.float32)
-            self.results[self.current] = [tuple(d[_C_ROW[lane], _C_COL[lane]]) for lane in range(32)]
-
-    def _sim_mma(bf16, operands):
-        thread = threading.current_thread()
-        manager = thread._manager  # the simulator's BlockManager, one per running block
-        warp_id, lane = divmod(thread.thread_id, 32)
-        with _mma_lock:
-            warp = manager.__dict__.setdefault("_ptx_mma_warps", {}).setdefault(warp_id, _MmaWarp())
-        slot = warp.phase[lane]
-        warp.phase[lane] ^= 1
-        warp.operands[slot][lane] = operands
-        warp.current, warp.bf16 = slot, bf16
-        warp.barrier.wait()
-        return warp.results[slot][lane]
-
-    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        return _sim_mma(False, (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
-
-    def mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        return _sim_mma(True, (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
 
 else:
     def _prmt(selector: int):
@@ -310,28 +245,3 @@ else:
 
     interleave_lo = _prmt(0x5410)   # bytes 1:0 of a, then bytes 1:0 of b
     interleave_hi = _prmt(0x7632)   # bytes 3:2 of a, then bytes 3:2 of b
-
-    def _mma(ab_type: str):
-        asm = (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab_type}.{ab_type}.f32 "
-               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
-
-        @intrinsic
-        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-            words, accs = (a0, a1, a2, a3, b0, b1), (c0, c1, c2, c3)
-            if not (all(isinstance(x, types.Integer) for x in words)
-                    and all(isinstance(x, types.Float) for x in accs)):
-                return None
-            sig = types.UniTuple(types.float32, 4)(*words, *accs)
-
-            def codegen(context, builder, sig, args):
-                ins = [context.cast(builder, v, ty, types.uint32) for v, ty in zip(args[:6], sig.args[:6])]
-                ins += [context.cast(builder, v, ty, types.float32) for v, ty in zip(args[6:], sig.args[6:])]
-                fnty = ir.FunctionType(ir.LiteralStructType([_f32] * 4), [_i32] * 6 + [_f32] * 4)
-                ret = builder.call(ir.InlineAsm(fnty, asm, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"), ins)
-                return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, i) for i in range(4)])
-
-            return sig, codegen
-
-        return mma
-
-    mma_f16, mma_bf16 = _mma("f16"), _mma("bf16")
