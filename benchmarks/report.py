@@ -26,7 +26,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Section titles by the file name's first word, in the order the README shows them.
 TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode attention kernels",
           "prefill": "Paged prefill kernel", "throughput": "Engine throughput: continuous vs static batching",
-          "sharing": "Sharing: parallel sampling, beam search, prefix caching"}
+          "sharing": "Sharing: parallel sampling, beam search, prefix caching",
+          "host": "Engine host time per decode step"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
 
 

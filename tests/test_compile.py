@@ -20,10 +20,11 @@ HEADLINE = "v2 float16 d128 group4"
 
 
 def _configs():
-    """(name, kernel, signature, register cap) for every kernel the decode path launches, at the shapes that
+    """(name, kernel, signature, register cap) for every kernel the decode path launches (and the cache ops), at the shapes that
     matter. The cap is a link-time option (``-maxrregcount``), so it is passed to the linker here too."""
     from numba import types
 
+    from pagedattention.kernels import cache_ops
     from pagedattention.kernels import paged_attention_tc as tc
     from pagedattention.kernels import paged_attention_v1 as v1
     from pagedattention.kernels import paged_attention_v2 as v2
@@ -48,6 +49,9 @@ def _configs():
                 out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))
         out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig, None))
         out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
+    out.append(("write_kv", cache_ops._write_kv_kernel, (i64,) * 9, None))
+    u64s = types.Array(types.uint64, 1, "C")
+    out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
     return out
 
 

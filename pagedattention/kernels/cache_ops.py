@@ -1,50 +1,51 @@
 """Cache maintenance kernels: storing a step's new K/V (``write_kv``) and copy-on-write of blocks (``copy_blocks``).
 
-Both move whole 32-bit words, so one kernel serves fp16, bf16 and fp32 (tensors are viewed as int32, zero-copy).
+Both move raw bytes (32-bit words in write_kv, 16-byte vectors in copy_blocks), so one kernel serves fp16, bf16
+and fp32, zero-copy.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import cuda
+from numba import cuda, int64
 
 from . import validation as V
+from .mma import ld_i32_at, st_u32_at
 from .ptx import ld_v4_at, st_v4_at
-from .runtime import as_kernel_array, current_stream, simulator_enabled
+from .runtime import as_kernel_array, current_stream, launch, simulator_enabled
 
 # ---------------------------------------------------------------------------------------------------------------
 # write_kv
 #
 # grid   : (num_tokens,)             one thread block per new token
-# threads: min(128, words per token) each thread copies 32-bit words h*W + w, stepping by blockDim
-# key, value            : int32 words [num_tokens, num_kv_heads, W]    (W = head_dim * itemsize / 4; rows may be
-#                                                                        padded, e.g. slices of a fused qkv tensor)
-# key_cache, value_cache: int32 words [num_blocks, block_size, num_kv_heads, W]
-# slot_mapping[t]       : block_id * block_size + offset, or -1 (padding token: nothing is written). A slot past the
-#                         cache is skipped too, so a stale mapping can never write outside the cache.
+# threads: min(128, words per token) each thread copies 32-bit words w, w + blockDim, ... of the token's row
+# Arguments are byte addresses (``data_ptr()``) and byte strides, so the launch skips Numba's per-array
+# wrapping (see runtime.launch): this kernel runs eagerly once per layer of every prefill step.
+# key_ptr + t * key_stride          : token t's K row, num_kv_heads * head_dim values (rows may be slices of a
+#                                     fused qkv tensor, hence the stride), token_bytes long
+# key_cache_ptr + slot * token_bytes: the cache row of a slot ([num_blocks, block_size] flattened: slot = block_id *
+#                                     block_size + offset)
+# slot_mapping_ptr + 8 t            : token t's slot (int64), or -1 (padding token: nothing is written). A slot past
+#                                     the cache is skipped too, so a stale mapping can never write outside the cache.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @cuda.jit(cache=not simulator_enabled())
-def _write_kv_kernel(key, value, key_cache, value_cache, slot_mapping):
+def _write_kv_kernel(key_ptr, value_ptr, key_stride, value_stride, key_cache_ptr, value_cache_ptr,
+                     slot_mapping_ptr, token_bytes, num_slots):
     token = cuda.blockIdx.x
-    slot = slot_mapping[token]
-    block_size = key_cache.shape[1]
-    if slot < 0 or slot >= key_cache.shape[0] * block_size:
+    low = ld_i32_at(slot_mapping_ptr + 8 * token)          # little-endian int64: low word, then high word
+    high = ld_i32_at(slot_mapping_ptr + 8 * token + 4)
+    slot = (int64(high) << 32) | (int64(low) & 0xFFFFFFFF)
+    if slot < 0 or slot >= num_slots:
         return
-    block = slot // block_size
-    offset = slot - block * block_size
-    num_words = key.shape[2]
-    for i in range(cuda.threadIdx.x, key.shape[1] * num_words, cuda.blockDim.x):
-        head = i // num_words
-        word = i - head * num_words
-        key_cache[block, offset, head, word] = key[token, head, word]
-        value_cache[block, offset, head, word] = value[token, head, word]
-
-
-def _as_words(t: torch.Tensor):
-    """int32 view of a tensor whose last dim is contiguous and an even number of 16-bit values."""
-    return as_kernel_array(t.view(torch.int32))
+    src_k = key_ptr + token * key_stride
+    src_v = value_ptr + token * value_stride
+    dst_k = key_cache_ptr + slot * token_bytes
+    dst_v = value_cache_ptr + slot * token_bytes
+    for byte in range(4 * cuda.threadIdx.x, token_bytes, 4 * cuda.blockDim.x):
+        st_u32_at(dst_k + byte, ld_i32_at(src_k + byte))
+        st_u32_at(dst_v + byte, ld_i32_at(src_v + byte))
 
 
 def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -72,13 +73,14 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    words = num_kv_heads * head_dim * key.element_size() // 4
-    threads = min(128, (words + 31) // 32 * 32)
-    if simulator_enabled():  # the simulator only accepts dense arrays; these two are read-only, so copy them
-        key, value = key.contiguous(), value.contiguous()
-    _write_kv_kernel[num_tokens, threads, current_stream()](
-        _as_words(key), _as_words(value), _as_words(key_cache), _as_words(value_cache),
-        as_kernel_array(slot_mapping))
+    token_bytes = num_kv_heads * head_dim * key.element_size()
+    threads = min(128, (token_bytes // 4 + 31) // 32 * 32)
+    item = key.element_size()
+    if (key.data_ptr() | value.data_ptr() | key.stride(0) * item | value.stride(0) * item) % 4:
+        raise ValueError("key and value rows must start on 4-byte boundaries (the kernel moves 32-bit words)")
+    launch(_write_kv_kernel, (num_tokens,), threads, key.data_ptr(), value.data_ptr(), key.stride(0) * item,
+           value.stride(0) * item, key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
+           token_bytes, key_cache.shape[0] * key_cache.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,8 @@ tests run the real kernel code.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -25,13 +23,9 @@ from numba import cuda
 from . import ptx
 from .mma import (SMEM_ALIGN, cp_async16, cp_async_wait_all, ld_i32_at, ldmatrix_x4, ldmatrix_x4_trans, mma_bf16,
                   mma_f16, quad_max, quad_sum, st_u32_at)
-from .runtime import as_kernel_array, current_stream, simulator_enabled
+from .runtime import as_kernel_array, current_stream, launch, simulator_enabled
 from .validation import (check_block_tables, check_cache, check_context_lens, check_device, check_out,
                          check_query, check_scale, check_tensor)
-
-if not simulator_enabled():
-    from cuda.core import LaunchConfig, Stream
-    from cuda.core import launch as core_launch
 
 WARPS = (4, 8)      # warps per block of the tensor-core kernel (16 query rows each); see choose_warps
 FP32_THREADS = 64   # threads per block of the fp32 kernel (one key each per step)
@@ -468,53 +462,8 @@ def launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, co
         warps = warps or choose_warps(max_q_len, num_seqs, num_heads)
         kernel = build_tensor_core_kernel(head_dim, block_size, query.dtype == torch.bfloat16, warps, max_registers)
         grid = ((max_q_len + 16 * warps - 1) // (16 * warps), num_seqs, num_heads)
-        launch_scalar_kernel(kernel, grid, 32 * warps, (
-            query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
-            cu_seqlens_q.data_ptr(), context_lens.data_ptr(), out.data_ptr(), block_tables.shape[1],
-            num_heads, num_kv_heads), scale * LOG2E)
+        launch(kernel, grid, 32 * warps,
+               query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
+               cu_seqlens_q.data_ptr(), context_lens.data_ptr(), out.data_ptr(), block_tables.shape[1],
+               num_heads, num_kv_heads, np.float32(scale * LOG2E))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launching with little host work. Numba's launch path (argument typing, overload lookup, per-argument
-# conversion, a fresh launch configuration and stream wrapper) costs tens of microseconds, as much as a short
-# prefill kernel. The tensor-core kernel takes only integers and one float32, so after its first launch
-# (which compiles it through Numba) it is launched directly through cuda.core with cached configurations.
-# ---------------------------------------------------------------------------------------------------------------
-_compiled: dict = {}   # (kernel, device index) -> cuda.core kernel handle, or None: launch through Numba
-
-
-@functools.lru_cache(maxsize=None)
-def _core_stream(handle: int):
-    return Stream.from_handle(handle)
-
-
-@functools.lru_cache(maxsize=None)
-def _launch_config(grid: tuple, threads: int):
-    return LaunchConfig(grid=grid, block=threads)
-
-
-def launch_scalar_kernel(kernel, grid: tuple, threads: int, ints: tuple, value: float):
-    """``kernel[grid, threads, current stream](*ints, np.float32(value))`` for a kernel of int64 arguments and
-    one trailing float32, on torch's current stream."""
-    if simulator_enabled():
-        kernel[grid, threads, current_stream()](*ints, np.float32(value))
-        return
-    device = torch.cuda.current_device()
-    key = (kernel, device)
-    handle = _compiled.get(key)
-    if handle is not None:
-        try:
-            core_launch(_core_stream(torch._C._cuda_getCurrentRawStream(device)), _launch_config(grid, threads),
-                        handle, *[ctypes.c_int64(i) for i in ints], ctypes.c_float(value))
-            return
-        except Exception as e:  # an incompatible cuda.core: launch through Numba from now on
-            warnings.warn(f"direct launch failed ({e!r}); launching through Numba", RuntimeWarning)
-            _compiled[key] = None
-    kernel[grid, threads, current_stream()](*ints, np.float32(value))   # compiles on first use
-    if key not in _compiled and len(kernel.overloads) == 1:
-        (overload,) = kernel.overloads.values()
-        try:
-            _compiled[key] = overload._codelibrary.get_cufunc().kernel
-        except AttributeError:  # another Numba layout: keep launching through Numba
-            _compiled[key] = None

@@ -8,9 +8,12 @@ Two execution modes share every kernel's source:
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import warnings
 
+import numpy as np
 import torch
 
 
@@ -56,3 +59,62 @@ def as_kernel_array(t: torch.Tensor):
     from numba import cuda
 
     return cuda.as_cuda_array(t.detach())
+
+
+# Launching with little host work. Numba's launch path (argument typing, overload lookup, per-argument conversion,
+# a fresh launch configuration and stream wrapper) costs tens of microseconds, and wrapping each torch tensor as a
+# device array as much again: more than a short kernel runs. Kernels whose arguments are all scalars (tensors
+# passed as ``data_ptr()`` addresses) are launched through Numba once, which compiles them, and from then on
+# directly through cuda.core with cached launch configurations.
+_compiled: dict = {}   # (kernel, device index) -> cuda.core kernel handle, or None: launch through Numba
+
+
+@functools.lru_cache(maxsize=None)
+def _core_stream(handle: int):
+    from cuda.core import Stream
+
+    return Stream.from_handle(handle)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_config(grid: tuple, threads: int):
+    from cuda.core import LaunchConfig
+
+    return LaunchConfig(grid=grid, block=threads)
+
+
+def _c_scalar(value):
+    """The C type Numba compiled the argument as: Python ints are int64, np.float32 is float."""
+    if isinstance(value, np.float32):
+        return ctypes.c_float(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return ctypes.c_int64(int(value))
+    raise TypeError(f"direct launches take ints and np.float32 only, got {type(value).__name__}")
+
+
+def launch(kernel, grid: tuple, threads: int, *args) -> None:
+    """``kernel[grid, threads, current stream](*args)`` for a kernel of int64 / float32 scalar arguments, on
+    torch's current stream (so it is ordered with torch's work and captured by ``torch.cuda.graph``)."""
+    if simulator_enabled():
+        kernel[grid, threads, current_stream()](*args)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device)
+    handle = _compiled.get(key)
+    if handle is not None:
+        try:
+            from cuda.core import launch as core_launch
+
+            core_launch(_core_stream(torch._C._cuda_getCurrentRawStream(device)), _launch_config(grid, threads),
+                        handle, *[_c_scalar(a) for a in args])
+            return
+        except Exception as e:  # an incompatible cuda.core: launch through Numba from now on
+            warnings.warn(f"direct launch failed ({e!r}); launching through Numba", RuntimeWarning)
+            _compiled[key] = None
+    kernel[grid, threads, current_stream()](*args)   # compiles on first use
+    if key not in _compiled and len(kernel.overloads) == 1:
+        (overload,) = kernel.overloads.values()
+        try:
+            _compiled[key] = overload._codelibrary.get_cufunc().kernel
+        except AttributeError:  # another Numba layout: keep launching through Numba
+            _compiled[key] = None
