@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagedattention.kernels import paged_attention  # noqa: E402
 from pagedattention.kernels.decode import decode_v2, tc_config  # noqa: E402
 
-# vLLM's Triton paged decode kernel on the same card type (workloads.md): (B, ctx) -> (ms, fraction of copy bw)
+# vLLM's Triton paged decode kernel on the same card type (measured 2026-11-27, page 16, best split count):
+# (B, ctx) -> (ms, fraction of copy bandwidth)
 VLLM_TRITON = {(64, 4096): (0.392, 0.912), (4, 32768): (0.201, 0.888), (256, 128): (0.081, 0.572)}
 HEADLINE = [(64, 4096), (4, 32768), (256, 128)]
 GRID_B = (1, 4, 16, 64, 256)
@@ -329,8 +330,8 @@ def main():
               f"v1 {r['v1']['ms']:.3f} ms, err {r['max_abs_err']}, v2 on {r['v2_kernel']}  [{time.time() - started:.0f}s]",
               flush=True)
     overhead = host_overhead_us()
-    result = dict(card=card, copy_tbps=copy_bw / 1e12, host_overhead_us_v2_eager=overhead, torch=torch.__version__,
-                  rows=rows)
+    result = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command="python " + " ".join(sys.argv),
+                  copy_tbps=copy_bw / 1e12, host_overhead_us_v2_eager=overhead, torch=torch.__version__, rows=rows)
     with open(os.path.join(args.out, f"kernels_{slug}.json"), "w") as f:
         json.dump(result, f, indent=1)
     if not args.quick:

@@ -194,7 +194,7 @@ def save(rows, out_dir: Path):
     card = torch.cuda.get_device_name()
     slug = card.lower().replace("nvidia", "").strip().replace(" ", "_")
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
+    data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command="python " + " ".join(sys.argv),
                 torch=torch.__version__, rows=rows)
     (out_dir / f"prefill_{slug}.json").write_text(json.dumps(data, indent=1))
     try:

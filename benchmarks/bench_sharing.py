@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     report = {"device": card, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
               "dtype": str(llm.config.dtype).removeprefix("torch."), "block_size": args.block_size,
               "kv_blocks": llm.manager.num_blocks, "num_requests": num_requests, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
               "workloads": {"alpaca_like": "prompts U[8,32] random ids; sampling outputs U[24,96], temperature 1; "
                                            "beam search 60 tokens; EOS ignored",
                             "shared_system_prompt": f"{system_len}-token system prompt + U[32,128] own tokens, "

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
             "dtype": dtype, "torch": torch.__version__, "temperature": args.temperature,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "max_model_len": max_model_len, "block_size": args.block_size, "enforce_eager": args.enforce_eager,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": rows,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": "python " + " ".join(sys.argv), "results": rows,
         }
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
