@@ -1,4 +1,4 @@
-"""The kernels compile for the H100 (sm_90) without a GPU, and V2 keeps everything in registers.
+"""The kernels compile for the H100 (sm_90) without a GPU and keep their working sets in registers.
 
 Compilation runs in a subprocess with the CUDA simulator off (the rest of the suite runs under it): Numba
 lowers each kernel to PTX, nvJitLink assembles it for sm_90 and reports registers, spills and local memory.
@@ -49,6 +49,12 @@ def _configs():
                 out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))
         out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig, None))
         out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
+    from pagedattention.kernels.paged_prefill import build_tensor_core_kernel
+
+    for head_dim in (64, 128):  # the 8-warp prefill kernel (all scalar arguments: addresses, sizes, scale)
+        for dtype in ("float16", "bfloat16"):
+            kernel = build_tensor_core_kernel(head_dim, 16, dtype == "bfloat16", 8)
+            out.append((f"prefill {dtype} d{head_dim}", kernel, (i64,) * 10 + (f32s,), None))
     out.append(("write_kv", cache_ops._write_kv_kernel, (i64,) * 9, None))
     u64s = types.Array(types.uint64, 1, "C")
     out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
@@ -80,6 +86,9 @@ def compile_report() -> dict:
             "shared_bytes": int(re.search(r"(\d+) bytes smem", log).group(1)),
             "v4_loads": ptx.count("ld.global.nc.v4.u32"),
             "mma": ptx.count("mma.sync.aligned.m16n8k16"),
+            "ldmatrix": ptx.count("ldmatrix.sync"),
+            "cp_async": ptx.count("cp.async.cg"),
+            "other_shared_loads": ptx.count("ld.shared"),
         }
     return report
 
@@ -141,3 +150,15 @@ def test_tensor_core_kernels_use_registers_only(report):
 
 if __name__ == "__main__":
     print(json.dumps(compile_report()))
+
+
+def test_prefill_kernel_assembles_in_registers(report):
+    """The 8-warp prefill kernel assembles for the H100, keeps its fragments in registers (no spills, no local
+    memory), reads every shared tile through ldmatrix and stages every tile through cp.async."""
+    prefill = {name: r for name, r in report.items() if name.startswith("prefill")}
+    assert len(prefill) == 4
+    for name, r in prefill.items():
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
+        assert r["shared_bytes"] <= 48 * 1024, (name, r)     # static shared memory limit
+        assert r["ldmatrix"] > 0 and r["other_shared_loads"] == 0, (name, r)
+        assert r["cp_async"] > 0 and r["mma"] > 0, (name, r)
