@@ -69,11 +69,68 @@ def use_scheduler(llm: LLM, scheduling: str, max_num_seqs: int) -> None:
                               scheduling=scheduling)
 
 
+def ideal_decode_steps(max_tokens: list[int], cap: int, scheduling: str) -> int:
+    """Decode steps the request set needs at batch cap ``cap`` if every step produced one token for each
+    running sequence and admissions were free: the ceiling of what scheduling alone can change.
+    Static: each batch of ``cap`` requests lasts as long as its longest output. Continuous: a finished
+    request's slot is refilled at once, in arrival order."""
+    if scheduling == "static":
+        return sum(max(max_tokens[i:i + cap]) for i in range(0, len(max_tokens), cap))
+    waiting, running, steps = list(reversed(max_tokens)), [], 0
+    while waiting or running:
+        while waiting and len(running) < cap:
+            running.append(waiting.pop())
+        steps += 1
+        running = [left - 1 for left in running if left > 1]
+    return steps
+
+
+class StepTimeline:
+    """Records every engine step of a run: when it started, whether it was a prefill step, how many
+    sequences were running (the batch occupancy) and how many tokens it computed."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.steps = llm, []
+
+    def __enter__(self):
+        run, scheduler, start, steps = self.llm.runner.run, self.llm.scheduler, time.perf_counter(), self.steps
+
+        def traced(seqs, is_prefill):
+            steps.append((time.perf_counter() - start, is_prefill, len(scheduler.running),
+                          sum(s.num_scheduled_tokens for s in seqs)))
+            return run(seqs, is_prefill)
+        self.llm.runner.run = traced  # an instance attribute: shadows the method for this run only
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.runner.run
+
+    def summary(self, wall: float) -> dict:
+        """Step counts and times by kind (a step lasts until the next begins: scheduling and sampling
+        included), and the time-weighted mean number of running sequences."""
+        ends = [t for t, *_ in self.steps[1:]] + [wall]
+        durations = [end - t for (t, *_), end in zip(self.steps, ends)]
+        prefill = [d for d, (_, is_prefill, *_) in zip(durations, self.steps) if is_prefill]
+        decode = [d for d, (_, is_prefill, *_) in zip(durations, self.steps) if not is_prefill]
+        return {
+            "prefill_steps": len(prefill), "prefill_s": sum(prefill),
+            "decode_steps": len(decode), "decode_s": sum(decode),
+            "decode_step_ms": 1e3 * statistics.fmean(decode) if decode else None,
+            "mean_running": sum(d * n for d, (_, _, n, _) in zip(durations, self.steps)) / wall,
+        }
+
+    def to_json(self) -> dict:
+        """Columns, rounded: the plots need the shape, not the microseconds."""
+        return {"t_s": [round(t, 5) for t, *_ in self.steps], "prefill": [int(p) for _, p, _, _ in self.steps],
+                "running": [n for _, _, n, _ in self.steps], "tokens": [k for *_, k in self.steps]}
+
+
 def run_one(llm: LLM, prompts, params) -> dict:
     llm.generate(prompts[:4], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    wall = time.perf_counter() - start
+    with StepTimeline(llm) as timeline:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        wall = time.perf_counter() - start
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     assert all(o.outputs[0].finish_reason == "length" for o in outputs), "a request did not run to max_tokens"
@@ -84,6 +141,8 @@ def run_one(llm: LLM, prompts, params) -> dict:
         "ttft_s": summary([o.metrics.time_to_first_token for o in outputs]),
         "tpot_s": summary([o.metrics.time_per_output_token for o in outputs]),
         "preemptions": llm.scheduler.num_preemptions,
+        **timeline.summary(wall),
+        "timeline": timeline.to_json(),
     }
 
 
@@ -147,6 +206,7 @@ def main(argv=None) -> int:
             for scheduling in schedulings:
                 use_scheduler(llm, scheduling, cap)
                 row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap,
+                       "ideal_decode_steps": ideal_decode_steps([p.max_tokens for p in params], cap, scheduling),
                        **run_one(llm, prompts, params)}
                 results.append(row)
                 write_report(results)
@@ -166,6 +226,16 @@ def main(argv=None) -> int:
               f"{r['output_tok_per_s']:>10.0f} {r['total_tok_per_s']:>11.0f} "
               f"{t['mean']:>8.2f}/{t['p50']:.2f}/{t['p99']:.2f} "
               f"{p['mean'] * 1e3:>10.1f}/{p['p50'] * 1e3:.1f}/{p['p99'] * 1e3:.1f} {r['preemptions']:>7}")
+    print("\ncontinuous / static output tok/s, against the ceiling of free admissions (static's decode steps /"
+          " continuous' decode steps, ideal_decode_steps):")
+    by_key = {(r["workload"], r["max_num_seqs"], r["scheduling"]): r for r in results}
+    for (name, cap, scheduling), r in by_key.items():
+        static = by_key.get((name, cap, "static"))
+        if scheduling == "continuous" and static:
+            print(f"{name} max_num_seqs={cap}: {r['output_tok_per_s'] / static['output_tok_per_s']:.2f}x measured, "
+                  f"{static['ideal_decode_steps'] / r['ideal_decode_steps']:.2f}x ceiling; decode steps "
+                  f"{static['decode_steps']} vs {r['decode_steps']}, prefill steps {static['prefill_steps']} vs "
+                  f"{r['prefill_steps']} ({static['prefill_s']:.2f} s vs {r['prefill_s']:.2f} s)")
     print(f"wrote {path}")
     return 0
 

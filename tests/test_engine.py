@@ -286,6 +286,42 @@ def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_compu
         assert_idle(engine)
 
 
+def test_staged_prefill_inputs_padded_to_a_bucket_compute_what_eager_prefill_computes():
+    """What a captured prefill graph runs, run eagerly: padding tokens that belong to no sequence and padding
+    sequences with no tokens change nothing for the real ones; a step too big for every bucket runs eagerly."""
+    engine = LLM(device="cpu", max_num_seqs=8, max_model_len=512, max_num_batched_tokens=256)
+    runner = engine.runner
+    runner._allocate_prefill_buffers()
+    assert runner.prefill_buckets[0] == (128, 1) and runner.prefill_buckets[-1] == (256, 8)
+    # (prompts added, expected bucket): one short prompt; three; two of 177 tokens; a 361-token prompt, whose
+    # second chunk (105 tokens from position 256) is the step after its first
+    steps = (([PROMPTS[0]], (128, 1)), (PROMPTS[1:4:2] + PROMPTS[4:], (128, 4)),
+             ([PROMPTS[1] * 4, PROMPTS[2]], (256, 2)), ([PROMPTS[3] * 8], (256, 1)), ([], (128, 1)))
+    for prompts, bucket in steps:
+        for prompt in prompts:
+            engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
+        batch = engine.scheduler.schedule()
+        assert batch.is_prefill and len(batch.seqs) == max(1, len(prompts))
+        arrays = runner._prefill_arrays(batch.seqs)
+        assert runner._stage_prefill(arrays) == bucket
+        runner.prefill_output.fill_(float("nan"))
+        with torch.inference_mode():
+            runner._prefill_graph_body(*bucket)()
+            rows = arrays["sample_rows"] or [len(arrays["input_ids"]) - 1]  # a mid-prompt chunk samples nothing
+            staged = runner.model.compute_logits(runner.prefill_output[rows])
+            eager = runner.model.compute_logits(runner.model(*runner._prepare_prefill(arrays))[rows])
+        torch.testing.assert_close(staged, eager, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(staged).all()
+        tokens, logprobs = engine.sampler(staged[:len(arrays["sample_rows"])],
+                                          [s for s in batch.seqs if engine.scheduler.samples(s)], engine.eos_token_ids)
+        engine.scheduler.postprocess(batch, tokens, logprobs)
+        if arrays["sample_rows"]:  # not a chunk in mid-prompt: on to the next step's fresh prompts
+            engine._abort_all()
+    too_many_tokens = {"input_ids": np.zeros(257, dtype=np.int64), "context_lens": np.ones(1, dtype=np.int32)}
+    assert runner._stage_prefill(too_many_tokens) is None
+    assert_idle(engine)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and KV sizing need a GPU")
 
 
@@ -309,6 +345,23 @@ def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
     eager_engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3,
                        enforce_eager=True)
     assert outputs == token_ids(eager_engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+@cuda
+def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
+    engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
+    runner = engine.runner
+    assert runner.use_graphs and (128, 1) in runner.prefill_graphs
+    for prompt in PROMPTS[:3]:
+        engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
+    batch = engine.scheduler.schedule()
+    assert batch.is_prefill and len(batch.seqs) == 3  # replays the bucket (128 tokens, 4 sequences)
+    graph = runner.run(batch.seqs, is_prefill=True).clone()
+    with torch.inference_mode():
+        arrays = runner._prefill_arrays(batch.seqs)
+        eager = runner.model.compute_logits(runner.model(*runner._prepare_prefill(arrays))[arrays["sample_rows"]])
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+    engine._abort_all()
 
 
 @cuda

@@ -19,6 +19,8 @@ from .scheduler import Scheduler, cdiv
 from .sequence import Sequence
 
 CPU_NUM_KV_BLOCKS = 512
+PREFILL_GRAPH_TOKENS = (128, 256, 512, 1024, 2048, 4096)
+PREFILL_GRAPH_SEQS = (1, 2, 4, 8)
 
 
 def load_model(config: EngineConfig):
@@ -46,6 +48,15 @@ def load_model(config: EngineConfig):
                         f"got {type(path).__name__}")
     model, tokenizer, model_config = models.load(path, dtype=config.dtype, device=config.device)
     return model.eval(), tokenizer, model_config
+
+
+def prefill_graph_buckets(max_num_batched_tokens: int, max_num_seqs: int) -> list[tuple[int, int]]:
+    """(tokens, sequences) of the captured prefill graphs, smallest first. Steps beyond the largest (big
+    batches of prompts) run eagerly: their GPU time hides their launches, and a graph's attention grid, sized
+    for its bound on every sequence's length, would grow with tokens x sequences."""
+    tokens = [t for t in PREFILL_GRAPH_TOKENS if t <= max_num_batched_tokens]
+    seqs = [s for s in PREFILL_GRAPH_SEQS if s <= max_num_seqs]
+    return [(t, s) for t in tokens for s in seqs if s <= t]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -81,6 +92,7 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and self.backend == "numba" and not config.enforce_eager
         if self.use_graphs:
             self._capture_decode_graphs()
+            self._capture_prefill_graphs()
 
     # --- KV cache sizing ---------------------------------------------------------------------------
 
@@ -143,9 +155,14 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Run one scheduled step; returns float32 logits of the sequences that sample (batch order)."""
         if is_prefill:
-            input_ids, positions, attn, sample_rows = self._prepare_prefill(seqs)
-            hidden = self.model(input_ids, positions, attn)
-            return self.model.compute_logits(hidden[sample_rows])
+            arrays = self._prefill_arrays(seqs)
+            bucket = self._stage_prefill(arrays) if self.use_graphs else None
+            if bucket is not None:
+                self.prefill_graphs[bucket].replay()
+                hidden = self.prefill_output
+            else:
+                hidden = self.model(*self._prepare_prefill(arrays))
+            return self.model.compute_logits(hidden[arrays["sample_rows"]])
         if self.use_graphs and len(seqs) <= self.graph_sizes[-1]:
             return self.model.compute_logits(self._replay_decode(seqs))
         input_ids, positions, attn = self._prepare_decode(seqs)
@@ -156,9 +173,15 @@ class ModelRunner:
         return block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        """Through (cached) page-locked memory on CUDA: a copy from pageable memory would wait for the GPU
+        to finish the work queued before it."""
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
-    def _prepare_prefill(self, seqs: list[Sequence]):
+    def _prefill_arrays(self, seqs: list[Sequence]) -> dict:
+        """numpy inputs of a prefill step: tokens packed sequence after sequence (``cu_seqlens_q``)."""
         starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
         q_lens = np.array([s.num_scheduled_tokens for s in seqs], dtype=np.int64)
         ends = starts + q_lens
@@ -170,13 +193,18 @@ class ModelRunner:
         rows = np.repeat(np.arange(len(seqs)), q_lens)
         positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seqlens[:-1], q_lens) + starts[rows]
         block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
-        slots = self._slots(block_tables, rows, positions)
-        sample_rows = [int(cu_seqlens[i + 1]) - 1 for i, s in enumerate(seqs) if Scheduler.samples(s)]
+        return {"input_ids": input_ids, "positions": positions, "slot_mapping": self._slots(block_tables, rows, positions),
+                "cu_seqlens_q": cu_seqlens, "context_lens": ends.astype(np.int32), "block_tables": block_tables,
+                "max_q_len": int(q_lens.max()), "max_context_len": int(ends.max()),
+                "sample_rows": [int(cu_seqlens[i + 1]) - 1 for i, s in enumerate(seqs) if Scheduler.samples(s)]}
+
+    def _prepare_prefill(self, a: dict):
         attn = AttentionMetadata(
-            is_prefill=True, slot_mapping=self._to_device(slots), block_tables=self._to_device(block_tables),
-            context_lens=self._to_device(ends.astype(np.int32)), cu_seqlens_q=self._to_device(cu_seqlens),
-            max_q_len=int(q_lens.max()), max_context_len=int(ends.max()), backend=self.backend)
-        return self._to_device(input_ids), self._to_device(positions), attn, sample_rows
+            is_prefill=True, slot_mapping=self._to_device(a["slot_mapping"]),
+            block_tables=self._to_device(a["block_tables"]), context_lens=self._to_device(a["context_lens"]),
+            cu_seqlens_q=self._to_device(a["cu_seqlens_q"]), max_q_len=a["max_q_len"],
+            max_context_len=a["max_context_len"], backend=self.backend)
+        return self._to_device(a["input_ids"]), self._to_device(a["positions"]), attn
 
     def _decode_arrays(self, seqs: list[Sequence], block_tables, input_ids, positions, context_lens, slots):
         """Fill decode inputs for ``seqs`` into rows 0..n-1 of the given numpy arrays (block tables filled)."""
@@ -279,6 +307,85 @@ class ModelRunner:
     def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:
         self.graphs[self._stage_decode(seqs)].replay()
         return self.graph_output[:len(seqs)]
+
+    # --- CUDA graphs for small prefill steps -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def _capture_prefill_graphs(self) -> None:
+        """A prefill step of a few hundred tokens (continuous batching admits a request whenever one
+        finishes) is launch-bound like decode: its ~500 launches cost more host time than the GPU needs for
+        them. One graph per (tokens, sequences) bucket; a step is padded up to its bucket. Padding tokens
+        belong to no sequence (``cu_seqlens_q`` ends before them: attention never writes their rows, and
+        their slot is -1), padding sequences have no tokens, so neither touches the real ones."""
+        self._allocate_prefill_buffers()
+        self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        pool = None
+        for bucket in reversed(self.prefill_buckets):  # largest first: the others reuse its memory
+            run = self._prefill_graph_body(*bucket)
+            run()  # compiles the kernel variant this bucket uses
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                run()
+            pool = graph.pool() if pool is None else pool
+            self.prefill_graphs[bucket] = graph
+        torch.cuda.synchronize(self.device)
+
+    def _allocate_prefill_buffers(self) -> None:
+        self.prefill_buckets = prefill_graph_buckets(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        max_tokens = max((t for t, _ in self.prefill_buckets), default=0)
+        max_seqs = max((s for _, s in self.prefill_buckets), default=0)
+        pinned = self.device.type == "cuda"
+        self.prefill_host = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
+            "positions": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, pin_memory=pinned),
+            "cu_seqlens_q": torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pinned),
+            "context_lens": torch.ones(max_seqs, dtype=torch.int32, pin_memory=pinned),
+            "block_tables": torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned),
+        }
+        self.prefill_host_np = {name: t.numpy() for name, t in self.prefill_host.items()}
+        self.prefill_static = {name: t.to(self.device, copy=True) for name, t in self.prefill_host.items()}
+        self.prefill_output = torch.empty(max_tokens, self.model_config.hidden_size,
+                                          dtype=self.config.dtype, device=self.device)
+
+    def _prefill_graph_body(self, num_tokens: int, num_seqs: int):
+        p = self.prefill_static
+        attn = AttentionMetadata(
+            is_prefill=True, slot_mapping=p["slot_mapping"][:num_tokens], block_tables=p["block_tables"][:num_seqs],
+            context_lens=p["context_lens"][:num_seqs], cu_seqlens_q=p["cu_seqlens_q"][:num_seqs + 1],
+            max_q_len=num_tokens, max_context_len=self.max_model_len, backend=self.backend)
+
+        def run():
+            self.prefill_output[:num_tokens] = self.model(p["input_ids"][:num_tokens], p["positions"][:num_tokens], attn)
+        return run
+
+    def _stage_prefill(self, a: dict) -> tuple[int, int] | None:
+        """Write a prefill step's inputs (from ``_prefill_arrays``) into the static buffers of the smallest
+        bucket that holds it, padded; returns the bucket, or None when the step is too big for every graph."""
+        n, m = len(a["input_ids"]), len(a["context_lens"])
+        bucket = next(((t, s) for t, s in self.prefill_buckets if t >= n and s >= m), None)
+        if bucket is None:
+            return None
+        t, s = bucket
+        h = self.prefill_host_np
+        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            h[name][:n] = a[name]
+            h[name][n:t] = pad
+        h["cu_seqlens_q"][:m + 1] = a["cu_seqlens_q"]
+        h["cu_seqlens_q"][m + 1:s + 1] = n
+        h["context_lens"][:m] = a["context_lens"]
+        h["context_lens"][m:s] = 1
+        width = a["block_tables"].shape[1]  # packed rows of this step's width, as for decode
+        tables = h["block_tables"].reshape(-1)[:s * width].reshape(s, width)
+        tables[:m] = a["block_tables"]
+        tables[m:] = 0
+        for name, rows in (("input_ids", t), ("positions", t), ("slot_mapping", t), ("cu_seqlens_q", s + 1),
+                           ("context_lens", s)):
+            self.prefill_static[name][:rows].copy_(self.prefill_host[name][:rows], non_blocking=True)
+        self.prefill_static["block_tables"][:s, :width].copy_(
+            self.prefill_host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
+        return bucket
 
     @torch.inference_mode()
     def decode_eager(self, seqs: list[Sequence]) -> torch.Tensor:
