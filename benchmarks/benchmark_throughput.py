@@ -164,7 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-model-len", type=int, default=None, help="default: 2048 (W2's longest is 2048)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--hf", choices=["auto", "off"], default="auto",
+                        help="auto: also run Hugging Face transformers (static generate, continuous batching) "
+                             "on the same requests when it is installed")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     caps = [int(c) for c in (args.max_num_seqs or ("8" if args.tiny else "64,256")).split(",")]
     workloads = ["W1", "W2"] if args.workload == "all" else [args.workload]
     schedulings = ["static", "continuous"] if args.scheduling == "all" else [args.scheduling]
+    # HF first: its continuous batching sizes its cache from free memory, which our engine would hold
+    results = [] if args.hf == "off" else run_hf_baselines(args, model, device, workloads)
     start = time.perf_counter()
     llm = LLM(model, device=device, dtype=args.dtype, max_num_seqs=max(caps),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
@@ -181,7 +186,6 @@ def main(argv=None) -> int:
               enforce_eager=args.enforce_eager)
     init_s = time.perf_counter() - start  # weights, KV sizing warm-up, CUDA graph capture
     dtype = str(llm.config.dtype).removeprefix("torch.")
-    results = []
     card = device_name(device)
     tag = card.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
     path = args.out / f"throughput_{tag}.json"
@@ -215,17 +219,27 @@ def main(argv=None) -> int:
                       flush=True)
 
     report = write_report(results)
+    try:
+        from plot_throughput import plot_throughput
+        for png in plot_throughput(report, args.out, tag):
+            print(f"wrote {png}")
+    except ImportError as e:  # matplotlib is optional
+        print(f"no plots ({e})")
 
     print(f"\n{card}, {report['model']}, {dtype}, {llm.manager.num_blocks} KV blocks of {args.block_size}, "
           f"engine start {init_s:.1f} s")
-    print(f"{'workload':<8} {'scheduling':<10} {'seqs':>4} {'req/s':>7} {'out tok/s':>10} {'total tok/s':>11} "
+    print(f"{'workload':<8} {'scheduling':<13} {'seqs':>4} {'req/s':>7} {'out tok/s':>10} {'total tok/s':>11} "
           f"{'TTFT mean/p50/p99 (s)':>24} {'TPOT mean/p50/p99 (ms)':>24} {'preempt':>7}")
     for r in results:
-        t, p = r["ttft_s"], r["tpot_s"]
-        print(f"{r['workload']:<8} {r['scheduling']:<10} {r['max_num_seqs']:>4} {r['requests_per_s']:>7.2f} "
+        if "error" in r:
+            print(f"{r['workload']:<8} {r['scheduling']:<10} failed: {r['error']}")
+            continue
+        t, p = r["ttft_s"] or dict.fromkeys(("mean", "p50", "p99"), float("nan")), r["tpot_s"]
+        p = p or dict.fromkeys(("mean", "p50", "p99"), float("nan"))
+        print(f"{r['workload']:<8} {r['scheduling']:<13} {r['max_num_seqs'] or '':>4} {r['requests_per_s']:>7.2f} "
               f"{r['output_tok_per_s']:>10.0f} {r['total_tok_per_s']:>11.0f} "
               f"{t['mean']:>8.2f}/{t['p50']:.2f}/{t['p99']:.2f} "
-              f"{p['mean'] * 1e3:>10.1f}/{p['p50'] * 1e3:.1f}/{p['p99'] * 1e3:.1f} {r['preemptions']:>7}")
+              f"{p['mean'] * 1e3:>10.1f}/{p['p50'] * 1e3:.1f}/{p['p99'] * 1e3:.1f} {r.get('preemptions', ''):>7}")
     print("\ncontinuous / static output tok/s, against the ceiling of free admissions (static's decode steps /"
           " continuous' decode steps, ideal_decode_steps):")
     by_key = {(r["workload"], r["max_num_seqs"], r["scheduling"]): r for r in results}
@@ -236,8 +250,53 @@ def main(argv=None) -> int:
                   f"{static['ideal_decode_steps'] / r['ideal_decode_steps']:.2f}x ceiling; decode steps "
                   f"{static['decode_steps']} vs {r['decode_steps']}, prefill steps {static['prefill_steps']} vs "
                   f"{r['prefill_steps']} ({static['prefill_s']:.2f} s vs {r['prefill_s']:.2f} s)")
+    for name in workloads:
+        best = max((r for r in results if r["workload"] == name and r["scheduling"] in ("static", "continuous")),
+                   key=lambda r: r["output_tok_per_s"], default=None)
+        for r in results:
+            if best and r["workload"] == name and r["scheduling"].startswith("hf-") and "error" not in r:
+                print(f"{name}: engine ({best['scheduling']}, {best['max_num_seqs']} seqs) "
+                      f"{best['output_tok_per_s'] / r['output_tok_per_s']:.1f}x {r['engine']}")
     print(f"wrote {path}")
     return 0
+
+
+def run_hf_baselines(args, model_config, device: str, workloads: list[str]) -> list[dict]:
+    """Hugging Face transformers on the same requests: ``generate`` in static batches (W1: 128, W2: 256 per
+    batch, each running to its longest output) and its continuous batching (CUDA graphs on a GPU). Rows of a
+    baseline that cannot run carry its error instead of metrics."""
+    try:
+        from hf_baselines import hf_model, run_hf_continuous, run_hf_static
+    except ImportError as e:
+        print(f"no Hugging Face baselines ({e})")
+        return []
+    from pagedattention.models.tiny import TINY_CONFIG
+
+    dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
+    model = hf_model(model_config or ModelConfig(**TINY_CONFIG), dtype=dtype, device=device)
+    rows = []
+    for name in workloads:
+        prompts, params = workload(name, args.tiny, args.temperature)
+        max_tokens = [p.max_tokens for p in params]
+        batch_size = 8 if args.tiny else {"W1": 128, "W2": 256}[name]
+        runs = [("hf-static", batch_size, lambda: run_hf_static(
+                    model, prompts, max_tokens, batch_size=batch_size, temperature=args.temperature)),
+                ("hf-continuous", None, lambda: run_hf_continuous(
+                    model, prompts, max_tokens, temperature=args.temperature, use_cuda_graph=device == "cuda",
+                    max_batch_tokens=args.max_num_batched_tokens if device == "cuda" else None))]
+        for scheduling, cap, run in runs:
+            row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap}
+            try:
+                row.update(run())
+                print(f"{name} {scheduling}: {row['output_tok_per_s']:.0f} output tok/s ({row['engine']})", flush=True)
+            except RuntimeError as e:
+                row["error"] = str(e)
+                print(f"{name} {scheduling} failed: {e}", flush=True)
+            rows.append(row)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every committed GPU result, regenerated in one go (about 10 minutes on an H100):
+# Every committed GPU result, regenerated in one go (about 17 minutes on an H100):
 #
 #     bash benchmarks/run_h100.sh                       # all stages into benchmarks/results
 #     RESULTS=/tmp/r bash benchmarks/run_h100.sh kernels prefill   # some stages elsewhere
@@ -18,7 +18,7 @@ run_stage() {  # run_stage NAME SECONDS COMMAND...
 }
 stage() {
     case $1 in
-        throughput) run_stage throughput 240 python benchmarks/benchmark_throughput.py --max-num-seqs 64,256 --out "$out" ;;
+        throughput) run_stage throughput 590 python benchmarks/benchmark_throughput.py --max-num-seqs 16,64,256 --out "$out" ;;
         kernels) run_stage kernels 170 python benchmarks/bench_kernels.py --out "$out" ;;
         prefill) run_stage prefill 100 python benchmarks/bench_prefill.py --out-dir "$out" ;;
         sharing) run_stage sharing 120 python benchmarks/bench_sharing.py --num-requests 128 --out "$out" ;;
