@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -120,9 +121,27 @@ class StepTimeline:
         }
 
     def to_json(self) -> dict:
-        """Columns, rounded: the plots need the shape, not the microseconds."""
-        return {"t_s": [round(t, 5) for t, *_ in self.steps], "prefill": [int(p) for _, p, _, _ in self.steps],
-                "running": [n for _, _, n, _ in self.steps], "tokens": [k for *_, k in self.steps]}
+        return timeline_segments(self.steps)
+
+
+def timeline_segments(steps) -> dict:
+    """Columns of the timeline with runs of steps of one kind and one occupancy merged (a decode stretch of
+    hundreds of steps is one entry): ``t_s`` where the run starts, ``steps`` and ``tokens`` in it."""
+    columns = {"t_s": [], "prefill": [], "running": [], "steps": [], "tokens": []}
+    for t, is_prefill, running, tokens in steps:
+        if columns["t_s"] and (columns["prefill"][-1], columns["running"][-1]) == (int(is_prefill), running):
+            columns["steps"][-1] += 1
+            columns["tokens"][-1] += tokens
+            continue
+        for name, value in zip(columns, (round(t, 5), int(is_prefill), running, 1, tokens)):
+            columns[name].append(value)
+    return columns
+
+
+def to_json_text(report: dict) -> str:
+    """Indented JSON with every list of numbers on one line (the timelines would take a line per number)."""
+    text = json.dumps(report, indent=2)
+    return re.sub(r"\[\s+([-\d.,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
 
 def run_one(llm: LLM, prompts, params) -> dict:
@@ -201,7 +220,7 @@ def main(argv=None) -> int:
             "command": "python " + " ".join(sys.argv), "results": rows,
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(to_json_text(report))
         return report
 
     for name in workloads:
