@@ -90,12 +90,22 @@ def prefill_rows(data: dict) -> list[dict]:
 
 
 def throughput_rows(data: dict) -> list[dict]:
-    """benchmark_throughput.py: one row per (workload, scheduling, batch cap)."""
-    return [{"workload": r["workload"], "scheduling": r["scheduling"], "max_num_seqs": r["max_num_seqs"],
-             "requests/s": r["requests_per_s"], "output tok/s": r["output_tok_per_s"],
-             "total tok/s": r["total_tok_per_s"], "TTFT mean s": r["ttft_s"]["mean"], "TTFT p99 s": r["ttft_s"]["p99"],
-             "TPOT mean ms": 1e3 * r["tpot_s"]["mean"], "TPOT p99 ms": 1e3 * r["tpot_s"]["p99"],
-             "preemptions": r.get("preemptions")} for r in data["results"]]
+    """benchmark_throughput.py: one row per (workload, scheduling, batch cap); Hugging Face rows have no step
+    counts, and a baseline that failed shows its error."""
+    rows = []
+    for r in data["results"]:
+        row = {"workload": r["workload"], "scheduling": r["scheduling"], "max_num_seqs": r["max_num_seqs"]}
+        if "error" in r:
+            rows.append({**row, "requests/s": r["error"]})
+            continue
+        ttft, tpot = r.get("ttft_s") or {}, r.get("tpot_s") or {}
+        rows.append({**row, "requests/s": r["requests_per_s"], "output tok/s": r["output_tok_per_s"],
+                     "total tok/s": r["total_tok_per_s"], "TTFT mean s": ttft.get("mean"), "TTFT p99 s": ttft.get("p99"),
+                     "TPOT mean ms": 1e3 * tpot["mean"] if tpot else None,
+                     "TPOT p99 ms": 1e3 * tpot["p99"] if tpot else None, "mean running": r.get("mean_running"),
+                     "decode steps": r.get("decode_steps"), "prefill steps": r.get("prefill_steps"),
+                     "preemptions": r.get("preemptions")})
+    return rows
 
 
 def memory_demo_rows(data: dict) -> list[dict]:

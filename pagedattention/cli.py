@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = {
     "kernels": ("benchmarks/bench_kernels.py", "decode kernels V1/V2 vs torch SDPA and the copy roofline (GPU)"),
     "prefill": ("benchmarks/bench_prefill.py", "paged prefill kernel vs torch SDPA flash (GPU)"),
-    "throughput": ("benchmarks/benchmark_throughput.py", "continuous vs static batching on workloads W1/W2"),
+    "throughput": ("benchmarks/benchmark_throughput.py", "continuous vs static batching on W1/W2, and HF transformers"),
     "sharing": ("benchmarks/bench_sharing.py", "parallel sampling, beam search and prefix caching memory"),
 }
 DEMOS = {
