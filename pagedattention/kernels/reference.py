@@ -85,3 +85,28 @@ def reference_copy_blocks(key_caches, value_caches, src_to_dst):
     src, dst = src_to_dst[:, 0].long(), src_to_dst[:, 1].long()
     for cache in list(key_caches) + list(value_caches):
         cache[dst] = cache[src]
+
+
+def reference_rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping):
+    """RoPE on ``query [n, H, D]`` and ``key [n, KH, D]`` (dim i with dim i + D/2; float32 ``cos``/``sin [n, D/2]``),
+    rotated key and ``value`` stored at ``slot_mapping``; returns the rotated query (computed in float32)."""
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[:, None], sin[:, None]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    reference_write_kv(rotate(key), value, key_cache, value_cache, slot_mapping)
+    return rotate(query)
+
+
+def reference_add_rms_norm_(x, residual, weight, eps: float):
+    """In place: ``residual += x``, then ``x = rms_norm(residual) * weight``; returns ``(x, residual)``."""
+    residual.add_(x)
+    x.copy_(torch.nn.functional.rms_norm(residual, (residual.shape[-1],), weight, eps))
+    return x, residual
+
+
+def reference_silu_and_mul(gate_up):
+    """``gate_up [n, 2 * size]`` -> ``silu(gate) * up``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -1,7 +1,7 @@
 """The model's one door to the paged KV cache: AttentionMetadata and the PagedAttention layer.
 
 Every step the engine describes where this step's tokens live (AttentionMetadata); each layer then
-1. stores the new tokens' K/V at their cache slots (``write_kv``), and
+1. rotates the new tokens' q and k (RoPE) and stores k and v at their cache slots (``rope_write_kv``), and
 2. attends over the cache: ``paged_prefill_attention`` for packed multi-token queries (prompts, prompt
    chunks, recomputation) or ``paged_attention`` for one new token per sequence (decode).
 Because prefill reads K/V back from the cache, a chunk sees the earlier chunks and cached prefixes for free.
@@ -12,6 +12,7 @@ kernels in Numba's simulator on CPU). The decode path has no host syncs, so a CU
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,25 +33,35 @@ class AttentionMetadata:
     backend: str = "torch"          # "torch" (reference ops) or "numba" (the kernels)
 
 
+@dataclass(frozen=True)
+class BackendOps:
+    """What a backend computes for the model: the cache-side attention ops and the fused per-layer ops."""
+    rope_write_kv: Callable      # (q, k, v, cos, sin, key_cache, value_cache, slot_mapping) -> rotated q
+    prefill: Callable            # (q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len)
+    decode: Callable             # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len)
+    add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
+    silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
+
+
 @functools.lru_cache(maxsize=None)
-def attention_ops(backend: str):
-    """(write_kv, paged_prefill_attention, paged_attention) of a backend, with the kernel-only host bounds
-    (``max_q_len``, ``max_context_len``) accepted by both."""
+def backend_ops(backend: str) -> BackendOps:
+    """The ops of a backend, with the kernel-only host bounds (``max_q_len``, ``max_context_len``) accepted by
+    both."""
     if backend == "torch":
-        from pagedattention.kernels import (reference_paged_attention, reference_paged_prefill_attention,
-                                            reference_write_kv)
+        from pagedattention.kernels import reference as ref
 
         def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
-            return reference_paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q,
-                                                     context_lens, scale=scale)
+            return ref.reference_paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q,
+                                                         context_lens, scale=scale)
 
         def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len):
-            return reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
+            return ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
 
-        return reference_write_kv, prefill, decode
+        return BackendOps(ref.reference_rope_write_kv, prefill, decode, ref.reference_add_rms_norm_,
+                          ref.reference_silu_and_mul)
     if backend == "numba":
         # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
-        from pagedattention.kernels import paged_attention, paged_prefill_attention, write_kv
+        from pagedattention.kernels import layer_ops, paged_attention, paged_prefill_attention
 
         def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
             return paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
@@ -60,7 +71,7 @@ def attention_ops(backend: str):
             return paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale,
                                    max_context_len=max_context_len or None)
 
-        return write_kv, prefill, decode
+        return BackendOps(layer_ops.rope_write_kv, prefill, decode, layer_ops.add_rms_norm_, layer_ops.silu_and_mul)
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -74,16 +85,18 @@ class PagedAttention(nn.Module):
         self.key_cache: torch.Tensor | None = None    # [num_blocks, block_size, num_kv_heads, head_dim]
         self.value_cache: torch.Tensor | None = None
 
-    def forward(self, q, k, v, attn: AttentionMetadata):
-        """q ``[num_tokens, num_heads, head_dim]``, k/v ``[num_tokens, num_kv_heads, head_dim]`` -> like q."""
+    def forward(self, q, k, v, cos, sin, attn: AttentionMetadata):
+        """q ``[num_tokens, num_heads, head_dim]``, k/v ``[num_tokens, num_kv_heads, head_dim]`` before RoPE (rows
+        may be slices of the fused qkv projection), ``cos``/``sin`` float32 ``[num_tokens, head_dim / 2]`` -> the
+        attention output like q."""
         if self.key_cache is None:
             raise RuntimeError("no KV cache bound: call model.bind_kv_cache(key_caches, value_caches) first")
         if attn.is_prefill and attn.cu_seqlens_q is None:
             raise ValueError("prefill AttentionMetadata needs cu_seqlens_q (int32 [num_seqs + 1])")
-        write_kv, prefill, decode = attention_ops(attn.backend)
-        write_kv(k, v, self.key_cache, self.value_cache, attn.slot_mapping)
+        ops = backend_ops(attn.backend)
+        q = ops.rope_write_kv(q, k, v, cos, sin, self.key_cache, self.value_cache, attn.slot_mapping)
         if attn.is_prefill:
-            return prefill(q, self.key_cache, self.value_cache, attn.block_tables, attn.cu_seqlens_q,
-                           attn.context_lens, scale=self.scale, max_q_len=attn.max_q_len)
-        return decode(q, self.key_cache, self.value_cache, attn.block_tables, attn.context_lens,
-                      scale=self.scale, max_context_len=attn.max_context_len)
+            return ops.prefill(q, self.key_cache, self.value_cache, attn.block_tables, attn.cu_seqlens_q,
+                               attn.context_lens, scale=self.scale, max_q_len=attn.max_q_len)
+        return ops.decode(q, self.key_cache, self.value_cache, attn.block_tables, attn.context_lens,
+                          scale=self.scale, max_context_len=attn.max_context_len)

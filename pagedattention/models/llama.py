@@ -9,6 +9,10 @@ each one matmul instead of several:
     qkv_proj     = [q_proj; k_proj; v_proj]   (rows stacked in that order, biases too)
     gate_up_proj = [gate_proj; up_proj]
 ``hf_weight_slots()`` tells the loader which rows of which parameter each checkpoint tensor fills.
+
+A decode step is launch-bound, so the small ops between the matmuls are fused (``BackendOps``): RoPE with the
+KV-cache write, each residual add with the RMSNorm after it (the residual stream travels beside the layer
+outputs, as in vLLM), SwiGLU's activation with its product.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, PagedAttention
+from .attention import AttentionMetadata, BackendOps, PagedAttention, backend_ops
 from .config import ModelConfig
 
 
@@ -68,20 +72,11 @@ class RotaryEmbedding(nn.Module):
         """Recompute ``inv_freq`` in float32 (after the model was materialised or cast to a low dtype)."""
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
 
-    def forward(self, positions, dtype):
-        """cos and signed sin ``[num_tokens, 1 (heads), head_dim]`` for ``apply_rope``."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]   # [num_tokens, head_dim // 2]
-        cos, sin = freqs.cos(), freqs.sin()
-        return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
-
-
-def apply_rope(x, cos, signed_sin):
-    """Rotate ``x [num_tokens, heads, head_dim]``: dim i pairs with dim i + head_dim/2 (HF's "rotate_half").
-
-    HF's ``x * cos + cat(-x2, x1) * cat(sin, sin)`` equals ``x * cos + cat(x2, x1) * cat(-sin, sin)``, and
-    ``cat(x2, x1)`` is a roll: three kernels instead of five, which matters in a launch-bound decode step.
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    def forward(self, positions):
+        """float32 cos and sin ``[num_tokens, head_dim // 2]`` of each token's angles: dims i and i + head_dim/2
+        rotate together by angle ``position * inv_freq[i]`` (HF's "rotate_half" layout)."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
 
 
 class Attention(nn.Module):
@@ -101,14 +96,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionMetadata):
         n = x.shape[0]
+        # strided views of the fused projection: the kernels read each head's row where it lies
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attn(q, k, v, attn)  # v stays a strided view of qkv: write_kv reads dense rows only
+        out = self.attn(q, k, v, cos, sin, attn)  # RoPE, the cache write and attention
         return self.o_proj(out.reshape(n, self.q_size))
 
 
@@ -122,9 +117,8 @@ class MLP(nn.Module):
         self.gate_up_proj.shard_sizes = (size, size)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x, ops: BackendOps):
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -135,9 +129,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, attn: AttentionMetadata):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, cos, sin, attn: AttentionMetadata):
+        """``x``: the previous layer's output, not yet added to ``residual`` (the running sum of every layer's
+        output; None before the first layer, whose x is the embedding). Returns this layer's (x, residual).
+        Each residual add is fused with the RMSNorm after it."""
+        ops = backend_ops(attn.backend)
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = ops.add_rms_norm_(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        x = self.self_attn(x, cos, sin, attn)
+        x, residual = ops.add_rms_norm_(x, residual, self.post_attention_layernorm.weight,
+                                        self.post_attention_layernorm.eps)
+        return self.mlp(x, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -149,11 +153,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, attn: AttentionMetadata):
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, h.dtype)
+        x, residual = self.embed_tokens(input_ids), None
+        cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn)
-        return self.norm(h)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return backend_ops(attn.backend).add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,295 @@
+"""The small per-layer kernels of a decode step, fused: RoPE + KV-cache write, residual add + RMSNorm, SwiGLU.
+
+A decode step of a small model is launch-bound: in a CUDA graph every kernel still costs a few microseconds
+however little it does. In torch, RoPE on q and k is eight kernels (multiply, copy, roll, multiply-add, twice)
+plus the cache write, the residual add is a kernel of its own before each RMSNorm, and SwiGLU is two. Here each
+of those groups is one kernel, computed in float32 and rounded once, so the results are as close to float64 as
+the dtype allows (torch's op-by-op versions round after every op).
+
+Every kernel takes raw addresses (``data_ptr()``) and sizes, launched through ``runtime.launch`` (no per-array
+wrapping on eager steps), and reads/writes 32-bit words: one word = two fp16/bf16 values or one fp32, so a thread
+moves *pairs* of adjacent elements (two words for fp32). ``_codec`` builds the pair load/store of a dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from numba import cuda, int64
+
+from . import validation as V
+from .mma import ld_i32_at, st_u32_at
+from .ptx import as_f32, f32_bits, hi_bf16, hi_f16, lo_bf16, lo_f16, pack_bf16x2, pack_f16x2
+from .runtime import launch, simulator_enabled
+
+THREADS = 128
+NORM_THREADS = 256  # at most; a power of two: the sum of squares is reduced as a tree
+_JIT = dict(cache=not simulator_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _codec(dtype: torch.dtype):
+    """(load_pair(address) -> (a, b) float32, store_pair(address, a, b), bytes per element) for ``dtype``."""
+    if dtype == torch.float32:
+        @cuda.jit(device=True, inline=True)
+        def load_pair(address):
+            return as_f32(ld_i32_at(address)), as_f32(ld_i32_at(address + 4))
+
+        @cuda.jit(device=True, inline=True)
+        def store_pair(address, a, b):
+            st_u32_at(address, f32_bits(a))
+            st_u32_at(address + 4, f32_bits(b))
+        return load_pair, store_pair, 4
+    lo, hi, pack = (lo_bf16, hi_bf16, pack_bf16x2) if dtype == torch.bfloat16 else (lo_f16, hi_f16, pack_f16x2)
+
+    @cuda.jit(device=True, inline=True)
+    def load_half_pair(address):
+        word = ld_i32_at(address)
+        return lo(word), hi(word)
+
+    @cuda.jit(device=True, inline=True)
+    def store_half_pair(address, a, b):
+        st_u32_at(address, pack(a, b))
+    return load_half_pair, store_half_pair, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rope_write_kv: rotate q and k (RoPE, "rotate-half" layout: dim i pairs with dim i + D/2), store q, store the
+# rotated k and v at the token's cache slot.
+#
+# grid   : (num_tokens,)            one block per token t
+# threads: 128                      item i = tid, tid + 128, ... over the token's work:
+#   items [0, (H + KH) * P)         rotation: head h = i // P (q heads 0..H-1, then k heads), pair p = i % P; P = D/4
+#                                   pairs of adjacent dims (e, e + 1), e = 2p, in the head's first half, each with
+#                                   its partner pair (e + D/2, e + D/2 + 1):
+#                                       x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (angle of dims e, e + 1)
+#   items [.., + KH * D/2)          v: pair j = i - (H + KH) P of the token's KH * D values, copied
+# q_ptr + t * q_stride + h * D * S  head h of token t's query (S bytes per element; rows may be slices of qkv)
+# out_ptr + (t * H + h) * D * S     the rotated query, [num_tokens, H, D] dense
+# cache + slot * KH * D * S         token t's row in a key/value cache ([num_blocks, block_size] flattened);
+#                                   slot = slot_mapping[t] (int64), -1 or past the cache: k and v are not stored
+# cos/sin + (t * D/2 + e) * 4       float32 [num_tokens, D/2]: cos/sin of position * inv_freq[e]
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _rope_write_kv_kernel(dtype: torch.dtype):
+    load_pair, store_pair, S = _codec(dtype)
+
+    @cuda.jit(**_JIT)
+    def kernel(q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, cos_ptr, sin_ptr, out_ptr, key_cache_ptr,
+               value_cache_ptr, slot_mapping_ptr, num_slots, num_heads, num_kv_heads, head_dim):
+        t = cuda.blockIdx.x
+        half = head_dim // 2
+        pairs = head_dim // 4
+        low = ld_i32_at(slot_mapping_ptr + 8 * t)             # little-endian int64: low word, then high word
+        slot = (int64(ld_i32_at(slot_mapping_ptr + 8 * t + 4)) << 32) | (int64(low) & 0xFFFFFFFF)
+        store = 0 <= slot < num_slots
+        row_bytes = num_kv_heads * head_dim * S
+        rotations = (num_heads + num_kv_heads) * pairs
+        for i in range(cuda.threadIdx.x, rotations + num_kv_heads * half, cuda.blockDim.x):
+            if i >= rotations:  # v: copied as it is
+                offset = (i - rotations) * 2 * S
+                if store:
+                    a, b = load_pair(v_ptr + t * v_stride + offset)
+                    store_pair(value_cache_ptr + slot * row_bytes + offset, a, b)
+                continue
+            h = i // pairs
+            e = 2 * (i % pairs)
+            if h < num_heads:
+                src = q_ptr + t * q_stride + h * head_dim * S
+                dst = out_ptr + (t * num_heads + h) * head_dim * S
+            elif store:
+                src = k_ptr + t * k_stride + (h - num_heads) * head_dim * S
+                dst = key_cache_ptr + slot * row_bytes + (h - num_heads) * head_dim * S
+            else:
+                continue
+            x1a, x1b = load_pair(src + e * S)
+            x2a, x2b = load_pair(src + (e + half) * S)
+            ca, cb = load_pair_f32(cos_ptr + (t * half + e) * 4)
+            sa, sb = load_pair_f32(sin_ptr + (t * half + e) * 4)
+            store_pair(dst + e * S, x1a * ca - x2a * sa, x1b * cb - x2b * sb)
+            store_pair(dst + (e + half) * S, x2a * ca + x1a * sa, x2b * cb + x1b * sb)
+    return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def load_pair_f32(address):
+    return as_f32(ld_i32_at(address)), as_f32(ld_i32_at(address + 4))
+
+
+def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, out=None):
+    """Rotate ``query [n, H, D]`` and ``key [n, KH, D]`` by RoPE (dim i with dim i + D/2, angles from float32
+    ``cos``/``sin [n, D/2]``), store the rotated key and ``value [n, KH, D]`` at ``slot_mapping`` (int64 ``[n]``,
+    -1 = don't store) in the caches ``[num_blocks, block_size, KH, D]``; returns the rotated query (dense, in
+    ``out`` if given). query/key/value rows may be slices of a fused qkv tensor (each head's D values dense).
+    Graph-capturable: no host-device synchronisation."""
+    V.check_cache(key_cache, value_cache)
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    V.check_tensor("query", query, ndim=3, dtype=key_cache.dtype, contiguous=False)
+    num_tokens, num_heads = query.shape[:2]
+    if num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query num_heads (dim 1) = {num_heads} must be a positive multiple of num_kv_heads = "
+                         f"{num_kv_heads}")
+    if head_dim % 4:
+        raise ValueError(f"head_dim must be a multiple of 4 (pairs of dims rotate with their partners), got {head_dim}")
+    for name, t, heads in (("query", query, num_heads), ("key", key, num_kv_heads), ("value", value, num_kv_heads)):
+        V.check_tensor(name, t, ndim=3, dtype=key_cache.dtype, contiguous=False)
+        if tuple(t.shape) != (num_tokens, heads, head_dim):
+            raise ValueError(f"{name} must be [{num_tokens}, {heads}, {head_dim}], got {tuple(t.shape)}")
+        if t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError(f"{name} must have dense [heads, head_dim] rows (strides (*, {head_dim}, 1)), "
+                             f"got strides {t.stride()}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        V.check_tensor(name, t, ndim=2, dtype=torch.float32)
+        if tuple(t.shape) != (num_tokens, head_dim // 2):
+            raise ValueError(f"{name} must be [{num_tokens}, {head_dim // 2}], got {tuple(t.shape)}")
+    V.check_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping must have num_tokens = {num_tokens} entries, got {slot_mapping.shape[0]}")
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    else:
+        V.check_tensor("out", out, ndim=3, dtype=query.dtype)
+        if tuple(out.shape) != (num_tokens, num_heads, head_dim):
+            raise ValueError(f"out must be [{num_tokens}, {num_heads}, {head_dim}], got {tuple(out.shape)}")
+    V.check_device(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache,
+                   value_cache=value_cache, slot_mapping=slot_mapping, out=out)
+    if num_tokens == 0:
+        return out
+    item = query.element_size()
+    launch(_rope_write_kv_kernel(query.dtype), (num_tokens,), THREADS, query.data_ptr(), query.stride(0) * item,
+           key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item, cos.data_ptr(),
+           sin.data_ptr(), out.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
+           key_cache.shape[0] * key_cache.shape[1], num_heads, num_kv_heads, head_dim)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# add_rms_norm_: residual <- residual + x;  x <- RMSNorm(residual) * weight   (both in place)
+#
+# grid   : (num_tokens,)            one block per token t
+# threads: the power of two >= hidden / 2 in [32, 256]: thread j handles pairs j, j + threads, ... of the token's
+#                                   row of `hidden` values
+# x_ptr / residual_ptr + t * hidden * S   the token's rows; weight_ptr: [hidden], same dtype
+# Two passes over the row: the first sums the squares of the (rounded) sums, reduced over the block in shared
+# memory; the second recomputes each sum, then writes it and its normalised value. Each thread rewrites only
+# the pairs it read, so no value is read after another thread has written it (the loads use the read-only path).
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _add_rms_norm_kernel(dtype: torch.dtype):
+    load_pair, store_pair, S = _codec(dtype)
+    rounded = _rounding(dtype)
+
+    @cuda.jit(**_JIT)
+    def kernel(x_ptr, residual_ptr, weight_ptr, hidden, eps):
+        squares = cuda.shared.array(NORM_THREADS, np.float32)
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        x_row = x_ptr + t * hidden * S
+        r_row = residual_ptr + t * hidden * S
+        total = np.float32(0.0)
+        threads = cuda.blockDim.x
+        for j in range(tid, hidden // 2, threads):
+            xa, xb = load_pair(x_row + 2 * j * S)
+            ra, rb = load_pair(r_row + 2 * j * S)
+            sa, sb = rounded(xa + ra, xb + rb)
+            total += sa * sa + sb * sb
+        squares[tid] = total
+        cuda.syncthreads()
+        step = threads // 2
+        while step > 0:
+            if tid < step:
+                squares[tid] += squares[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        scale = np.float32(1.0 / math.sqrt(squares[0] / hidden + eps))
+        for j in range(tid, hidden // 2, threads):
+            xa, xb = load_pair(x_row + 2 * j * S)
+            ra, rb = load_pair(r_row + 2 * j * S)
+            sa, sb = rounded(xa + ra, xb + rb)
+            wa, wb = load_pair(weight_ptr + 2 * j * S)
+            store_pair(r_row + 2 * j * S, sa, sb)
+            store_pair(x_row + 2 * j * S, sa * scale * wa, sb * scale * wb)
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _rounding(dtype: torch.dtype):
+    """float32 pair -> the same values rounded to ``dtype`` (what storing and reloading them would give)."""
+    if dtype == torch.float32:
+        @cuda.jit(device=True, inline=True)
+        def same(a, b):
+            return a, b
+        return same
+    lo, hi, pack = (lo_bf16, hi_bf16, pack_bf16x2) if dtype == torch.bfloat16 else (lo_f16, hi_f16, pack_f16x2)
+
+    @cuda.jit(device=True, inline=True)
+    def rounded(a, b):
+        word = pack(a, b)
+        return lo(word), hi(word)
+    return rounded
+
+
+def add_rms_norm_(x, residual, weight, eps: float):
+    """In place: ``residual += x``, then ``x = rms_norm(residual) * weight``; returns ``(x, residual)``.
+    ``x``, ``residual`` ``[num_tokens, hidden]`` dense, ``weight [hidden]``, one dtype."""
+    V.check_tensor("x", x, ndim=2, dtypes=V.SUPPORTED_DTYPES)
+    num_tokens, hidden = x.shape
+    V.check_tensor("residual", residual, ndim=2, dtype=x.dtype)
+    V.check_tensor("weight", weight, ndim=1, dtype=x.dtype)
+    if residual.shape != x.shape or weight.shape[0] != hidden:
+        raise ValueError(f"residual must be {list(x.shape)} and weight [{hidden}] like x, got "
+                         f"{list(residual.shape)} and {list(weight.shape)}")
+    if hidden % 2:
+        raise ValueError(f"hidden size must be even (the kernel moves pairs), got {hidden}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    V.check_device(x=x, residual=residual, weight=weight)
+    if num_tokens:
+        threads = min(NORM_THREADS, max(32, 1 << (hidden // 2 - 1).bit_length()))
+        launch(_add_rms_norm_kernel(x.dtype), (num_tokens,), threads, x.data_ptr(), residual.data_ptr(),
+               weight.data_ptr(), hidden, np.float32(eps))
+    return x, residual
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# silu_and_mul: out = silu(gate) * up, where gate_up = [gate | up] along the last dim (the fused projection)
+#
+# grid   : (num_tokens,)            one block per token t
+# threads: 128                      thread j handles pairs j, j + 128, ... of the token's `size` outputs
+# gate_up_ptr + t * 2 * size * S    the token's row: gate values, then up values; out_ptr + t * size * S its output
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _silu_and_mul_kernel(dtype: torch.dtype):
+    load_pair, store_pair, S = _codec(dtype)
+
+    @cuda.jit(**_JIT)
+    def kernel(gate_up_ptr, out_ptr, size):
+        t = cuda.blockIdx.x
+        gate_row = gate_up_ptr + t * 2 * size * S
+        for j in range(cuda.threadIdx.x, size // 2, cuda.blockDim.x):
+            ga, gb = load_pair(gate_row + 2 * j * S)
+            ua, ub = load_pair(gate_row + (size + 2 * j) * S)
+            store_pair(out_ptr + (t * size + 2 * j) * S, ga / (np.float32(1.0) + math.exp(-ga)) * ua,
+                       gb / (np.float32(1.0) + math.exp(-gb)) * ub)
+    return kernel
+
+
+def silu_and_mul(gate_up, out=None):
+    """``gate_up [num_tokens, 2 * size]`` (dense) -> ``silu(gate_up[:, :size]) * gate_up[:, size:]``."""
+    V.check_tensor("gate_up", gate_up, ndim=2, dtypes=V.SUPPORTED_DTYPES)
+    num_tokens, width = gate_up.shape
+    if width % 4:
+        raise ValueError(f"gate_up's last dim must be 2 * an even size, got {width}")
+    size = width // 2
+    if out is None:
+        out = torch.empty((num_tokens, size), dtype=gate_up.dtype, device=gate_up.device)
+    else:
+        V.check_tensor("out", out, ndim=2, dtype=gate_up.dtype)
+        if tuple(out.shape) != (num_tokens, size):
+            raise ValueError(f"out must be [{num_tokens}, {size}], got {tuple(out.shape)}")
+    V.check_device(gate_up=gate_up, out=out)
+    if num_tokens:
+        launch(_silu_and_mul_kernel(gate_up.dtype), (num_tokens,), THREADS, gate_up.data_ptr(), out.data_ptr(), size)
+    return out
