@@ -58,6 +58,15 @@ def _configs():
     out.append(("write_kv", cache_ops._write_kv_kernel, (i64,) * 9, None))
     u64s = types.Array(types.uint64, 1, "C")
     out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
+    from pagedattention.kernels import layer_ops
+
+    import torch
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
+        name = str(dtype).removeprefix("torch.")
+        out.append((f"rope_write_kv {name}", layer_ops._rope_write_kv_kernel(dtype), (i64,) * 16, None))
+        out.append((f"add_rms_norm {name}", layer_ops._add_rms_norm_kernel(dtype), (i64,) * 4 + (f32s,), None))
+        out.append((f"silu_and_mul {name}", layer_ops._silu_and_mul_kernel(dtype), (i64,) * 3, None))
     return out
 
 
