@@ -58,9 +58,9 @@ def _configs():
     out.append(("write_kv", cache_ops._write_kv_kernel, (i64,) * 9, None))
     u64s = types.Array(types.uint64, 1, "C")
     out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
-    from pagedattention.kernels import layer_ops
-
     import torch
+
+    from pagedattention.kernels import layer_ops
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")

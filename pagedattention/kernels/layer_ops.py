@@ -118,6 +118,16 @@ def load_pair_f32(address):
     return as_f32(ld_i32_at(address)), as_f32(ld_i32_at(address + 4))
 
 
+def _check_words(**tensors: torch.Tensor) -> None:
+    """The kernels move 32-bit words: every tensor, and every row of a strided one, must start on a 4-byte
+    boundary (a view at an odd fp16/bf16 offset would fault the GPU)."""
+    for name, t in tensors.items():
+        V.check_aligned(name, t, 4)
+        if t.dim() > 1 and t.stride(0) * t.element_size() % 4:
+            raise ValueError(f"{name}'s rows must start on 4-byte boundaries (row stride {t.stride(0)} elements "
+                             f"of {t.element_size()} bytes)")
+
+
 def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, out=None):
     """Rotate ``query [n, H, D]`` and ``key [n, KH, D]`` by RoPE (dim i with dim i + D/2, angles from float32
     ``cos``/``sin [n, D/2]``), store the rotated key and ``value [n, KH, D]`` at ``slot_mapping`` (int64 ``[n]``,
@@ -155,6 +165,8 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
             raise ValueError(f"out must be [{num_tokens}, {num_heads}, {head_dim}], got {tuple(out.shape)}")
     V.check_device(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache,
                    value_cache=value_cache, slot_mapping=slot_mapping, out=out)
+    _check_words(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache, value_cache=value_cache,
+                 slot_mapping=slot_mapping, out=out)
     if num_tokens == 0:
         return out
     item = query.element_size()
@@ -238,14 +250,16 @@ def add_rms_norm_(x, residual, weight, eps: float):
     num_tokens, hidden = x.shape
     V.check_tensor("residual", residual, ndim=2, dtype=x.dtype)
     V.check_tensor("weight", weight, ndim=1, dtype=x.dtype)
-    if residual.shape != x.shape or weight.shape[0] != hidden:
-        raise ValueError(f"residual must be {list(x.shape)} and weight [{hidden}] like x, got "
-                         f"{list(residual.shape)} and {list(weight.shape)}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must be {list(x.shape)} like x, got {list(residual.shape)}")
+    if weight.shape[0] != hidden:
+        raise ValueError(f"weight must be [{hidden}] (x's hidden size), got {list(weight.shape)}")
     if hidden % 2:
         raise ValueError(f"hidden size must be even (the kernel moves pairs), got {hidden}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     V.check_device(x=x, residual=residual, weight=weight)
+    _check_words(x=x, residual=residual, weight=weight)
     if num_tokens:
         threads = min(NORM_THREADS, max(32, 1 << (hidden // 2 - 1).bit_length()))
         launch(_add_rms_norm_kernel(x.dtype), (num_tokens,), threads, x.data_ptr(), residual.data_ptr(),
@@ -271,9 +285,15 @@ def _silu_and_mul_kernel(dtype: torch.dtype):
         for j in range(cuda.threadIdx.x, size // 2, cuda.blockDim.x):
             ga, gb = load_pair(gate_row + 2 * j * S)
             ua, ub = load_pair(gate_row + (size + 2 * j) * S)
-            store_pair(out_ptr + (t * size + 2 * j) * S, ga / (np.float32(1.0) + math.exp(-ga)) * ua,
-                       gb / (np.float32(1.0) + math.exp(-gb)) * ub)
+            store_pair(out_ptr + (t * size + 2 * j) * S, silu(ga) * ua, silu(gb) * ub)
     return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def silu(x):
+    """x * sigmoid(x), with exp of a non-positive argument only (no overflow for very negative x)."""
+    e = math.exp(-abs(x))
+    return x / (np.float32(1.0) + e) if x >= 0 else x * e / (np.float32(1.0) + e)
 
 
 def silu_and_mul(gate_up, out=None):
@@ -290,6 +310,7 @@ def silu_and_mul(gate_up, out=None):
         if tuple(out.shape) != (num_tokens, size):
             raise ValueError(f"out must be [{num_tokens}, {size}], got {tuple(out.shape)}")
     V.check_device(gate_up=gate_up, out=out)
+    _check_words(gate_up=gate_up, out=out)
     if num_tokens:
         launch(_silu_and_mul_kernel(gate_up.dtype), (num_tokens,), THREADS, gate_up.data_ptr(), out.data_ptr(), size)
     return out
