@@ -356,6 +356,26 @@ def test_a_request_that_cannot_fit_reports_the_error_in_each_of_its_n_outputs():
     assert_idle(llm)
 
 
+@pytest.mark.parametrize("scheduling", ["continuous", "static"])
+def test_requests_admitted_together_never_fork_past_max_num_seqs(scheduling):
+    """The children a request forks when its prefill ends count against max_num_seqs from its admission, so
+    admitting several n > 1 requests in one step cannot overfill the batch."""
+    llm = LLM(max_num_seqs=8, num_kv_blocks=256, scheduling=scheduling)
+    sizes = []
+    run = llm.runner.run
+
+    def counting_run(seqs, is_prefill):
+        sizes.append(len(llm.scheduler.running))
+        return run(seqs, is_prefill)
+    llm.runner.run = counting_run
+    outputs = llm.generate([PROMPT, "abc", "xyz", "hello"], SamplingParams(n=3, temperature=1.0, max_tokens=6,
+                                                                         ignore_eos=True), use_tqdm=False)
+    assert max(sizes) <= 8 and max(sizes) >= 6  # two requests (six sequences) fit at a time, never three
+    assert [len(o.outputs) for o in outputs] == [3] * 4
+    assert all(len(c.token_ids) == 6 for o in outputs for c in o.outputs)
+    assert_idle(llm)
+
+
 def test_n_larger_than_max_num_seqs_is_rejected(tiny):
     with pytest.raises(ValueError, match="max_num_seqs"):
         tiny.generate(PROMPT, SamplingParams(n=tiny.config.max_num_seqs + 1))

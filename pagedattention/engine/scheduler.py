@@ -78,8 +78,10 @@ class Scheduler:
                 break  # only the last admitted sequence can be part-way through its prefill
         if self.static and not self.running:  # the last batch is over: open the next
             self.batch_quota = self.max_num_seqs
+        # sequences running, plus the children that admitted requests will fork when their prefill ends
+        num_seqs = len(self.running) + sum(seq.pending_forks for seq in self.running) if self.waiting else 0
         while (self.waiting and budget > 0 and self._admission_open()
-               and len(self.running) + 1 + self.waiting[0].pending_forks <= self.max_num_seqs):
+               and num_seqs + 1 + self.waiting[0].pending_forks <= self.max_num_seqs):
             seq = self.waiting[0]
             if cdiv(len(seq), self.manager.block_size) > self.num_blocks:
                 self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))
@@ -100,6 +102,7 @@ class Scheduler:
                 self.batch_quota -= 1
             self.running.append(seq)
             scheduled.append(seq)
+            num_seqs += 1 + seq.pending_forks
         if scheduled:
             return ScheduledBatch(scheduled, is_prefill=True)
 
