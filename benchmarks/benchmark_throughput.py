@@ -9,7 +9,11 @@ tokens each, EOS ignored. Both are drawn from random.Random(0); weights are rand
 
 Reported per run: requests/s, output tok/s (generated tokens / wall time; for W2 the same as nano-vllm's
 requested output tokens / time), total tok/s (prompt + output), and mean/p50/p99 of TTFT and TPOT, with
-every request arriving at t=0. JSON goes to benchmarks/results/throughput_<device>.json.
+every request arriving at t=0; the engine's steps (prefill/decode counts and times, the batch occupancy over
+time) and, per batch cap, the ceiling of continuous over static batching that the requests allow. With
+transformers installed the same requests also run through Hugging Face (static ``generate`` and its continuous
+batching; ``--hf off`` skips them). JSON goes to benchmarks/results/throughput_<device>.json, with two plots
+beside it (throughput bars, and the occupancy timeline that shows static batching's bubbles).
 """
 from __future__ import annotations
 
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--temperature", type=float, default=0.6, help="nano-vllm's benchmark samples at 0.6")
     parser.add_argument("--max-num-seqs", default=None,
-                        help="batch caps to compare, comma-separated (default: 64,256; 8 with --tiny)")
+                        help="batch caps to compare, comma-separated (default: 16,64,256; 8 with --tiny)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: 2048 (W2's longest is 2048)")
     parser.add_argument("--block-size", type=int, default=16)
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = None if args.tiny else QWEN25_05B
     max_model_len = args.max_model_len or (256 if args.tiny else 2048)
-    caps = [int(c) for c in (args.max_num_seqs or ("8" if args.tiny else "64,256")).split(",")]
+    caps = [int(c) for c in (args.max_num_seqs or ("8" if args.tiny else "16,64,256")).split(",")]
     workloads = ["W1", "W2"] if args.workload == "all" else [args.workload]
     schedulings = ["static", "continuous"] if args.scheduling == "all" else [args.scheduling]
     # HF first: its continuous batching sizes its cache from free memory, which our engine would hold

@@ -313,7 +313,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _capture_prefill_graphs(self) -> None:
         """A prefill step of a few hundred tokens (continuous batching admits a request whenever one
-        finishes) is launch-bound like decode: its ~500 launches cost more host time than the GPU needs for
+        finishes) is launch-bound like decode: its few hundred launches cost more host time than the GPU needs for
         them. One graph per (tokens, sequences) bucket; a step is padded up to its bucket. Padding tokens
         belong to no sequence (``cu_seqlens_q`` ends before them: attention never writes their rows, and
         their slot is -1), padding sequences have no tokens, so neither touches the real ones."""
