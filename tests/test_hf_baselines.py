@@ -100,27 +100,25 @@ def test_static_ignores_eos(eos_model, workload):
     assert metrics["output_tokens"] == sum(max_tokens)  # and run_hf_static checked every batch's length
 
 
-def test_continuous(model, workload):
-    prompts, max_tokens = workload
+def run_continuous(model, prompts, max_tokens):
     try:
         # a small cache keeps the CPU set-up quick (the cache's static tensors scale with both numbers)
-        metrics = hf_baselines.run_hf_continuous(model, prompts, max_tokens, temperature=0.6,
-                                                 max_batch_tokens=64, num_blocks=4)
+        return hf_baselines.run_hf_continuous(model, prompts, max_tokens, temperature=0.6,
+                                              max_batch_tokens=64, num_blocks=4)
     except RuntimeError as error:
         if "has no" in str(error):  # the API itself is missing from this transformers
             pytest.skip(str(error))
         raise
+
+
+def test_continuous(model, workload):
+    prompts, max_tokens = workload
+    metrics = run_continuous(model, prompts, max_tokens)
     check_metrics(metrics, prompts, max_tokens)
     assert model.config._attn_implementation == "sdpa"  # restored for the static baseline
 
 
 def test_continuous_ignores_eos(eos_model, workload):
     prompts, max_tokens = workload
-    try:
-        metrics = hf_baselines.run_hf_continuous(eos_model, prompts, max_tokens, temperature=0.6,
-                                                 max_batch_tokens=64, num_blocks=4)
-    except RuntimeError as error:
-        if "has no" in str(error):
-            pytest.skip(str(error))
-        raise
+    metrics = run_continuous(eos_model, prompts, max_tokens)
     assert metrics["output_tokens"] == sum(max_tokens)  # and run_hf_continuous checked every request's length

@@ -236,18 +236,22 @@ class ModelRunner:
         context length; the real lengths arrive through ``context_lens`` at replay.
         """
         self._allocate_decode_buffers()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = None
-        for bs in reversed(self.graph_sizes):  # largest first, so the smaller ones reuse its memory pool
-            run = self._graph_body(bs)
-            run()  # warm-up outside capture: kernels compile, allocator settles
+        self.graphs = self._capture({bs: self._graph_body(bs) for bs in self.graph_sizes})
+
+    def _capture(self, bodies: dict) -> dict:
+        """One CUDA graph per body (key -> graph), largest (last) first, so the others reuse its memory pool.
+        Each body runs once outside capture first: its kernels compile and the allocator settles."""
+        graphs, pool = {}, None
+        for key, run in reversed(bodies.items()):
+            run()
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 run()
             pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
+            graphs[key] = graph
         torch.cuda.synchronize(self.device)
+        return graphs
 
     def _graph_body(self, bs: int):
         s = self.static
@@ -318,18 +322,8 @@ class ModelRunner:
         belong to no sequence (``cu_seqlens_q`` ends before them: attention never writes their rows, and
         their slot is -1), padding sequences have no tokens, so neither touches the real ones."""
         self._allocate_prefill_buffers()
-        self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        pool = None
-        for bucket in reversed(self.prefill_buckets):  # largest first: the others reuse its memory
-            run = self._prefill_graph_body(*bucket)
-            run()  # compiles the kernel variant this bucket uses
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                run()
-            pool = graph.pool() if pool is None else pool
-            self.prefill_graphs[bucket] = graph
-        torch.cuda.synchronize(self.device)
+        self.prefill_graphs = self._capture({bucket: self._prefill_graph_body(*bucket)
+                                             for bucket in self.prefill_buckets})
 
     def _allocate_prefill_buffers(self) -> None:
         self.prefill_buckets = prefill_graph_buckets(self.config.max_num_batched_tokens, self.config.max_num_seqs)
