@@ -3,14 +3,57 @@
 Greedy rows take the argmax. The other rows divide by their temperature, keep their top-k / top-p
 tokens, and sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i, and lets a seeded request draw its E from its own ``torch.Generator`` while the rest of the
-batch shares one draw. The log-probability reported is that of the chosen token under the model's
-distribution before temperature, top-k and top-p (log_softmax of the logits, after min_tokens masking).
+batch shares one draw. Presence and frequency penalties come first, on the rows that set them, and apply to
+greedy rows too.
+
+The log-probabilities reported (of the chosen token, and the top-N with ``SamplingParams.logprobs``) are
+those of the model's distribution: log_softmax of the logits after min_tokens masking, before penalties,
+temperature, top-k and top-p.
+
+A row whose logits hold NaN or +inf (or are all -inf) has no distribution to draw from. log_softmax
+already reduces each row, so such a row's chosen log-probability is NaN or inf: the check costs no extra
+pass over the logits and rides on the one device->host copy of the step, and ``SamplingError`` names
+the requests of the bad rows.
 """
 from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
 
 import torch
 
 from .sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    """One step's choice, one entry per row of the logits (per sequence, in order).
+
+    token_ids: the chosen token of each row. logprobs: its log-probability under the model's distribution.
+    top_logprobs: None for rows whose ``SamplingParams.logprobs`` is None; otherwise {token id: logprob} for
+    the row's top ``logprobs`` tokens (most likely first) and the chosen token (last, if not among them).
+    """
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float] | None]
+
+
+class SamplingError(RuntimeError):
+    """Some rows' logits were not finite (NaN or +inf, or every token -inf): no token was drawn for them.
+
+    ``request_ids``: the ``request_id`` of each bad row's sequence, first occurrence order, no repeats.
+    ``rows``: the indices of the bad rows. ``output``: the whole step's SamplerOutput, whose bad rows hold
+    token id -1, logprob NaN and top_logprobs None; the other rows are valid, so a caller can finish the
+    bad requests with an error and carry on with the rest.
+    """
+
+    def __init__(self, request_ids: list[str], rows: list[int], output: SamplerOutput):
+        self.request_ids = request_ids
+        self.rows = rows
+        self.output = output
+        super().__init__(f"the model produced non-finite logits (NaN or inf) for request(s) "
+                         f"{', '.join(map(repr, request_ids))}: no token can be sampled for them")
 
 
 class Sampler:
@@ -19,12 +62,18 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 eos_token_ids: set[int]) -> tuple[list[int], list[float]]:
-        """``logits`` float32 [len(seqs), vocab] -> (token id, logprob) per row."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SamplerOutput:
+        """``logits`` float32 [len(seqs), vocab] (changed in place) -> one token per row.
+
+        Raises SamplingError when rows' logits are not finite.
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(seqs):
+            raise ValueError(f"logits must be [len(seqs)={len(seqs)}, vocab], got {list(logits.shape)}")
         params = [s.sampling_params for s in seqs]
         self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
         logprobs = torch.log_softmax(logits, dim=-1)
+        if any(p.has_penalties for p in params):
+            self._apply_penalties(logits, seqs, params)
         temperatures = [p.temperature for p in params]
         if not any(temperatures):  # every row greedy
             tokens = logits.argmax(dim=-1)
@@ -32,20 +81,91 @@ class Sampler:
             tokens = self._sample(logits, params, temperatures, seqs)
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         # one device->host copy per step: token ids (< 2**53) and float32 logprobs are exact in float64
-        both = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).cpu()
-        return both[0].long().tolist(), both[1].tolist()
+        parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
+        top_rows = [row for row, p in enumerate(params) if p.logprobs]
+        num_top = max((params[row].logprobs for row in top_rows), default=0)
+        if num_top:
+            wanted = logprobs if len(top_rows) == len(seqs) else \
+                logprobs[self._to_device(top_rows, torch.int64, logprobs.device)]
+            top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
+            parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
+        host = torch.cat(parts).cpu()
+        n = len(seqs)
+        token_ids, chosen_logprobs = host[:n].long().tolist(), host[n:2 * n].tolist()
+        top_logprobs = self._top_logprobs(params, token_ids, chosen_logprobs, top_rows, host[2 * n:])
+        bad = [row for row, lp in enumerate(chosen_logprobs) if not math.isfinite(lp)]
+        for row in bad:
+            token_ids[row], chosen_logprobs[row], top_logprobs[row] = -1, math.nan, None
+        output = SamplerOutput(token_ids, chosen_logprobs, top_logprobs)
+        if bad:
+            raise SamplingError(list(dict.fromkeys(seqs[row].request_id for row in bad)), bad, output)
+        return output
+
+    @torch.inference_mode()
+    def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``k`` most likely next tokens (all of them if the vocabulary is smaller), best first:
+        (log-probabilities float32 [rows, k], token ids int64 [rows, k]), on the host, in one copy."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        values, token_ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), min(k, logits.shape[-1]), dim=-1)
+        host = torch.stack((values.to(torch.float64), token_ids.to(torch.float64))).cpu()
+        return host[0].float(), host[1].long()
+
+    @staticmethod
+    def _top_logprobs(params, token_ids: list[int], chosen: list[float], top_rows: list[int],
+                      packed: torch.Tensor) -> list[dict[int, float] | None]:
+        """The {token id: logprob} of each row that asked for them; ``packed`` holds the top values of
+        ``top_rows`` then their token ids, ``width`` per row."""
+        out: list[dict[int, float] | None] = [None if p.logprobs is None else {} for p in params]
+        width = packed.numel() // (2 * len(top_rows)) if top_rows else 0
+        values, ids = packed[:width * len(top_rows)].tolist(), packed[width * len(top_rows):].long().tolist()
+        for i, row in enumerate(top_rows):
+            start = i * width
+            n = min(params[row].logprobs, width)
+            out[row] = dict(zip(ids[start:start + n], values[start:start + n]))
+        for row, top in enumerate(out):
+            if top is not None:
+                top.setdefault(token_ids[row], chosen[row])
+        return out
 
     @staticmethod
     def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], params, eos_token_ids: set[int]) -> None:
         """min_tokens: a request may not end (EOS or a stop token) before it has this many tokens."""
         for row, (seq, p) in enumerate(zip(seqs, params)):
             if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids or ())
+                banned = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     banned |= eos_token_ids
                 banned = [t for t in banned if t < logits.shape[1]]
                 if banned:
                     logits[row, banned] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], params) -> None:
+        """logits[t] -= presence * (count[t] > 0) + frequency * count[t] over each row's generated tokens,
+        in place, on the rows that set a penalty only."""
+        rows = [row for row, p in enumerate(params) if p.has_penalties]
+        outputs = [seqs[row].output_token_ids for row in rows]
+        vocab, device = logits.shape[1], logits.device
+        # one host->device copy: the row (in ``rows``) of each generated token, the tokens, and the penalties
+        lengths = [len(o) for o in outputs]
+        if not any(lengths):  # nothing generated yet: nothing to penalise
+            return
+        owner = itertools.chain.from_iterable(itertools.repeat(i, n) for i, n in enumerate(lengths))
+        flat = self._to_device([*owner, *itertools.chain.from_iterable(outputs)], torch.int64, device)
+        owner, tokens = flat[:sum(lengths)], flat[sum(lengths):]
+        penalties = self._to_device([[params[r].presence_penalty for r in rows],
+                                     [params[r].frequency_penalty for r in rows]], logits.dtype, device)
+        # one spare column catches any id past the vocabulary instead of failing on it
+        counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=device)
+        counts.index_put_((owner, tokens.clamp(max=vocab)), torch.ones_like(tokens, dtype=logits.dtype),
+                          accumulate=True)
+        counts = counts[:, :vocab]
+        penalty = penalties[0].unsqueeze(1) * (counts > 0) + penalties[1].unsqueeze(1) * counts
+        if len(rows) == len(seqs):
+            logits -= penalty
+        else:
+            index = self._to_device(rows, torch.int64, device)
+            logits.index_copy_(0, index, logits.index_select(0, index) - penalty)
 
     def _sample(self, logits: torch.Tensor, params, temperatures: list[float], seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]
@@ -56,14 +176,20 @@ class Sampler:
             top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
             scaled = self._apply_top_k_top_p(scaled, top_k, [p.top_p for p in params])
         probs = torch.softmax(scaled, dim=-1)
+        sampled = (probs / self._exponential_race(probs, seqs)).argmax(dim=-1)
+        if 0 not in temperatures:  # no greedy row: skip a full-vocabulary argmax
+            return sampled
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _exponential_race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """E ~ Exp(1) per token: seeded requests from their own stream, the rest from the sampler's.
+        A draw of exactly 0 would make 0 / 0 = NaN for a filtered-out token, and argmax takes NaN as the
+        largest: the floor keeps a token of probability 0 at 0."""
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
             if seq.generator is not None:
                 race[row].exponential_(generator=seq.generator)
-        sampled = (probs / race).argmax(dim=-1)
-        if 0 not in temperatures:  # no greedy row: skip a full-vocabulary argmax
-            return sampled
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return race.clamp_(min=torch.finfo(race.dtype).tiny)
 
     @staticmethod
     def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
