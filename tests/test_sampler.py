@@ -165,6 +165,17 @@ def test_penalties_shift_the_logits_of_the_rows_that_set_them(every_row):
     assert out.logprobs == pytest.approx([model[r, t].item() for r, t in enumerate(expected)], abs=1e-5)
 
 
+def test_penalties_leave_the_callers_logits_as_they_were():
+    """A caller that samples the same logits again (say, without a failed row) must not penalise twice."""
+    logits = random_logits(3, seed=30)
+    params = SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=2.0)
+    seqs = [with_outputs(params, logits[row].topk(2).indices.tolist() * 2) for row in range(3)]
+    given = logits.clone()
+    first = Sampler("cpu")(given, seqs, set())
+    assert torch.equal(given, logits)
+    assert Sampler("cpu")(given, seqs, set()) == first
+
+
 def test_penalised_sampling_draws_from_the_penalised_distribution():
     row = random_logits(1, seed=22)[0] / 2
     outputs = [int(t) for t in row.topk(4).indices] * 2 + [int(row.argmin())] * 3

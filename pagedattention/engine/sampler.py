@@ -63,7 +63,8 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SamplerOutput:
-        """``logits`` float32 [len(seqs), vocab] (changed in place) -> one token per row.
+        """``logits`` float32 [len(seqs), vocab] -> one token per row. min_tokens masks the logits in place
+        (calling again on the same logits gives the same masks); penalties work on a copy.
 
         Raises SamplingError when rows' logits are not finite.
         """
@@ -73,7 +74,7 @@ class Sampler:
         self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
         logprobs = torch.log_softmax(logits, dim=-1)
         if any(p.has_penalties for p in params):
-            self._apply_penalties(logits, seqs, params)
+            logits = self._apply_penalties(logits, seqs, params)
         temperatures = [p.temperature for p in params]
         if not any(temperatures):  # every row greedy
             tokens = logits.argmax(dim=-1)
@@ -140,16 +141,16 @@ class Sampler:
                 if banned:
                     logits[row, banned] = float("-inf")
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], params) -> None:
-        """logits[t] -= presence * (count[t] > 0) + frequency * count[t] over each row's generated tokens,
-        in place, on the rows that set a penalty only."""
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], params) -> torch.Tensor:
+        """logits[t] - presence * (count[t] > 0) - frequency * count[t] over each row's generated tokens, on
+        the rows that set a penalty only (a new tensor)."""
         rows = [row for row, p in enumerate(params) if p.has_penalties]
         outputs = [seqs[row].output_token_ids for row in rows]
         vocab, device = logits.shape[1], logits.device
-        # one host->device copy: the row (in ``rows``) of each generated token, the tokens, and the penalties
+        # the row (in ``rows``) of each generated token and the tokens themselves go over in one copy
         lengths = [len(o) for o in outputs]
         if not any(lengths):  # nothing generated yet: nothing to penalise
-            return
+            return logits
         owner = itertools.chain.from_iterable(itertools.repeat(i, n) for i, n in enumerate(lengths))
         flat = self._to_device([*owner, *itertools.chain.from_iterable(outputs)], torch.int64, device)
         owner, tokens = flat[:sum(lengths)], flat[sum(lengths):]
@@ -162,10 +163,8 @@ class Sampler:
         counts = counts[:, :vocab]
         penalty = penalties[0].unsqueeze(1) * (counts > 0) + penalties[1].unsqueeze(1) * counts
         if len(rows) == len(seqs):
-            logits -= penalty
-        else:
-            index = self._to_device(rows, torch.int64, device)
-            logits.index_copy_(0, index, logits.index_select(0, index) - penalty)
+            return logits - penalty
+        return logits.index_add(0, self._to_device(rows, torch.int64, device), penalty, alpha=-1)
 
     def _sample(self, logits: torch.Tensor, params, temperatures: list[float], seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]
