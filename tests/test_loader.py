@@ -1,11 +1,19 @@
-"""Checkpoint loading: config.json reading, safetensors (single and sharded), tokenizers, clear errors."""
+"""Checkpoint loading: config.json reading, safetensors (single and sharded), tokenizers, clear errors.
+
+Every error a checkpoint can cause is a CheckpointError whose message starts with the path of the file at
+fault; the broken checkpoints below are a good one saved by transformers, then edited.
+"""
 import json
+import math
+import random
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagedattention.models import HFTokenizer, ModelConfig, load, load_model
+from pagedattention.models import CheckpointError, HFTokenizer, ModelConfig, load, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,6 +36,24 @@ def edit_json(path, **changes):
 
 def embeddings(model):
     return model.model.embed_tokens.weight
+
+
+def raises_at(file, message):
+    """A CheckpointError whose message starts with ``file``'s path and goes on to match ``message``."""
+    return pytest.raises(CheckpointError, match="^" + re.escape(str(file)) + ": .*" + message)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved")
+    save_llama(path)
+    return path
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    """A private copy of a good checkpoint, for a test to break."""
+    return shutil.copytree(saved, tmp_path / "ckpt")
 
 
 # ---- config.json ----
@@ -69,6 +95,64 @@ def test_config_rejects_what_it_cannot_run(change, message):
         ModelConfig.from_hf_config({**hf, **change})
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('"llama"', "expected a JSON object, got str"),
+    ('{"model_type": "llama", ', "not readable JSON"),
+    ("", "not readable JSON"),
+])
+def test_config_json_not_an_object(ckpt, text, message):
+    (ckpt / "config.json").write_text(text)
+    with raises_at(ckpt / "config.json", message):
+        load_model(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "num_attention_heads", "num_hidden_layers"])
+def test_config_json_missing_required_key(ckpt, key):
+    data = json.loads((ckpt / "config.json").read_text())
+    del data[key]
+    (ckpt / "config.json").write_text(json.dumps(data))
+    with raises_at(ckpt / "config.json", f"missing required key {key}"):
+        load_model(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
+    ({"num_attention_heads": -4}, "num_attention_heads must be a positive int, got -4"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive int, got 0"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive int"),
+    ({"num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": None},
+     r"hidden_size \(32\) is not a multiple of num_attention_heads \(5\)"),
+    ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": math.nan}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": math.inf}, "rms_norm_eps must be a finite number >= 0"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a non-negative int, got '2'"),
+    ({"vocab_size": "300"}, "vocab_size must be a positive int"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be a bool"),
+    ({"rope_parameters": [10000.0]}, "rope_parameters must be an object"),
+])
+def test_config_json_bad_values(ckpt, change, message):
+    data = json.loads((ckpt / "config.json").read_text())
+    data.update(change)
+    data = {key: value for key, value in data.items() if value is not None}  # None: the key is absent
+    (ckpt / "config.json").write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them
+    with raises_at(ckpt / "config.json", message):
+        load_model(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"eos_token_id": "2"}', "eos_token_id must be a non-negative int, got '2'"),
+    ('{"eos_token_id": [2, "7"]}', "eos_token_id must be a non-negative int, got '7'"),
+    ("[2]", "expected a JSON object"),
+    ('{"eos_token_id": ', "not readable JSON"),
+])
+def test_generation_config_bad_eos(ckpt, text, message):
+    (ckpt / "generation_config.json").write_text(text)
+    with raises_at(ckpt / "generation_config.json", message):
+        load_model(ckpt, dtype=torch.float32)
+
+
 # ---- weights ----
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
@@ -100,13 +184,13 @@ def test_generation_config_eos_wins(tmp_path):
 
 
 def test_missing_directory_config_or_weights(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with raises_at(tmp_path / "nope", "does not exist"):
         load_model(tmp_path / "nope", dtype=torch.float32)
-    with pytest.raises(ValueError, match="no config.json"):
+    with raises_at(tmp_path / "config.json", "no config.json"):
         load_model(tmp_path, dtype=torch.float32)
     save_llama(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"no \*.safetensors"):
+    with raises_at(tmp_path, r"no \*.safetensors"):
         load_model(tmp_path, dtype=torch.float32)
 
 
@@ -122,7 +206,7 @@ def test_missing_shard(tmp_path):
     transformers.LlamaForCausalLM.from_pretrained(tmp_path).save_pretrained(tmp_path, max_shard_size="20KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(ValueError, match=f"missing.*{shard.name}"):
+    with raises_at(tmp_path / "model.safetensors.index.json", f"missing.*{shard.name}"):
         load_model(tmp_path, dtype=torch.float32)
 
 
@@ -131,7 +215,7 @@ def test_missing_tensor(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"lacks 1 tensors: model.layers.1.self_attn.k_proj.weight"):
+    with raises_at(tmp_path, r"lacks 1 tensors: model.layers.1.self_attn.k_proj.weight"):
         load_model(tmp_path, dtype=torch.float32)
 
 
@@ -140,7 +224,7 @@ def test_unexpected_tensor(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.0.mlp.extra.weight"] = torch.ones(2)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.extra.weight'"):
+    with raises_at(tmp_path / "model.safetensors", "unexpected tensor 'model.layers.0.mlp.extra.weight'"):
         load_model(tmp_path, dtype=torch.float32)
 
 
@@ -148,9 +232,124 @@ def test_shape_mismatch(tmp_path):
     save_llama(tmp_path)
     edit_json(tmp_path / "config.json", intermediate_size=64)
     # safetensors lists tensors by name: down_proj is the first whose shape depends on intermediate_size
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \[32, 48\], "
-                                         r"expected \[32, 64\]"):
+    with raises_at(tmp_path / "model.safetensors", r"'model.layers.0.mlp.down_proj.weight' has shape \[32, 48\], "
+                                                    r"expected \[32, 64\]"):
         load_model(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "header only"])
+def test_unreadable_safetensors(ckpt, damage):
+    file = ckpt / "model.safetensors"
+    data = file.read_bytes()
+    noise = bytes(random.getrandbits(8) for _ in range(4096))
+    file.write_bytes({"truncated": data[:len(data) - random.randrange(1, len(data) // 2)], "empty": b"",
+                      "garbage": noise, "header only": data[:8 + int.from_bytes(data[:8], "little")]}[damage])
+    with raises_at(file, "not a readable safetensors file"):
+        load_model(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
+                                  "model.norm.weight"])
+def test_non_finite_tensor_is_named(ckpt, name, bad):
+    tensors = load_file(ckpt / "model.safetensors")
+    flat = tensors[name].view(-1)
+    flat[random.randrange(flat.numel())] = bad
+    save_file(tensors, ckpt / "model.safetensors")
+    with raises_at(ckpt / "model.safetensors", f"tensor '{name}' holds NaN or Inf"):
+        load_model(ckpt, dtype=torch.float32)
+
+
+def test_values_beyond_the_target_dtype(ckpt):
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[name].view(-1)[random.randrange(tensors[name].numel())] = 1e6  # fp16 tops out at 65504
+    save_file(tensors, ckpt / "model.safetensors")
+    load_model(ckpt, dtype=torch.float32)  # fine where it fits
+    with raises_at(ckpt / "model.safetensors", f"tensor '{name}' has values up to 1e\\+06, beyond the range of "
+                                               "torch.float16"):
+        load_model(ckpt, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_tensor_dtype_that_cannot_be_cast(ckpt, dtype):
+    name = "model.layers.1.mlp.gate_proj.weight"
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[name] = torch.ones_like(tensors[name], dtype=dtype)
+    save_file(tensors, ckpt / "model.safetensors")
+    with raises_at(ckpt / "model.safetensors", f"tensor '{name}' has dtype {dtype}, which cannot be cast"):
+        load_model(ckpt, dtype=torch.bfloat16)
+
+
+def test_half_precision_checkpoint_loads_into_float32(ckpt, saved):
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({name: t.half() for name, t in tensors.items()}, ckpt / "model.safetensors")
+    model, _, _ = load_model(ckpt, dtype=torch.float32)
+    torch.testing.assert_close(embeddings(model), tensors["model.embed_tokens.weight"].half().float(), rtol=0, atol=0)
+
+
+def test_tensor_in_two_files(ckpt):
+    name = "model.norm.weight"
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({name: tensors[name]}, ckpt / "zz-extra.safetensors")
+    with raises_at(ckpt / "zz-extra.safetensors", f"tensor '{name}' is also in .*model.safetensors"):
+        load_model(ckpt, dtype=torch.float32)
+
+
+def shard_checkpoint(path):
+    """Rewrite the checkpoint as two shards and an index; returns the index dict."""
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, path / shard)
+    index = {"metadata": {}, "weight_map": {n: shard for shard, ns in shards.items() for n in ns}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"metadata": {}}', "weight_map must be a non-empty object"),
+    ('{"weight_map": ["model-00001-of-00002.safetensors"]}', "weight_map must be a non-empty object"),
+    ('{"weight_map": "model-00001-of-00002.safetensors"}', "weight_map must be a non-empty object"),
+    ('{"weight_map": {}}', "weight_map must be a non-empty object"),
+    ('{"weight_map": {"model.norm.weight": 3}}', "shard 3 of tensor 'model.norm.weight'"),
+    ("[]", "expected a JSON object"),
+    ('{"weight_map": {', "not readable JSON"),
+])
+def test_bad_index(ckpt, text, message):
+    shard_checkpoint(ckpt)
+    (ckpt / "model.safetensors.index.json").write_text(text)
+    with raises_at(ckpt / "model.safetensors.index.json", message):
+        load_model(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "absolute", "sub/../../outside.safetensors"])
+def test_index_shard_outside_the_directory(ckpt, escape):
+    """The named file exists and holds the right tensors: only where it lives is wrong."""
+    index = shard_checkpoint(ckpt)
+    outside = ckpt.parent / "outside.safetensors"
+    shutil.move(ckpt / "model-00002-of-00002.safetensors", outside)
+    (ckpt / "sub").mkdir()
+    shard = str(outside) if escape == "absolute" else escape
+    index["weight_map"] = {n: shard if s.startswith("model-00002") else s for n, s in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with raises_at(ckpt / "model.safetensors.index.json", f"shard '{re.escape(shard)}' of tensor .* is not a file "
+                                                           "name inside the checkpoint directory"):
+        load_model(ckpt, dtype=torch.float32)
+
+
+def test_index_shard_may_be_a_symlink_elsewhere(ckpt, saved):
+    """The Hugging Face cache keeps each file of a snapshot as a link to a blob in another directory."""
+    shard_checkpoint(ckpt)
+    blob = ckpt.parent / "blob"
+    shutil.move(ckpt / "model-00002-of-00002.safetensors", blob)
+    (ckpt / "model-00002-of-00002.safetensors").symlink_to(blob)
+    model, _, _ = load_model(ckpt, dtype=torch.float32)
+    reference, _, _ = load_model(saved, dtype=torch.float32)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 # ---- tokenizer ----
@@ -175,10 +374,15 @@ def test_checkpoint_tokenizer_round_trip(tmp_path):
     assert tokenizer.vocab_size == bpe.get_vocab_size()
 
 
-def test_load_picks_tiny_default_and_checks_dtype():
-    model, tokenizer, config = load(None, dtype="bfloat16")
-    assert embeddings(model).dtype == torch.bfloat16 and config.vocab_size == tokenizer.vocab_size
-    with pytest.raises(TypeError, match="dtype"):
-        load(None, dtype="int8")
-    with pytest.raises(TypeError, match="dtype"):
-        load(None, dtype="float33")
+@pytest.mark.parametrize("file, text, message", [
+    ("tokenizer.json", '{"model": {"type": "BPE", "vocab": ', "not a valid tokenizer"),
+    ("tokenizer.json", '{"version": "1.0", "model": 7}', "not a valid tokenizer"),
+    ("tokenizer.json", "", "not a valid tokenizer"),
+    ("tokenizer_config.json", "[]", "expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"eos_token": ', "not readable JSON"),
+])
+def test_corrupt_tokenizer(ckpt, file, text, message):
+    (ckpt / file).write_text(text)
+    with raises_at(ckpt / file, message):
+        load_model(ckpt, dtype=torch.float32)
+

@@ -6,8 +6,9 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .config import CheckpointError, read_json_object
 
 
 class ByteTokenizer:
@@ -47,30 +48,39 @@ class HFTokenizer:
     """A Hugging Face tokenizer loaded from a checkpoint directory."""
 
     def __init__(self, path: str | Path, eos_token_id: int | None = None):
+        """Raises CheckpointError, naming the file, for a tokenizer that does not load."""
         path = Path(path)
-        special = _read_json(path / "tokenizer_config.json")
-        if (path / "tokenizer.json").exists():
+        config_file, tokenizer_file = path / "tokenizer_config.json", path / "tokenizer.json"
+        special = read_json_object(config_file) if config_file.exists() else {}
+        if tokenizer_file.exists():
             from tokenizers import Tokenizer
 
-            self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                self._tok = Tokenizer.from_file(str(tokenizer_file))
+            except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+                raise CheckpointError(f"{tokenizer_file}: not a valid tokenizer ({e})") from e
             self._encode = lambda text: self._tok.encode(text).ids
             self._decode = lambda ids, skip: self._tok.decode(ids, skip_special_tokens=skip)
             self.vocab_size = self._tok.get_vocab_size()
             eos = _token_text(special.get("eos_token"))
             tokenizer_eos = self._tok.token_to_id(eos) if eos is not None else None
-        elif special:
+        elif config_file.exists():
             try:
                 from transformers import AutoTokenizer
             except ImportError as e:
-                raise ValueError(f"{path} has no tokenizer.json; reading its tokenizer_config.json needs "
-                                 "the transformers package") from e
-            self._tok = AutoTokenizer.from_pretrained(str(path))
+                raise CheckpointError(f"{config_file}: reading a tokenizer without tokenizer.json needs the "
+                                      "transformers package") from e
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(path))
+            except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... by file and class
+                raise CheckpointError(f"{config_file}: transformers could not load the tokenizer "
+                                      f"({type(e).__name__}: {e})") from e
             self._encode = lambda text: self._tok.encode(text)
             self._decode = lambda ids, skip: self._tok.decode(ids, skip_special_tokens=skip)
             self.vocab_size = len(self._tok)
             tokenizer_eos = self._tok.eos_token_id
         else:
-            raise ValueError(f"no tokenizer.json or tokenizer_config.json in {path}")
+            raise CheckpointError(f"{path}: no tokenizer.json or tokenizer_config.json")
         # the tokenizer's own EOS if it names one, else the model config's (the first, if it lists several)
         self.eos_token_id = tokenizer_eos if tokenizer_eos is not None else eos_token_id
 
@@ -83,10 +93,7 @@ class HFTokenizer:
         return self._decode([int(i) for i in ids], skip_special_tokens)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _token_text(token) -> str | None:
     """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
-    return token.get("content") if isinstance(token, dict) else token
+    text = token.get("content") if isinstance(token, dict) else token
+    return text if isinstance(text, str) else None
