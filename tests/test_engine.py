@@ -3,12 +3,16 @@
 Greedy decoding is deterministic, so a request's tokens must not depend on how it was scheduled: alone,
 batched, chunked, preempted and recomputed, statically or continuously batched.
 """
+from types import SimpleNamespace
+
 import numpy as np
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pagedattention import LLM, CompletionOutput, RequestOutput, SamplingParams
+from pagedattention.engine.cuda_graphs import CudaGraphs
 from pagedattention.engine.sequence import Sequence
 from pagedattention.models import ModelConfig
 from pagedattention.models.tiny import TINY_CONFIG
@@ -175,15 +179,15 @@ def test_a_request_that_cannot_fit_alone_errors_and_the_others_complete(referenc
 
 def test_an_error_during_a_step_leaves_the_engine_usable(reference, monkeypatch):
     engine = LLM(device="cpu")
-    real_run, calls = engine.runner.run, []
+    real_execute, calls = engine.runner.execute, []
 
-    def failing_run(seqs, is_prefill):
+    def failing_execute(x, eager=False):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return real_run(seqs, is_prefill)
+        return real_execute(x, eager)
 
-    monkeypatch.setattr(engine.runner, "run", failing_run)
+    monkeypatch.setattr(engine.runner, "execute", failing_execute)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert_idle(engine)
@@ -266,22 +270,24 @@ def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_compu
     step's inputs staged into their first rows and the bucket's remaining rows padded."""
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=128)
     runner = engine.runner
-    runner._allocate_decode_buffers()
+    graphs = CudaGraphs(engine.model, engine.config)  # buffers and bodies; capturing needs a GPU
     for n, bucket in ((5, 8), (3, 4), (1, 1)):  # the buffers are reused by every bucket and every step
         for prompt in PROMPTS[:n]:
-            engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
+            engine.add_request(prompt, GREEDY)
         engine.step()  # prefill
         for _ in range(2):
             batch = engine.scheduler.schedule()
             assert not batch.is_prefill and len(batch.seqs) == n
-            assert runner._stage_decode(batch.seqs) == bucket
-            runner.graph_output.fill_(float("nan"))
+            x = runner.prepare(batch)
+            assert graphs.bucket(x) == (bucket, bucket, False)
+            graphs.output.fill_(float("nan"))
             with torch.inference_mode():
-                runner._graph_body(bucket)()
-                staged = runner.model.compute_logits(runner.graph_output[:n])
-            torch.testing.assert_close(staged, runner.decode_eager(batch.seqs), rtol=1e-5, atol=1e-5)
-            tokens, logprobs = engine.sampler(staged, batch.seqs, engine.eos_token_ids)
-            engine.scheduler.postprocess(batch, tokens, logprobs)
+                graphs.stage(graphs.bucket(x), x)
+                graphs.body(graphs.bucket(x))()
+                staged = engine.model.compute_logits(graphs.output[:n])
+            torch.testing.assert_close(staged, runner.execute(x, eager=True), rtol=1e-5, atol=1e-5)
+            out = engine.sampler(staged, batch.sample_seqs, engine.eos_token_ids)
+            engine.scheduler.postprocess(batch, out.token_ids, out.logprobs)
         engine._abort_all()
         assert_idle(engine)
 
@@ -291,34 +297,34 @@ def test_staged_prefill_inputs_padded_to_a_bucket_compute_what_eager_prefill_com
     sequences with no tokens change nothing for the real ones; a step too big for every bucket runs eagerly."""
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=512, max_num_batched_tokens=256)
     runner = engine.runner
-    runner._allocate_prefill_buffers()
-    assert runner.prefill_buckets[0] == (128, 1) and runner.prefill_buckets[-1] == (256, 8)
+    graphs = CudaGraphs(engine.model, engine.config)
+    assert graphs.prefill_buckets[0] == (128, 1, True) and graphs.prefill_buckets[-1] == (256, 8, True)
     # (prompts added, expected bucket): one short prompt; three; two of 177 tokens; a 361-token prompt, whose
     # second chunk (105 tokens from position 256) is the step after its first
     steps = (([PROMPTS[0]], (128, 1)), (PROMPTS[1:4:2] + PROMPTS[4:], (128, 4)),
              ([PROMPTS[1] * 4, PROMPTS[2]], (256, 2)), ([PROMPTS[3] * 8], (256, 1)), ([], (128, 1)))
     for prompts, bucket in steps:
         for prompt in prompts:
-            engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
+            engine.add_request(prompt, GREEDY)
         batch = engine.scheduler.schedule()
         assert batch.is_prefill and len(batch.seqs) == max(1, len(prompts))
-        arrays = runner._prefill_arrays(batch.seqs)
-        assert runner._stage_prefill(arrays) == bucket
-        runner.prefill_output.fill_(float("nan"))
+        x = runner.prepare(batch)
+        assert graphs.bucket(x) == (*bucket, True)
+        graphs.output.fill_(float("nan"))
         with torch.inference_mode():
-            runner._prefill_graph_body(*bucket)()
-            rows = arrays["sample_rows"] or [len(arrays["input_ids"]) - 1]  # a mid-prompt chunk samples nothing
-            staged = runner.model.compute_logits(runner.prefill_output[rows])
-            eager = runner.model.compute_logits(runner.model(*runner._prepare_prefill(arrays))[rows])
+            graphs.stage(graphs.bucket(x), x)
+            graphs.body(graphs.bucket(x))()
+            rows = x.logit_rows.tolist() or [x.num_tokens - 1]  # a mid-prompt chunk samples nothing
+            staged = engine.model.compute_logits(graphs.output[rows])
+            eager = engine.model.compute_logits(engine.model(*runner._to_device(x))[rows])
         torch.testing.assert_close(staged, eager, rtol=1e-5, atol=1e-5)
         assert torch.isfinite(staged).all()
-        tokens, logprobs = engine.sampler(staged[:len(arrays["sample_rows"])],
-                                          [s for s in batch.seqs if engine.scheduler.samples(s)], engine.eos_token_ids)
-        engine.scheduler.postprocess(batch, tokens, logprobs)
-        if arrays["sample_rows"]:  # not a chunk in mid-prompt: on to the next step's fresh prompts
+        out = engine.sampler(staged[:len(x.logit_rows)], batch.sample_seqs, engine.eos_token_ids)
+        engine.scheduler.postprocess(batch, out.token_ids, out.logprobs)
+        if len(x.logit_rows):  # not a chunk in mid-prompt: on to the next step's fresh prompts
             engine._abort_all()
-    too_many_tokens = {"input_ids": np.zeros(257, dtype=np.int64), "context_lens": np.ones(1, dtype=np.int32)}
-    assert runner._stage_prefill(too_many_tokens) is None
+    too_many_tokens = SimpleNamespace(is_prefill=True, num_tokens=257, num_seqs=1)
+    assert graphs.bucket(too_many_tokens) is None
     assert_idle(engine)
 
 
@@ -328,7 +334,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and
 @cuda
 def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
     engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
-    assert engine.runner.use_graphs and engine.runner.graph_sizes == [1, 2, 4, 8]
+    graphs = engine.runner.graphs
+    assert graphs is not None and [b.num_seqs for b in graphs.decode_buckets] == [1, 2, 4, 8]
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     seqs = [Sequence(ids, GREEDY) for ids in prompt_ids]
     for s in seqs:  # prefill each sequence, then stage one decode step by hand
@@ -337,8 +344,8 @@ def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
         engine.step()
     batch = engine.scheduler.schedule()
     assert not batch.is_prefill and len(batch.seqs) == 5  # replays the bucket of 8 with 3 padding rows
-    graph = engine.runner.run(batch.seqs, is_prefill=False).clone()
-    eager = engine.runner.decode_eager(batch.seqs)
+    graph = engine.runner.run(batch).clone()
+    eager = engine.runner.run(batch, eager=True)
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
     engine._abort_all()
     outputs = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
@@ -351,15 +358,13 @@ def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
 def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
     engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
     runner = engine.runner
-    assert runner.use_graphs and (128, 1) in runner.prefill_graphs
+    assert runner.graphs is not None and (128, 1, True) in runner.graphs.graphs
     for prompt in PROMPTS[:3]:
         engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
     batch = engine.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == 3  # replays the bucket (128 tokens, 4 sequences)
-    graph = runner.run(batch.seqs, is_prefill=True).clone()
-    with torch.inference_mode():
-        arrays = runner._prefill_arrays(batch.seqs)
-        eager = runner.model.compute_logits(runner.model(*runner._prepare_prefill(arrays))[arrays["sample_rows"]])
+    graph = runner.run(batch).clone()
+    eager = runner.run(batch, eager=True)
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
     engine._abort_all()
 
@@ -368,7 +373,7 @@ def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
 def test_kv_cache_is_sized_from_free_memory():
     engine = LLM(max_num_seqs=8, gpu_memory_utilization=0.2, max_model_len=512)
     free, total = torch.cuda.mem_get_info()
-    cache_bytes = engine.manager.num_blocks * engine.runner.bytes_per_block
+    cache_bytes = engine.manager.num_blocks * engine.manager.bytes_per_block
     assert 0.05 * total < cache_bytes < 0.25 * total
     assert engine.manager.key_caches[0].dtype == torch.bfloat16
 

@@ -5,8 +5,9 @@ with ``load_model``. Weights are re-drawn with std 0.2, norm scales near 1 and n
 default init (std 0.02, unit norms, zero biases) a tiny model repeats its last token and ignores biases and
 q/k norms, so a wrong RoPE, head mapping, bias or cache would go unnoticed.
 
-The paged driver below (``PagedDriver``) is the smallest engine: every sequence owns blocks drawn from a
-shuffled pool, so block tables are neither contiguous nor ordered.
+The paged driver below (``PagedDriver``) runs the engine's own ModelRunner without a scheduler, over blocks
+handed out in a shuffled order, so block tables are neither contiguous nor ordered; the last test runs the
+whole ``LLM`` on the saved checkpoint.
 """
 import random
 
@@ -15,6 +16,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pagedattention import LLM, SamplingParams
+from pagedattention.engine.config import EngineConfig
+from pagedattention.engine.model_runner import ModelRunner
+from pagedattention.engine.scheduler import ScheduledBatch
+from pagedattention.engine.sequence import Sequence
+from pagedattention.memory import PagedAttentionManager
 from pagedattention.models import AttentionMetadata, ByteTokenizer, load, load_model, tiny_model
 from pagedattention.models.llama import rope_inv_freq
 from pagedattention.models.tiny import TINY_CONFIG
@@ -63,7 +70,7 @@ def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path, safe_serialization=True)
     model, tokenizer, config = load_model(path, dtype=torch.float32, device="cpu")
-    return hf, model, config
+    return hf, model, config, path
 
 
 def prompts(vocab_size, seed):
@@ -72,73 +79,68 @@ def prompts(vocab_size, seed):
 
 
 class PagedDriver:
-    """Runs packed prefill and batched decode steps of a model over a freshly bound paged cache."""
+    """The engine's own ModelRunner and PagedAttentionManager driving a model step by step, without a scheduler:
+    packed prefill (optionally in chunks), then batched decode. Blocks are handed out in a shuffled order, so
+    block tables are neither contiguous nor ordered, and the cache is poisoned with NaN: a read of a
+    never-written slot shows up in the logits."""
 
     def __init__(self, model, config, *, block_size=4, num_blocks=96, backend="torch", seed=0):
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         dtype = model.model.embed_tokens.weight.dtype
-        # poisoned: a read of a never-written slot shows up as NaN in the logits
-        self.key_caches = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.value_caches = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(config.num_hidden_layers)]
-        model.bind_kv_cache(self.key_caches, self.value_caches)
-        self.model, self.block_size, self.backend = model, block_size, backend
-        self.free_blocks = list(range(num_blocks))
-        random.Random(seed).shuffle(self.free_blocks)
+        engine_config = EngineConfig(device="cpu", dtype=dtype, block_size=block_size, attention_backend=backend,
+                                     max_model_len=config.max_position_embeddings, enforce_eager=True)
+        ops = model.bind_backend(engine_config.attention_backend)
+        self.manager = PagedAttentionManager(num_blocks, block_size, config.num_hidden_layers,
+                                             config.num_key_value_heads, config.head_dim, dtype, "cpu",
+                                             copy_blocks=ops.copy_blocks)
+        for cache in self.manager.key_caches + self.manager.value_caches:
+            cache.fill_(float("nan"))
+        blocks = self.manager.block_manager.allocate(num_blocks)
+        random.Random(seed).shuffle(blocks)
+        for block in blocks:  # the free list hands blocks out in the order they were freed
+            self.manager.block_manager.free([block])
+        model.bind_kv_cache(self.manager.key_caches, self.manager.value_caches)
+        self.runner = ModelRunner(engine_config, model, self.manager)
 
-    def new_sequence(self, max_len):
-        blocks = [self.free_blocks.pop() for _ in range(-(-max_len // self.block_size))]
-        return {"blocks": blocks, "num_cached": 0}
-
-    def step(self, seqs, chunks, *, is_prefill):
-        """Feed ``chunks[i]`` (token ids) to ``seqs[i]``; logits of each chunk's last token, float32."""
-        ids, positions, slots, cu_seqlens = [], [], [], [0]
-        for seq, chunk in zip(seqs, chunks):
-            for pos in range(seq["num_cached"], seq["num_cached"] + len(chunk)):
-                positions.append(pos)
-                slots.append(seq["blocks"][pos // self.block_size] * self.block_size + pos % self.block_size)
-            ids += chunk
-            seq["num_cached"] += len(chunk)
-            cu_seqlens.append(cu_seqlens[-1] + len(chunk))
-        width = max(len(s["blocks"]) for s in seqs)
-        attn = AttentionMetadata(
-            is_prefill=is_prefill,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor([s["blocks"] + [0] * (width - len(s["blocks"])) for s in seqs],
-                                      dtype=torch.int32),
-            context_lens=torch.tensor([s["num_cached"] for s in seqs], dtype=torch.int32),
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32) if is_prefill else None,
-            max_q_len=max(map(len, chunks)),
-            max_context_len=max(s["num_cached"] for s in seqs),
-            backend=self.backend,
-        )
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), attn)
-        return self.model.compute_logits(hidden[torch.tensor(cu_seqlens[1:]) - 1])
+    def prefill(self, prompts, chunk_size=None):
+        """Sequences for ``prompts``, prefilled; the logits of each prompt's last token (float32)."""
+        seqs = [Sequence(p, SamplingParams(temperature=0)) for p in prompts]
+        for seq in seqs:
+            self.manager.add_sequence(seq.seq_id, len(seq))
+        chunk_size = chunk_size or max(map(len, prompts))
+        last = [None] * len(seqs)
+        for start in range(0, max(map(len, prompts)), chunk_size):
+            active = [i for i, p in enumerate(prompts) if len(p) > start]
+            for i in active:
+                seqs[i].num_computed_tokens = start
+                seqs[i].num_scheduled_tokens = min(chunk_size, len(prompts[i]) - start)
+            ends = [len(prompts[i]) <= start + chunk_size for i in active]
+            logits = self.runner.run(ScheduledBatch([seqs[i] for i in active], True, ends, [], None, [], []))
+            for i, row in zip([i for i, e in zip(active, ends) if e], logits):
+                last[i] = row
+        for seq in seqs:
+            seq.num_computed_tokens, seq.num_scheduled_tokens = len(seq), 0
+        self.seqs = seqs
+        return torch.stack(last)
 
     def greedy(self, prompts, max_new_tokens, chunk_size=None):
         """Greedy continuations: prefill all prompts (packed, optionally in chunks), then decode together."""
-        seqs = [self.new_sequence(len(p) + max_new_tokens) for p in prompts]
-        chunk_size = chunk_size or max(map(len, prompts))
-        for start in range(0, max(map(len, prompts)), chunk_size):
-            active = [i for i, p in enumerate(prompts) if len(p) > start]
-            logits = self.step([seqs[i] for i in active], [prompts[i][start:start + chunk_size] for i in active],
-                               is_prefill=True)
-            for i, row in zip(active, logits):
-                if len(prompts[i]) <= start + chunk_size:  # this chunk ended the prompt
-                    seqs[i]["next"] = int(row.argmax())
-        outputs = [[s["next"]] for s in seqs]
+        logits = self.prefill(prompts, chunk_size)
+        outputs = [[int(row.argmax())] for row in logits]
         for _ in range(max_new_tokens - 1):
-            logits = self.step(seqs, [[out[-1]] for out in outputs], is_prefill=False)
+            for seq, out in zip(self.seqs, outputs):
+                seq.token_ids.append(out[-1])
+                self.manager.append_token(seq.seq_id)
+                seq.num_scheduled_tokens = 1
+            logits = self.runner.run(ScheduledBatch(self.seqs, False, None, self.seqs, None, [], []))
             for out, row in zip(outputs, logits):
                 out.append(int(row.argmax()))
         return outputs
 
 
 def test_prefill_logits_match_hf(checkpoint):
-    hf, model, config = checkpoint
+    hf, model, config, _ = checkpoint
     batch = prompts(config.vocab_size, seed=1)
-    driver = PagedDriver(model, config)
-    seqs = [driver.new_sequence(len(p)) for p in batch]
-    logits = driver.step(seqs, batch, is_prefill=True)  # last-token logits of each prompt
+    logits = PagedDriver(model, config).prefill(batch)  # last-token logits of each prompt
     with torch.no_grad():
         for prompt, row in zip(batch, logits):
             expected = hf(torch.tensor([prompt])).logits[0, -1]
@@ -147,15 +149,15 @@ def test_prefill_logits_match_hf(checkpoint):
 
 
 def test_every_prefill_position_matches_hf(checkpoint):
-    hf, model, config = checkpoint
+    hf, model, config, _ = checkpoint
     prompt = prompts(config.vocab_size, seed=2)[-1]
-    driver = PagedDriver(model, config)
-    seq = driver.new_sequence(len(prompt))
+    blocks = random.Random(2).sample(range(96), -(-len(prompt) // 4))  # any blocks, in any order
+    model.bind_kv_cache(*[[torch.full((96, 4, config.num_key_value_heads, config.head_dim), float("nan"))
+                           for _ in range(config.num_hidden_layers)] for _ in range(2)])
     positions = torch.arange(len(prompt))
-    slots = [seq["blocks"][p // driver.block_size] * driver.block_size + p % driver.block_size
-             for p in range(len(prompt))]
+    slots = [blocks[p // 4] * 4 + p % 4 for p in range(len(prompt))]
     attn = AttentionMetadata(is_prefill=True, slot_mapping=torch.tensor(slots),
-                             block_tables=torch.tensor([seq["blocks"]], dtype=torch.int32),
+                             block_tables=torch.tensor([blocks], dtype=torch.int32),
                              context_lens=torch.tensor([len(prompt)], dtype=torch.int32),
                              cu_seqlens_q=torch.tensor([0, len(prompt)], dtype=torch.int32), max_q_len=len(prompt))
     with torch.no_grad():
@@ -166,7 +168,7 @@ def test_every_prefill_position_matches_hf(checkpoint):
 
 @pytest.mark.parametrize("chunk_size", [None, 5])
 def test_greedy_decoding_matches_hf_generate(checkpoint, chunk_size):
-    hf, model, config = checkpoint
+    hf, model, config, _ = checkpoint
     batch, max_new_tokens = prompts(config.vocab_size, seed=3), 12
     with torch.no_grad():
         ours = PagedDriver(model, config, seed=chunk_size or 0).greedy(batch, max_new_tokens, chunk_size)
@@ -175,6 +177,20 @@ def test_greedy_decoding_matches_hf_generate(checkpoint, chunk_size):
                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
             assert out == expected
     assert len({tok for out in ours for tok in out}) > max_new_tokens  # not one repeated token
+
+
+def test_llm_generate_matches_hf_generate_on_the_saved_checkpoint(checkpoint):
+    """The whole engine (loader, scheduler, runner, sampler) on the checkpoint directory, batched and chunked."""
+    hf, _, config, path = checkpoint
+    batch, max_new_tokens = prompts(config.vocab_size, seed=4), 10
+    llm = LLM(str(path), device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16)
+    outputs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    with torch.no_grad():
+        for prompt, out in zip(batch, outputs):
+            expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            assert out.outputs[0].token_ids == expected
 
 
 def test_rope_scaling_changes_frequencies():
@@ -213,8 +229,7 @@ def test_tiny_model_bf16_close_to_fp32():
         for dtype in (torch.float32, torch.bfloat16):
             model, _, config = load(None, dtype=dtype, device="cpu")
             assert model.model.rotary_emb.inv_freq.dtype == torch.float32
-            driver = PagedDriver(model, config)
-            logits[dtype] = driver.step([driver.new_sequence(7)], batch, is_prefill=True)
+            logits[dtype] = PagedDriver(model, config).prefill(batch)
     assert logits[torch.bfloat16].dtype == torch.float32
     torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.15, rtol=0.05)
 
@@ -225,9 +240,7 @@ def test_decode_matches_prefill_of_the_same_tokens():
     prompt = tokenizer.encode("paged attention")
     with torch.no_grad():
         out = PagedDriver(model, config).greedy([prompt], 6)[0]
-        driver = PagedDriver(model, config, seed=5)
-        full = prompt + out[:-1]
-        logits = driver.step([driver.new_sequence(len(full))], [full], is_prefill=True)
+        logits = PagedDriver(model, config, seed=5).prefill([prompt + out[:-1]])
     assert int(logits[0].argmax()) == out[-1]
 
 

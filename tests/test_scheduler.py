@@ -6,6 +6,7 @@ sequences run, how many tokens each is given, and who is preempted.
 import torch
 
 from pagedattention.engine.sampling_params import SamplingParams
+from pagedattention.engine.config import EngineConfig
 from pagedattention.engine.scheduler import Scheduler
 from pagedattention.engine.sequence import Sequence, SequenceStatus
 from pagedattention.memory import PagedAttentionManager
@@ -17,8 +18,10 @@ def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max
                    scheduling="continuous"):
     manager = PagedAttentionManager(num_blocks, BLOCK, num_layers=1, num_kv_heads=1, head_dim=2,
                                     dtype=torch.float32, device="cpu")
-    return Scheduler(manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                     max_model_len=max_model_len, eos_token_ids={0}, scheduling=scheduling)
+    config = EngineConfig(device="cpu", block_size=BLOCK, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                          scheduling=scheduling)
+    return Scheduler(config, manager, eos_token_ids={0})
 
 
 def seq(prompt_len, max_tokens=100, **params):
@@ -28,7 +31,7 @@ def seq(prompt_len, max_tokens=100, **params):
 def fake_step(scheduler, token=7):
     """Schedule and finish one step as if the model sampled ``token`` for every sampling sequence."""
     batch = scheduler.schedule()
-    n = sum(Scheduler.samples(s) for s in batch.seqs)
+    n = len(batch.sample_seqs)
     plan = [(s, s.num_scheduled_tokens) for s in batch.seqs]
     scheduler.postprocess(batch, [token] * n, [0.0] * n)
     return batch.is_prefill, plan
@@ -123,7 +126,7 @@ def test_stop_tokens_and_min_tokens():
         s.add(x)
     while s.has_unfinished():
         batch = s.schedule()
-        tokens = [0 if x is not stop else 7 for x in batch.seqs if Scheduler.samples(x)]  # 0 is EOS
+        tokens = [0 if x is not stop else 7 for x in batch.sample_seqs]  # 0 is EOS
         s.postprocess(batch, tokens, [0.0] * len(tokens))
     assert eos.output_token_ids == [0] and eos.finish_reason == "stop"
     assert stop.output_token_ids == [7] and stop.finish_reason == "stop"

@@ -362,12 +362,12 @@ def test_requests_admitted_together_never_fork_past_max_num_seqs(scheduling):
     admitting several n > 1 requests in one step cannot overfill the batch."""
     llm = LLM(max_num_seqs=8, num_kv_blocks=256, scheduling=scheduling)
     sizes = []
-    run = llm.runner.run
+    execute = llm.runner.execute
 
-    def counting_run(seqs, is_prefill):
-        sizes.append(len(llm.scheduler.running))
-        return run(seqs, is_prefill)
-    llm.runner.run = counting_run
+    def counting_execute(x, eager=False):
+        sizes.append(len(llm.scheduler.running))  # the children are forked when the step is scheduled
+        return execute(x, eager)
+    llm.runner.execute = counting_execute
     outputs = llm.generate([PROMPT, "abc", "xyz", "hello"], SamplingParams(n=3, temperature=1.0, max_tokens=6,
                                                                          ignore_eos=True), use_tqdm=False)
     assert max(sizes) <= 8 and max(sizes) >= 6  # two requests (six sequences) fit at a time, never three
@@ -458,14 +458,14 @@ def test_request_mixes_match_their_greedy_outputs_alone(tiny, seed, num_kv_block
 def check_step_stats(llm):
     """Make every step check that the unshared block count it records in O(1) (the manager's running total
     of block-table lengths) is the sum of the running sequences' table lengths."""
-    record = llm.record_step_stats
+    record = llm._record_step_stats
 
-    def checked(seqs=None):
+    def checked():
         running = llm.scheduler.running
         assert llm.manager.num_table_entries == sum(len(llm.manager.block_table(s.seq_id)) for s in running)
         assert len(llm.manager) == len(running)
-        record(seqs)
-    llm.record_step_stats = checked
+        record()
+    llm._record_step_stats = checked
 
 
 def test_cached_blocks_nobody_uses_make_room_for_a_growing_sequence(tiny):

@@ -21,20 +21,19 @@ it grows) and ``cum_logprob / num_generated ** length_penalty`` otherwise. This 
 ``length_penalty=0`` its docstring's "canonical" beam search). vLLM's ``LLM.beam_search`` differs in details:
 it always runs ``max_tokens`` steps, finishes every EOS candidate, and counts the prompt in the length.
 
-``BeamSearch`` is pure. ``run_beam_search`` runs it in the engine: each beam is a sequence of the
+``BeamSearch`` is pure. In the engine a search is a ``BeamGroup`` that the same scheduler as ``generate`` runs
+(scheduler.py), so beams share batches with other requests: each beam is a sequence of the
 ``PagedAttentionManager``; a beam that several new beams extend is forked (all blocks shared, the last one
 copied on its next write), a beam that none extends is freed. A prompt's search is admitted once its worst case
 (``beam_width`` beams of ``prompt + max_tokens`` tokens, no sharing) fits beside the searches running, so a
-search never waits for memory half-way; all beams of all running searches decode in one batch.
+search never waits for memory half-way.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -176,125 +175,39 @@ class BeamSearch:
 
 # --- in the engine -------------------------------------------------------------------------------------------
 
-def run_beam_search(llm, requests: list[tuple[str | None, list[int]]], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """Beam search for each ``(text, token ids)`` prompt on ``llm``'s model runner and KV cache."""
-    from .sampling_params import SamplingParams
-    from .scheduler import Scheduler, cdiv
-    from .sequence import Sequence, SequenceStatus
+@dataclass(eq=False)
+class BeamGroup:
+    """A beam-search request inside the scheduler: its search and the sequences of its running beams, in the
+    order of ``search.beams``. Its first sequence is the prompt; ``advance`` forks and drops sequences."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    search: BeamSearch
+    worst_case_blocks: int   # beam_width beams of prompt + max_tokens tokens, no sharing
+    seqs: list = field(default_factory=list)
 
-    manager, runner, cache, config = llm.manager, llm.runner, llm.prefix_cache, llm.config
-    bs, width = manager.block_size, params.beam_width
-    eos = frozenset() if params.ignore_eos else frozenset(llm.eos_token_ids)
-    searches, worst_case = [], []
-    num_candidates = BeamSearch(width, params.max_tokens, eos_token_ids=eos).num_candidates
-    for i, (_, ids) in enumerate(requests):
-        max_tokens = min(params.max_tokens, llm.max_model_len - len(ids))
-        searches.append(BeamSearch(width, max_tokens, params.length_penalty, eos))
-        worst_case.append(width * cdiv(len(ids) + max_tokens - 1, bs))  # the last token's K/V is never needed
-        if worst_case[-1] > manager.num_blocks:
-            raise ValueError(f"prompts[{i}]: {width} beams of {len(ids)} + {max_tokens} tokens may need "
-                             f"{worst_case[-1]} KV blocks, the cache has {manager.num_blocks}")
+    def advance(self, candidates: list[Candidate]) -> tuple[list, list]:
+        """The sequences of the new beams (``candidates``, from ``search.step``): a beam's first extension
+        continues in its sequence, each further one in a new fork of it (``parent_seq_id`` set; its blocks are
+        the scheduler's business). Returns (new beams, beams that none extends)."""
+        new, extended = [], set()
+        for cand in candidates:
+            parent = self.seqs[cand.beam]
+            if cand.beam in extended:
+                child = parent.fork(len(new))
+                child.parent_seq_id = parent.seq_id
+                new.append(child)
+            else:
+                extended.add(cand.beam)
+                new.append(parent)
+        dropped = [seq for beam, seq in enumerate(self.seqs) if beam not in extended]
+        for seq, cand in zip(new, candidates):  # after the forks, which copy the parent's tokens so far
+            seq.token_ids.append(cand.token_id)
+        self.seqs = new
+        return new, dropped
 
-    def make_room(num_blocks: int, keep=()) -> None:
-        if manager.num_free_blocks < num_blocks and cache is not None:
-            cache.evict(num_blocks - manager.num_free_blocks, keep=keep)
-
-    def free(seq) -> None:
-        table = manager.block_table(seq.seq_id)
-        manager.free_sequence(seq.seq_id)
-        if cache is not None:
-            cache.release(table)
-
-    greedy = SamplingParams(temperature=0.0)  # unused: beams are chosen here, not sampled
-    pending, active, prefilling = deque(range(len(requests))), {}, []  # active: search -> its beams' sequences
-    reserved, outputs = 0, [None] * len(requests)
-    bar = tqdm(total=len(requests), desc="Beam search", dynamic_ncols=True, disable=not use_tqdm)
-    try:
-        while pending or active:
-            while pending:  # admit searches whose worst case fits
-                i = pending[0]
-                num_beams = sum(map(len, active.values()))
-                fits = reserved + worst_case[i] <= manager.num_blocks and num_beams + width <= config.max_num_seqs
-                if active and not fits:
-                    break
-                pending.popleft()
-                ids = requests[i][1]
-                seq = Sequence(ids, greedy, request_id=str(i), device=config.device)
-                cached = cache.match(ids) if cache is not None else []
-                make_room(cdiv(len(ids), bs) - len(cached), keep=cached)
-                manager.add_sequence(seq.seq_id, len(ids), shared_blocks=cached)
-                if cached:
-                    cache.acquire(cached)
-                seq.status, seq.prefill_end = SequenceStatus.RUNNING, len(ids)
-                seq.num_computed_tokens = len(cached) * bs
-                active[i], reserved = [seq], reserved + worst_case[i]
-                prefilling.append(seq)
-            search_of = {seq.seq_id: i for i, seqs in active.items() for seq in seqs}
-            if prefilling:  # prompts first, in chunks within the token budget
-                step, budget = [], config.max_num_batched_tokens
-                for seq in prefilling:
-                    if budget == 0:
-                        break
-                    seq.num_scheduled_tokens = min(seq.num_uncomputed_prefill_tokens, budget)
-                    budget -= seq.num_scheduled_tokens
-                    step.append(seq)
-            else:  # every beam of every running search advances by one token
-                step = [seq for seqs in active.values() for seq in seqs]
-                for seq in step:
-                    make_room(manager.blocks_needed_to_append(seq.seq_id))
-                    manager.append_token(seq.seq_id)
-                    seq.num_scheduled_tokens = 1
-            llm.record_step_stats([seq for seqs in active.values() for seq in seqs])
-            logits = runner.run(step, is_prefill=bool(prefilling))
-            sampled = [seq for seq in step if Scheduler.samples(seq)]
-            for seq in step:
-                seq.num_computed_tokens += seq.num_scheduled_tokens
-                seq.num_scheduled_tokens = 0
-                if prefilling and cache is not None:
-                    cache.insert(seq.token_ids[:seq.num_computed_tokens], manager.block_table(seq.seq_id))
-            prefilling = [seq for seq in prefilling if seq.is_prefilling]
-            # each beam's best next tokens, for all searches at once: one top-k and one copy to the host
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            values, tokens = (t.cpu() for t in torch.topk(logprobs, min(num_candidates, logprobs.shape[1]), dim=-1))
-            rows_of: dict[int, list[int]] = {}
-            for row, seq in enumerate(sampled):
-                rows_of.setdefault(search_of[seq.seq_id], []).append(row)
-            for i, rows in rows_of.items():
-                search = searches[i]
-                active[i] = _advance(manager, free, active[i], search.step(values[rows], tokens[rows]))
-                if search.done:
-                    for seq in active.pop(i):
-                        free(seq)
-                    reserved -= worst_case[i]
-                    outputs[i] = BeamSearchOutput([_with_text(llm.tokenizer, h) for h in search.results()])
-                    bar.update(1)
-    finally:
-        for seq in (seq for seqs in active.values() for seq in seqs):
-            free(seq)
-        bar.close()
-    return outputs
-
-
-def _advance(manager, free, seqs: list, candidates: list[Candidate]) -> list:
-    """The sequences of the new beams: a beam's first extension continues in its sequence, each further one in
-    a fork of it; beams without an extension are freed."""
-    new, extended = [], set()
-    for cand in candidates:
-        parent = seqs[cand.beam]
-        if cand.beam in extended:
-            child = parent.fork(len(new))
-            manager.fork_sequence(parent.seq_id, child.seq_id)
-            new.append(child)
-        else:
-            extended.add(cand.beam)
-            new.append(parent)
-    for beam, seq in enumerate(seqs):
-        if beam not in extended:
-            free(seq)
-    for seq, cand in zip(new, candidates):  # after the forks, which copy the parent's tokens so far
-        seq.token_ids.append(cand.token_id)
-    return new
+    def output(self, tokenizer) -> BeamSearchOutput:
+        return BeamSearchOutput([_with_text(tokenizer, h) for h in self.search.results()])
 
 
 def _with_text(tokenizer, hyp: BeamSearchSequence) -> BeamSearchSequence:

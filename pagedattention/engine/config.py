@@ -54,6 +54,7 @@ class EngineConfig:
             raise TypeError(f"enable_prefix_caching must be a bool, got {type(self.enable_prefix_caching).__name__}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
+        self._built_max_num_seqs = self.max_num_seqs
         self.device = self._resolve_device(self.device)
         self.dtype = self._resolve_dtype(self.dtype)
         if self.attention_backend == "auto":
@@ -63,6 +64,38 @@ class EngineConfig:
             if not simulator_enabled():
                 raise ValueError("attention_backend='numba' on the CPU runs the kernels in Numba's CUDA simulator: "
                                  "set NUMBA_ENABLE_CUDASIM=1 before numba is imported, or use 'torch'")
+
+    def set_model_limits(self, model_config) -> None:
+        """``max_model_len`` against the model's limit; None becomes the model's limit (the KV cache may lower
+        it later, ``cap_max_model_len``)."""
+        limit = model_config.max_position_embeddings
+        self._max_model_len_asked = self.max_model_len is not None
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        if self.max_model_len is None:
+            self.max_model_len = limit
+
+    def cap_max_model_len(self, num_kv_blocks: int) -> bool:
+        """Unless asked for, no longer than the cache holds (a longer request could never finish); True when
+        that lowered it."""
+        cache_tokens = num_kv_blocks * self.block_size
+        if self._max_model_len_asked or self.max_model_len <= cache_tokens:
+            return False
+        self.max_model_len = cache_tokens
+        return True
+
+    def set_scheduling(self, scheduling: str | None, max_num_seqs: int | None) -> None:
+        if scheduling is not None and scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling must be 'continuous' or 'static', got {scheduling!r}")
+        if max_num_seqs is not None:
+            _check_int("max_num_seqs", max_num_seqs)
+            if max_num_seqs > self._built_max_num_seqs:
+                raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the {self._built_max_num_seqs} the engine "
+                                 "was built with (its CUDA graphs stop there); build a new LLM for more")
+            self.max_num_seqs = max_num_seqs
+        if scheduling is not None:
+            self.scheduling = scheduling
 
     @staticmethod
     def _resolve_device(device) -> torch.device:

@@ -1,32 +1,54 @@
 """The user-facing engine (vLLM's offline ``LLM``): ``LLM(...).generate(prompts, sampling_params)``.
 
-Each step: the scheduler picks the sequences (a prefill or a decode batch), the model runner turns them
-into tensors and returns logits, the sampler picks tokens, and the scheduler appends them, stops
-finished requests and frees their blocks.
+Built once: the config (config.py) is checked, the model loaded (``models.load``) and bound to its attention
+backend, the KV cache sized (kv_cache.py) and allocated (``PagedAttentionManager``) and bound to the model,
+then the runner captures its CUDA graphs. Each step: the scheduler picks the sequences (a prefill or a decode
+batch) and which of them sample, the model runner turns them into tensors and returns logits, the sampler picks
+tokens (beam searches rank theirs), and the scheduler appends them, stops finished requests and frees their
+blocks.
+
+Requests: ``generate`` and ``beam_search`` run their prompts to the end; ``add_request`` / ``step`` /
+``abort_request`` drive the same loop one step at a time (a server). Every public method takes one lock, so
+calls from several threads are serialised.
 
 Sharing KV blocks: ``enable_prefix_caching`` reuses cached full blocks of equal prompt prefixes,
-``SamplingParams(n=...)`` forks a prompt's sequence into n after its prefill, and ``beam_search`` forks and
-frees beams (beam_search.py); ``stats()`` tells what the sharing saved.
+``SamplingParams(n=...)`` forks a prompt's sequence into n when its prefill ends, and ``beam_search`` forks and
+frees beams; ``stats()`` tells what the sharing saved.
 """
 from __future__ import annotations
 
 import itertools
-import numbers
+import threading
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
+from pagedattention import models
+from pagedattention.memory.paged_attention_manager import PagedAttentionManager
+
+from . import kv_cache
+from .beam_search import BeamGroup, BeamSearch, BeamSearchOutput, BeamSearchParams
 from .config import EngineConfig
+from .inputs import parse_prompts, parse_sampling_params
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import RequestOutput, request_output
 from .prefix_cache import PrefixCache
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, SamplingError
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, cdiv
 from .sequence import Sequence
 from .stats import EngineStats
+
+
+@dataclass
+class StepInfo:
+    is_prefill: bool
+    num_seqs: int      # sequences the model ran
+    num_tokens: int    # tokens it read
+    num_sampled: int   # tokens sampled (beams not counted)
 
 
 class LLM:
@@ -34,38 +56,45 @@ class LLM:
 
     model: a Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3), None for the embedded tiny
     model (random weights, byte tokenizer), or a ``ModelConfig`` for random weights of that shape.
-    See ``EngineConfig`` for the other arguments.
+    Every other keyword is an ``EngineConfig`` field.
     """
 
-    def __init__(self, model=None, *, dtype="auto", device="auto", block_size: int = 16,
-                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 attention_backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
-                 scheduling: str = "continuous", enable_prefix_caching: bool = False):
-        self.config = EngineConfig(
-            model=model, dtype=dtype, device=device, block_size=block_size,
-            gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len, attention_backend=attention_backend, enforce_eager=enforce_eager,
-            seed=seed, scheduling=scheduling, enable_prefix_caching=enable_prefix_caching)
-        self.runner = ModelRunner(self.config)
-        self.tokenizer = self.runner.tokenizer
-        self.model_config = self.runner.model_config
-        self.manager = self.runner.manager
-        self.max_model_len = self.runner.max_model_len
-        self.eos_token_ids = set(self.model_config.eos_token_ids)
+    def __init__(self, model=None, **engine_config):
+        self.config = config = EngineConfig(model=model, **engine_config)
+        self._lock = threading.RLock()
+        self.model, self.tokenizer, self.model_config = models.load(
+            config.model, dtype=config.dtype, device=config.device, seed=config.seed)
+        config.set_model_limits(self.model_config)
+        ops = self.model.bind_backend(config.attention_backend)
+        num_blocks = kv_cache.num_kv_blocks(config, self.model, self.model_config)
+        if config.cap_max_model_len(num_blocks):
+            warnings.warn(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, so max_model_len "
+                          f"is lowered to {config.max_model_len} (the model allows "
+                          f"{self.model_config.max_position_embeddings}); requests end at that length. Raise "
+                          "gpu_memory_utilization or num_kv_blocks for longer ones", stacklevel=2)
+        mc = self.model_config
+        self.manager = PagedAttentionManager(num_blocks, config.block_size, mc.num_hidden_layers,
+                                             mc.num_key_value_heads, mc.head_dim, config.dtype, config.device,
+                                             copy_blocks=ops.copy_blocks)
+        self.model.bind_kv_cache(self.manager.key_caches, self.manager.value_caches)
+        self.runner = ModelRunner(config, self.model, self.manager)
+        self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.prefix_cache = PrefixCache(self.manager.block_manager, block_size) if enable_prefix_caching else None
-        self.scheduler = Scheduler(
-            self.manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids, scheduling=scheduling,
-            prefix_cache=self.prefix_cache)
+        self.prefix_cache = self._new_prefix_cache() if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(config, self.manager, self.eos_token_ids, self.prefix_cache)
+        self.sampler = Sampler(config.device, seed=config.seed)
         self._stats = EngineStats(self.manager.bytes_per_block)
-        self.sampler = Sampler(self.config.device, seed=seed)
-        self._request_ids = itertools.count()
+        self._request_counter = itertools.count()
+        self._requests: dict[str, Sequence] = {}  # live requests: id -> first sequence
+        self.last_step: StepInfo | None = None
+        self._finished_beam_groups: list[BeamGroup] = []
 
-    # --- the API -------------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # --- offline API ---------------------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; returns one RequestOutput per prompt, in prompt order.
@@ -74,40 +103,133 @@ class LLM:
         for all prompts, a list with one per prompt, or None for the defaults. Bad input raises
         TypeError/ValueError before anything runs.
         """
-        requests = self._parse_prompts(prompts)
-        params = self._parse_sampling_params(sampling_params, len(requests))
-        for i, p in enumerate(params):
-            if p.n > self.config.max_num_seqs:  # its n sequences could never run together
-                raise ValueError(f"sampling_params.n={p.n} (prompts[{i}]) exceeds "
-                                 f"max_num_seqs={self.config.max_num_seqs}")
-        seqs = [Sequence(ids, p, request_id=str(next(self._request_ids)), prompt=text, device=self.config.device)
-                for (text, ids), p in zip(requests, params)]
-        for seq in seqs:
-            self.scheduler.add(seq)
-        try:
-            self._run(len(seqs), use_tqdm)
-        except BaseException:
-            self._abort_all()  # leave the engine usable: no sequence queued, no block held
-            raise
-        return [self._request_output(seq) for seq in seqs]
+        with self._lock:
+            requests = self._parse_prompts(prompts)
+            params = parse_sampling_params(sampling_params, len(requests), self.config.max_num_seqs)
+            seqs = [self._add(text, ids, p, None) for (text, ids), p in zip(requests, params)]
+            self._run(set(seqs), "Processed prompts", use_tqdm)
+            for seq in seqs:
+                self._requests.pop(seq.request_id, None)
+            return [request_output(seq, self.tokenizer) for seq in seqs]
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search for every prompt (vLLM's ``LLM.beam_search``); one BeamSearchOutput per prompt.
 
-        Beams share their KV blocks: a beam extended by several tokens is forked, a dropped beam is freed.
+        Beams share their KV blocks: a beam extended by several tokens is forked, a dropped beam is freed. The
+        searches run through the same scheduler as ``generate``, in the same batches as other requests.
         """
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if params.beam_width > self.config.max_num_seqs:
             raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs={self.config.max_num_seqs}")
-        requests = self._parse_prompts(prompts)
+        with self._lock:
+            groups = [self._beam_group(i, text, ids, params)
+                      for i, (text, ids) in enumerate(self._parse_prompts(prompts))]
+            for group in groups:  # all checked: now queue them
+                seq = Sequence(group.prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=1),
+                               request_id=group.request_id, prompt=group.prompt, device=self.config.device)
+                seq.beam_group, group.seqs = group, [seq]
+                self.scheduler.add(seq)
+            self._run(set(groups), "Beam search", use_tqdm)
+            return [group.output(self.tokenizer) for group in groups]
+
+    def _beam_group(self, i: int, text, ids: list[int], params: BeamSearchParams) -> BeamGroup:
+        width, bs = params.beam_width, self.config.block_size
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        worst_case = width * cdiv(len(ids) + max_tokens - 1, bs)  # the last token's K/V is never needed
+        if worst_case > self.manager.num_blocks:
+            raise ValueError(f"prompts[{i}]: {width} beams of {len(ids)} + {max_tokens} tokens may need "
+                             f"{worst_case} KV blocks, the cache has {self.manager.num_blocks}")
+        search = BeamSearch(width, max_tokens, params.length_penalty, eos)
+        return BeamGroup(str(next(self._request_counter)), text, ids, search, worst_case)
+
+    # --- request-level API (a server's loop) ------------------------------------------------------------
+
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request; it joins the running batch at a coming step. Returns its id."""
+        with self._lock:
+            if request_id is not None:
+                if not isinstance(request_id, str) or not request_id:
+                    raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
+                if request_id in self._requests:
+                    raise ValueError(f"request_id {request_id!r} is already in use by a running request")
+            (text, ids), = self._parse_prompts([prompt])
+            params, = parse_sampling_params(sampling_params, 1, self.config.max_num_seqs)
+            return self._add(text, ids, params, request_id).request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the (cumulative) output of every request that got tokens or ended in it."""
+        with self._lock:
+            touched = self._step()
+            outputs = []
+            for first in {id(s.group[0]): s.group[0] for s in touched}.values():
+                if self._requests.get(first.request_id) is first and first.beam_group is None:
+                    outputs.append(request_output(first, self.tokenizer))
+                    if outputs[-1].finished:
+                        del self._requests[first.request_id]
+            return outputs
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now and free its blocks; False when no such request is running."""
+        with self._lock:
+            first = self._requests.pop(request_id, None)
+            if first is None:
+                return False
+            for seq in list(first.group if first.beam_group is None else [first, *first.beam_group.seqs]):
+                self.scheduler.finish(seq, "abort")
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting_seqs(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # --- settings that may change between runs ------------------------------------------------------------
+
+    def set_scheduling(self, scheduling: str | None = None, *, max_num_seqs: int | None = None) -> None:
+        """Switch between "continuous" and "static" batching, or lower the batch cap (CUDA graphs were
+        captured up to the cap the engine was built with). Only while no request is in flight."""
+        with self._lock:
+            self._check_idle("set_scheduling")
+            self.config.set_scheduling(scheduling, max_num_seqs)
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on (an empty cache) or off (every cached block freed). Only while idle."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        with self._lock:
+            self._check_idle("set_prefix_caching")
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+            self.prefix_cache = self._new_prefix_cache() if enabled else None
+            self.scheduler.prefix_cache = self.prefix_cache
+            self.config.enable_prefix_caching = enabled
+
+    def _check_idle(self, what: str) -> None:
         if self.scheduler.has_unfinished():
-            raise RuntimeError("beam_search cannot run while generate requests are in flight")
-        try:
-            return run_beam_search(self, requests, params, use_tqdm)
-        except BaseException:
-            self._abort_all()
-            raise
+            raise RuntimeError(f"{what} needs an idle engine: {len(self._requests)} requests are in flight")
+
+    def _new_prefix_cache(self) -> PrefixCache:
+        return PrefixCache(self.manager.block_manager, self.config.block_size)
+
+    # --- statistics --------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         """Sharing statistics since the engine was built (or ``reset_stats``): KV blocks held vs. what no sharing
@@ -130,149 +252,117 @@ class LLM:
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
-    def record_step_stats(self, seqs=None) -> None:
-        """Blocks held by ``seqs`` (the step's sequences, after its allocations) vs. held without sharing.
-
-        ``None``: every sequence the manager holds (in a ``generate`` step, the running ones), whose block
-        table lengths the manager keeps summed, so a step costs O(1) rather than a pass over the batch.
-        """
-        if seqs is None:
-            unshared = self.manager.num_table_entries
-        else:
-            bs = self.manager.block_size
-            unshared = sum(-(-self.manager.context_len(s.seq_id) // bs)
-                           for s in seqs if self.manager.has_sequence(s.seq_id))
+    def _record_step_stats(self) -> None:
+        """Blocks held by the running sequences vs. held without sharing (the manager keeps their table
+        lengths summed, so a step costs O(1) rather than a pass over the batch)."""
         held = self.manager.num_blocks - self.manager.num_free_blocks
         if self.prefix_cache is not None:
             held -= self.prefix_cache.num_evictable  # cached blocks that no sequence holds
-        self._stats.record_step(held, unshared)
+        self._stats.record_step(held, self.manager.num_table_entries)
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def step(self) -> int:
-        """One scheduled step; returns the number of tokens sampled."""
+    def _add(self, text, ids: list[int], params: SamplingParams, request_id: str | None) -> Sequence:
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        seq = Sequence(ids, params, request_id=request_id, prompt=text, device=self.config.device)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _run(self, pending: set, desc: str, use_tqdm: bool) -> None:
+        """Step until every request in ``pending`` (first sequences, or beam groups) has ended; on any error,
+        abort every request so that the engine stays usable."""
+        bar = tqdm(total=len(pending), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
+        start, num_output_tokens = time.perf_counter(), 0
+        pending = {id(r) for r in pending}
+        try:
+            while pending:
+                touched = self._step()
+                num_output_tokens += self.last_step.num_sampled
+                ended = {id(s.group[0]) for s in touched if s.is_finished and s.request_finished}
+                ended.update(id(g) for g in self._finished_beam_groups)
+                if ended & pending:
+                    bar.update(len(ended & pending))
+                    pending -= ended
+                bar.set_postfix_str(f"output {num_output_tokens / (time.perf_counter() - start):.0f} tok/s",
+                                    refresh=False)
+        except BaseException:
+            self._abort_all()
+            raise
+        finally:
+            bar.close()
+
+    def _step(self) -> list[Sequence]:
+        """One scheduled step; returns the sequences that got a token or ended in it."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if not self.scheduler.finished and self.scheduler.has_unfinished():
+            self.last_step = StepInfo(False, 0, 0, 0)
+            finished = self._drain_finished()
+            if not finished and self.scheduler.has_unfinished():
                 raise RuntimeError(f"the scheduler made no progress (waiting={len(self.scheduler.waiting)}, "
                                    f"running={len(self.scheduler.running)}, free blocks="
                                    f"{self.manager.num_free_blocks})")
-            return 0
-        self.record_step_stats()  # the running sequences are those the manager holds
-        logits = self.runner.run(batch.seqs, batch.is_prefill)
-        child_rows = self.scheduler.fork(batch) if batch.is_prefill else []
-        if child_rows:  # each child samples its own first token from its parent's logits
-            logits = torch.cat([logits, logits[child_rows]])
-        # every sequence of a decode step samples; in a prefill step those whose prompt ends
-        sampling = [seq for seq in batch.seqs if Scheduler.samples(seq)] if batch.is_prefill else batch.seqs
-        token_ids, logprobs = self.sampler(logits, sampling, self.eos_token_ids) if sampling else ([], [])
-        self.scheduler.postprocess(batch, token_ids, logprobs)
-        return len(token_ids)
+            return finished
+        self._record_step_stats()
+        num_tokens = len(batch.seqs) if not batch.is_prefill else sum(s.num_scheduled_tokens for s in batch.seqs)
+        logits = self.runner.execute(self.runner.prepare(batch))
+        out = self._sample(logits, batch)
+        self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, len(out.token_ids))
+        beams = None
+        if batch.beam_seqs:
+            k = max(s.beam_group.search.num_candidates for s in batch.beam_seqs)
+            beams = self.sampler.beam_candidates(logits[batch.beam_rows], k)
+        self.scheduler.postprocess(batch, out.token_ids, out.logprobs, beams)
+        for seq, top in zip(batch.sample_seqs, out.top_logprobs):
+            if top is not None:
+                seq.top_logprobs.append(top)
+        self._check_stop_strings(batch.sample_seqs)
+        return [*batch.sample_seqs, *self._drain_finished()]
 
-    def _run(self, num_requests: int, use_tqdm: bool) -> None:
-        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        start, num_output_tokens = time.perf_counter(), 0
-        while self.scheduler.has_unfinished():
-            sampled = self.step()
-            num_output_tokens += sampled
-            finished, self.scheduler.finished = self.scheduler.finished, []
-            done = {id(seq.group): seq for seq in finished if seq.request_finished}
-            if done:
-                bar.update(len(done))
-            bar.set_postfix_str(f"output {num_output_tokens / (time.perf_counter() - start):.0f} tok/s",
-                                refresh=False)
-        self.scheduler.finished = []
-        bar.close()
+    def _sample(self, logits: torch.Tensor, batch):
+        """The sampler's choice for ``batch.sample_seqs``; a request whose logits are not finite ends with an
+        error (naming why), and the others sample as if it had not been there."""
+        seqs = batch.sample_seqs
+        if not seqs:
+            return SamplerOutput([], [], [])
+        rows = logits if batch.sample_rows is None else logits[batch.sample_rows]
+        try:
+            return self.sampler(rows, seqs, self.eos_token_ids)
+        except SamplingError as e:  # its output holds the other rows' tokens, drawn as usual
+            bad = set(e.request_ids)
+            for seq in seqs:
+                if seq.request_id in bad:
+                    self.scheduler.finish(seq, "error", str(e))
+            keep = [i for i, s in enumerate(seqs) if s.request_id not in bad]
+            batch.sample_seqs = [seqs[i] for i in keep]
+            o = e.output
+            return SamplerOutput([o.token_ids[i] for i in keep], [o.logprobs[i] for i in keep],
+                                 [o.top_logprobs[i] for i in keep])
+
+    def _check_stop_strings(self, seqs: list[Sequence]) -> None:
+        """End a request whose text now contains one of its stop strings; its text ends before it."""
+        for seq in seqs:
+            stops = seq.sampling_params.stop
+            if not stops or self.tokenizer is None or seq.finish_reason == "error" or seq.stop_text_end is not None:
+                continue
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            found = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if found:
+                seq.stop_text_end = min(found)
+                if seq.is_finished:
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
+
+    def _drain_finished(self) -> list[Sequence]:
+        finished, self.scheduler.finished = self.scheduler.finished, []
+        self._finished_beam_groups, self.scheduler.finished_beam_groups = self.scheduler.finished_beam_groups, []
+        return finished
 
     def _abort_all(self) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if self.manager.has_sequence(seq.seq_id):
-                self.scheduler.free(seq)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
+        self.scheduler.abort_all()
         self.scheduler.finished = []
+        self._requests.clear()
 
-    def _request_output(self, seq: Sequence) -> RequestOutput:
-        """The request of ``seq`` (its first sequence): one CompletionOutput per sequence of its group."""
-        group = sorted(seq.group, key=lambda s: s.index)
-        if len(group) < seq.sampling_params.n:  # it failed before forking: every completion carries the error
-            group = [group[0]] * seq.sampling_params.n
-        outputs = []
-        for index, s in enumerate(group):
-            ids = s.output_token_ids
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            outputs.append(CompletionOutput(index=index, text=text, token_ids=ids,
-                                            cumulative_logprob=s.cumulative_logprob, finish_reason=s.finish_reason,
-                                            error=s.error))
-        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
-                             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], outputs=outputs,
-                             finished=seq.request_finished, metrics=self._request_metrics(group))
-
-    @staticmethod
-    def _request_metrics(group: list[Sequence]):
-        """One sequence's metrics as they are; for n > 1: first token of any, finish of the last."""
-        if len(group) == 1:
-            return group[0].metrics
-        metrics = RequestMetrics(arrival_time=group[0].metrics.arrival_time)
-        firsts = [s.metrics.first_token_time for s in group if s.metrics.first_token_time is not None]
-        metrics.first_token_time = min(firsts) if firsts else None
-        finishes = [s.metrics.finish_time for s in group if s.metrics.finish_time is not None]
-        if finishes:
-            metrics.finish(max(finishes), max(s.num_output_tokens for s in group))
-        return metrics
-
-    # --- input checks (all before anything runs) ----------------------------------------------------
-
-    def _parse_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(_is_token_id(t) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; "
-                            f"got {type(prompts).__name__}")
-        return [self._parse_prompt(i, p) for i, p in enumerate(prompts)]
-
-    def _parse_prompt(self, i: int, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:  # a tokenizer may still emit BOS for it, but there is nothing to continue
-                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one character or token")
-            if self.tokenizer is None:
-                raise TypeError(f"prompts[{i}] is text but this model has no tokenizer; pass token ids")
-            text, ids = prompt, list(self.tokenizer.encode(prompt))
-        elif isinstance(prompt, (list, tuple)):
-            bad = next((t for t in prompt if not _is_token_id(t)), None)
-            if bad is not None:
-                raise TypeError(f"prompts[{i}] must hold int token ids, found {type(bad).__name__} {bad!r}")
-            text, ids = None, [int(t) for t in prompt]
-        else:
-            raise TypeError(f"prompts[{i}] must be a str or a list of int token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompts[{i}] has token id {bad} outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompts[{i}] has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no "
-                             f"room for a generated token")
-        return text, ids
-
-    @staticmethod
-    def _parse_sampling_params(sampling_params, n: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != n:
-                raise ValueError(f"sampling_params has {len(sampling_params)} entries for {n} prompts")
-            for i, p in enumerate(sampling_params):
-                if not isinstance(p, SamplingParams):
-                    raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-            return list(sampling_params)
-        raise TypeError(f"sampling_params must be a SamplingParams, a list of them, or None; "
-                        f"got {type(sampling_params).__name__}")
-
-
-def _is_token_id(t) -> bool:
-    return type(t) is int or (isinstance(t, numbers.Integral) and not isinstance(t, bool))
+    def _parse_prompts(self, prompts):
+        return parse_prompts(prompts, self.tokenizer, self.model_config.vocab_size, self.max_model_len)

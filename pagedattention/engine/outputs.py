@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 class CompletionOutput:
     """One generated continuation.
 
-    finish_reason: "stop" (EOS or a stop token), "length" (max_tokens or max_model_len) or "error"
-    (then ``error`` says why, e.g. the request cannot fit in the KV cache even alone).
+    finish_reason: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or max_model_len),
+    "abort" (``LLM.abort_request``) or "error" (then ``error`` says why, e.g. the request cannot fit in the KV
+    cache even alone). ``text`` ends before a stop string; ``token_ids`` keep the token that completed it.
     """
 
     index: int
@@ -18,6 +19,7 @@ class CompletionOutput:
     cumulative_logprob: float
     finish_reason: str | None
     error: str | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} of the top-N and the chosen
 
 
 @dataclass
@@ -51,3 +53,37 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
 
+
+
+def request_output(seq, tokenizer) -> RequestOutput:
+    """The request of ``seq`` (its first sequence) so far: one CompletionOutput per sequence of its group."""
+    group = sorted(seq.group, key=lambda s: s.index)
+    if len(group) < seq.sampling_params.n:  # it ended before forking: every completion carries its end
+        group = [group[0]] * seq.sampling_params.n
+    outputs = [CompletionOutput(index=index, text=completion_text(s, tokenizer), token_ids=s.output_token_ids,
+                                cumulative_logprob=s.cumulative_logprob, finish_reason=s.finish_reason,
+                                error=s.error, logprobs=s.top_logprobs)
+               for index, s in enumerate(group)]
+    return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
+                         prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], outputs=outputs,
+                         finished=seq.request_finished, metrics=request_metrics(group))
+
+
+def completion_text(seq, tokenizer) -> str:
+    if tokenizer is None:
+        return ""
+    text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+    return text if seq.stop_text_end is None else text[:seq.stop_text_end]
+
+
+def request_metrics(group) -> RequestMetrics:
+    """One sequence's metrics as they are; for n > 1: first token of any, finish of the last."""
+    if len(group) == 1:
+        return group[0].metrics
+    metrics = RequestMetrics(arrival_time=group[0].metrics.arrival_time)
+    firsts = [s.metrics.first_token_time for s in group if s.metrics.first_token_time is not None]
+    metrics.first_token_time = min(firsts) if firsts else None
+    finishes = [s.metrics.finish_time for s in group if s.metrics.finish_time is not None]
+    if finishes:
+        metrics.finish(max(finishes), max(s.num_output_tokens for s in group))
+    return metrics

@@ -15,8 +15,15 @@ Sharing (optional ``prefix_cache``): an admitted sequence starts from the longes
 blocks and prefills only the rest; a sequence's computed full blocks are cached when a prefill chunk ends, when
 it is preempted (so its recomputation is mostly hits) and when it finishes. Cached blocks no sequence uses are
 spare room: they are evicted (least recently used first) before anything is refused or preempted.
-Parallel sampling: ``fork`` turns a request whose prefill has just ended into its n sequences, sharing every
-block; the last, partial block is copied by whichever appends to it first (copy-on-write in the manager).
+
+Which sequences get a token this step is decided here, once (``ScheduledBatch``):
+- parallel sampling: a request whose prefill ends this step is forked into its n sequences *before* the model
+  runs; the children share every block and sample from their parent's logits row. The last, partial block is
+  copied by whichever appends to it first (copy-on-write in the manager).
+- beam search (beam_search.py): a beam request's sequences are its beams. They are ranked together after each
+  step, then forked and freed. A search is admitted once its worst case (``beam_width`` beams of ``prompt +
+  max_tokens`` tokens, no sharing) fits beside the searches running, and its beams are never preempted (a
+  search needs every beam's logits in the same step): only other sequences are.
 """
 from __future__ import annotations
 
@@ -26,35 +33,43 @@ from dataclasses import dataclass
 
 from pagedattention.memory.errors import OutOfBlocksError
 
+from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
 
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]     # each with num_scheduled_tokens set for this step
+    seqs: list[Sequence]          # the model's input, each with num_scheduled_tokens set for this step
     is_prefill: bool
+    logit_mask: list[bool] | None  # prefill: which of ``seqs`` end their prompt (their last token's logits)
+    sample_seqs: list[Sequence]   # sequences that sample a token (no beams), fork children included
+    sample_rows: list[int] | None  # for each, its row among the logits; None: row i for sample_seqs[i]
+    beam_seqs: list[Sequence]     # beams, ranked by their search (beam_search.py)
+    beam_rows: list[int]
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def samples(seq: Sequence) -> bool:
+    """Whether this step produces logits for ``seq``: it decodes, or its prefill ends this step."""
+    return seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq.token_ids)
+
+
 class Scheduler:
-    def __init__(self, manager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: set[int] = frozenset(), scheduling: str = "continuous", prefix_cache=None):
-        if scheduling not in ("continuous", "static"):
-            raise ValueError(f"scheduling must be 'continuous' or 'static', got {scheduling!r}")
+    def __init__(self, config: EngineConfig, manager, eos_token_ids=frozenset(), prefix_cache=None):
+        self.config = config
         self.manager = manager
         self.prefix_cache = prefix_cache
         self.num_blocks = manager.num_blocks
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
-        self.static = scheduling == "static"
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()   # in admission order: the newest is on the right
         self.finished: list[Sequence] = []        # finished since the caller last drained it
+        self.beam_groups: set = set()             # admitted beam searches (BeamGroup)
+        self.finished_beam_groups: list = []      # done since the caller last drained it
+        self.beam_reserved_blocks = 0             # the admitted searches' worst cases, summed
         self.num_preemptions = 0
         # Static batching: how many more requests the current batch may admit; the next batch opens only
         # when no sequence of this one is running any more.
@@ -67,44 +82,51 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        config, bs = self.config, self.manager.block_size
+        static = config.scheduling == "static"
         # prefill: first the chunked prefill left over from the last step, then new (or preempted) requests
         scheduled: list[Sequence] = []
-        budget = self.max_num_batched_tokens
+        budget = config.max_num_batched_tokens
         for seq in self.running:
             if seq.num_computed_tokens < seq.prefill_end:  # is_prefilling, inlined: a pass over the batch
                 seq.num_scheduled_tokens = min(seq.num_uncomputed_prefill_tokens, budget)
                 budget -= seq.num_scheduled_tokens
                 scheduled.append(seq)
                 break  # only the last admitted sequence can be part-way through its prefill
-        if self.static and not self.running:  # the last batch is over: open the next
-            self.batch_quota = self.max_num_seqs
-        # sequences running, plus the children that admitted requests will fork when their prefill ends
-        num_seqs = len(self.running) + sum(seq.pending_forks for seq in self.running) if self.waiting else 0
-        while (self.waiting and budget > 0 and self._admission_open()
-               and num_seqs + 1 + self.waiting[0].pending_forks <= self.max_num_seqs):
+        if static and not self.running:  # the last batch is over: open the next
+            self.batch_quota = config.max_num_seqs
+        num_seqs = self._num_seats() if self.waiting else 0
+        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0)
+               and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
             seq = self.waiting[0]
-            if cdiv(len(seq), self.manager.block_size) > self.num_blocks:
+            if cdiv(len(seq), bs) > self.num_blocks:
                 self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))
                 continue
+            group = seq.beam_group
+            if group is not None and self.beam_reserved_blocks + group.worst_case_blocks > self.num_blocks:
+                break  # the searches running could not all reach their worst case beside it
             cached = self.prefix_cache.match(seq.token_ids) if self.prefix_cache is not None else []
-            if not self._make_room(cdiv(len(seq), self.manager.block_size) - len(cached), cached):
+            if not self._make_room(cdiv(len(seq), bs) - len(cached), cached):
                 break
             self.waiting.popleft()
             self.manager.add_sequence(seq.seq_id, len(seq), shared_blocks=cached)
             if cached:
                 self.prefix_cache.acquire(cached)
+            if group is not None:
+                self.beam_groups.add(group)
+                self.beam_reserved_blocks += group.worst_case_blocks
             seq.status = SequenceStatus.RUNNING
             seq.prefill_end = len(seq)
-            seq.num_computed_tokens = len(cached) * self.manager.block_size
+            seq.num_computed_tokens = len(cached) * bs
             seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.num_scheduled_tokens
-            if self.static:
+            if static:
                 self.batch_quota -= 1
             self.running.append(seq)
             scheduled.append(seq)
-            num_seqs += 1 + seq.pending_forks
+            num_seqs += seq.num_seats
         if scheduled:
-            return ScheduledBatch(scheduled, is_prefill=True)
+            return self._prefill_batch(scheduled)
 
         # decode: one token for every running sequence. Usually the free blocks cover every sequence's
         # append, and then one batched manager call does it all (no eviction or preemption would happen).
@@ -116,18 +138,23 @@ class Scheduler:
             else:
                 for seq in self.running:
                     seq.num_scheduled_tokens = 1
-                return ScheduledBatch(list(self.running), is_prefill=False)
-        # make room by preempting the newest
+                return self._decode_batch(list(self.running))
+        # make room by preempting the newest sequence that is not a beam
         while self.running:
             seq = self.running.popleft()
             while self.manager.num_free_blocks < self.manager.blocks_needed_to_append(seq.seq_id):
                 if self.prefix_cache is not None and self.prefix_cache.evict(1):
                     continue
-                if self.running:
-                    self._preempt(self.running.pop())
-                elif scheduled:
+                victim = self._newest_preemptible(self.running)
+                if victim is not None:
+                    self.running.remove(victim)
+                    self._preempt(victim)
+                elif seq.beam_group is None and scheduled:
                     self._preempt(seq)  # the older sequences of this step go on; seq comes back later
                     break
+                elif (victim := self._newest_preemptible(scheduled)) is not None:  # seq is a beam
+                    scheduled.remove(victim)
+                    self._preempt(victim)
                 else:  # seq holds every used block and still needs one: recomputing it would loop forever
                     self._finish(seq, "error", self._too_big_message(seq, len(seq)))
                     break
@@ -136,55 +163,100 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
         self.running.extend(scheduled)
-        return ScheduledBatch(scheduled, is_prefill=False)
+        return self._decode_batch(scheduled)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float]) -> None:
-        """Advance each sequence by its scheduled tokens; append the sampled token where one was sampled.
+    def _num_seats(self) -> int:
+        """Sequences running, plus the children that admitted requests will fork when their prefill ends and
+        the beams that running searches may still grow to."""
+        num = len(self.running) + sum(seq.pending_forks for seq in self.running)
+        return num + sum(g.search.beam_width - len(g.seqs) for g in self.beam_groups)
 
-        ``token_ids``/``logprobs`` hold one entry per sequence that samples this step (see ``samples``),
-        in batch order.
-        """
-        sampled = iter(zip(token_ids, logprobs))
+    @staticmethod
+    def _newest_preemptible(seqs) -> Sequence | None:
+        return next((s for s in reversed(seqs) if s.beam_group is None), None)
+
+    def _decode_batch(self, seqs: list[Sequence]) -> ScheduledBatch:
+        if not self.beam_groups:  # every row samples, in order
+            return ScheduledBatch(seqs, False, None, seqs, None, [], [])
+        return self._split_rows(seqs, False, None, seqs)
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> ScheduledBatch:
+        mask = [samples(s) for s in seqs]
+        batch = self._split_rows(seqs, True, mask, [s for s, m in zip(seqs, mask) if m])
+        # parallel sampling: children join now and sample from their parent's row (after every parent, so
+        # that the batch order is admission order)
+        parent_rows = [(row, seq) for row, seq in zip(batch.sample_rows, batch.sample_seqs) if seq.pending_forks]
+        for row, seq in parent_rows:
+            for index in range(1, seq.pending_forks + 1):
+                child = seq.fork(index)
+                child.num_computed_tokens = child.prefill_end = len(seq)
+                child.num_scheduled_tokens = 0
+                self.manager.fork_sequence(seq.seq_id, child.seq_id)
+                self.running.append(child)
+                batch.sample_seqs.append(child)
+                batch.sample_rows.append(row)
+            seq.pending_forks = 0
+        return batch
+
+    @staticmethod
+    def _split_rows(seqs, is_prefill, mask, logit_seqs) -> ScheduledBatch:
+        batch = ScheduledBatch(seqs, is_prefill, mask, [], [], [], [])
+        for row, seq in enumerate(logit_seqs):
+            if seq.beam_group is None:
+                batch.sample_seqs.append(seq)
+                batch.sample_rows.append(row)
+            else:
+                batch.beam_seqs.append(seq)
+                batch.beam_rows.append(row)
+        return batch
+
+    # --- after the model ran ---------------------------------------------------------------------------
+
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float],
+                    beam_candidates=None) -> None:
+        """Advance each sequence by its scheduled tokens; append each sampled token (``token_ids`` and
+        ``logprobs``: one per ``batch.sample_seqs``) and stop what ends; advance the beam searches
+        (``beam_candidates``: each beam's best log-probabilities and tokens, as ``Sampler.beam_candidates``)."""
         is_prefill = batch.is_prefill
         for seq in batch.seqs:
-            # inline ``samples(seq)``: this loop runs once per sequence per step
-            computed = seq.num_computed_tokens + seq.num_scheduled_tokens
-            seq.num_computed_tokens = computed
+            seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if is_prefill:
                 self._cache_blocks(seq)
-            if computed != len(seq.token_ids):
-                continue  # a prefill chunk that does not reach the end of the prompt
-            token_id, logprob = next(sampled)
+        for seq, token_id, logprob in zip(batch.sample_seqs, token_ids, logprobs):
             seq.append_token(token_id, logprob)
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
+        if batch.beam_seqs:
+            self._advance_beams(batch.beam_seqs, *beam_candidates)
 
-    def fork(self, batch: ScheduledBatch) -> list[int]:
-        """Parallel sampling: each request of ``batch`` whose prefill ends this step becomes its n sequences.
+    def _advance_beams(self, seqs: list[Sequence], values, tokens) -> None:
+        row_of = {seq.seq_id: row for row, seq in enumerate(seqs)}
+        for group in {id(s.beam_group): s.beam_group for s in seqs}.values():
+            rows = [row_of[seq.seq_id] for seq in group.seqs]
+            new, dropped = group.advance(group.search.step(values[rows], tokens[rows]))
+            for seq in dropped:
+                self.running.remove(seq)
+                self._free_beam(seq)
+            for seq in new:
+                if not self.manager.has_sequence(seq.seq_id):  # a fork: share every block of its parent
+                    self.manager.fork_sequence(seq.parent_seq_id, seq.seq_id)
+                    self.running.append(seq)
+            if group.search.done:
+                for seq in group.seqs:
+                    self.running.remove(seq)
+                    self._free_beam(seq)
+                group.seqs = []
+                self.beam_groups.discard(group)
+                self.beam_reserved_blocks -= group.worst_case_blocks
+                self.finished_beam_groups.append(group)
 
-        The children share every block of the parent, join the running queue and are appended to
-        ``batch.seqs``; returns, for each child, the index among the batch's sampling sequences of the parent,
-        whose logits it samples from.
-        """
-        parents = [(row, seq) for row, seq in enumerate(s for s in batch.seqs if self.samples(s)) if seq.pending_forks]
-        rows = []
-        for row, seq in parents:
-            for index in range(1, seq.pending_forks + 1):
-                child = seq.fork(index)
-                self.manager.fork_sequence(seq.seq_id, child.seq_id)
-                self.running.append(child)
-                batch.seqs.append(child)
-                rows.append(row)
-            seq.pending_forks = 0
-        return rows
-
-    @staticmethod
-    def samples(seq: Sequence) -> bool:
-        """Whether this step produces a token for ``seq``: it decodes, or its prefill ends this step."""
-        return seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)
+    def _free_beam(self, seq: Sequence) -> None:
+        self._cache_blocks(seq)
+        self.free(seq)
+        seq.status = SequenceStatus.FINISHED
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
@@ -195,12 +267,47 @@ class Scheduler:
                 return "stop"
             if params.stop_token_ids and token_id in params.stop_token_ids:
                 return "stop"
-        if num_output_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
+        if num_output_tokens >= params.max_tokens or num_tokens >= self.config.max_model_len:
             return "length"
         return None
 
-    def _admission_open(self) -> bool:
-        return not self.static or self.batch_quota > 0
+    # --- ending sequences --------------------------------------------------------------------------------
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End ``seq`` now (a stop string, an abort, a sampling error), wherever it is, freeing its blocks."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.beam_group is not None:
+            self._end_beam_group(seq.beam_group)
+        self._finish(seq, reason, error)
+
+    def _end_beam_group(self, group) -> None:
+        for beam in group.seqs:
+            if beam in self.running:
+                self.running.remove(beam)
+            if self.manager.has_sequence(beam.seq_id):
+                self.free(beam)
+            beam.status = SequenceStatus.FINISHED
+        group.seqs = []
+        if group in self.beam_groups:
+            self.beam_groups.discard(group)
+            self.beam_reserved_blocks -= group.worst_case_blocks
+
+    def abort_all(self) -> None:
+        """Drop every sequence (after an error mid-step): no sequence queued, no block held."""
+        for seq in [*self.running, *self.waiting]:
+            if self.manager.has_sequence(seq.seq_id):
+                self.free(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = seq.finish_reason or "abort"
+        self.running.clear()
+        self.waiting.clear()
+        self.beam_groups.clear()
+        self.beam_reserved_blocks = 0
 
     def _make_room(self, num_blocks: int, cached: list[int]) -> bool:
         """Whether ``num_blocks`` blocks can be allocated now, evicting cached blocks nobody uses if needed
@@ -236,7 +343,7 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_scheduled_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        if self.static:
+        if self.config.scheduling == "static":
             self.batch_quota += 1  # still a member of the current batch
         self.waiting.appendleft(seq)
 

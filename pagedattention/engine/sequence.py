@@ -39,6 +39,9 @@ class Sequence:
         self.prefill_end = 0             # len(token_ids) when last admitted: the prefill computes up to here
         self.num_preemptions = 0
         self.cumulative_logprob = 0.0
+        # SamplingParams.logprobs: {token id: logprob} per generated token; stop strings: where the text ends
+        self.top_logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        self.stop_text_end: int | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
@@ -48,6 +51,10 @@ class Sequence:
         self.index = 0
         self.group = [self]
         self.pending_forks = sampling_params.n - 1
+        # Beam search: the request's BeamGroup (beam_search.py), shared by its beams; a new beam names the
+        # sequence it was forked from until the scheduler has forked its blocks.
+        self.beam_group = None
+        self.parent_seq_id = None
         # A private random stream makes a seeded request's tokens independent of its batch-mates.
         self.generator = self._generator(sampling_params.seed)
 
@@ -65,6 +72,7 @@ class Sequence:
         child.__dict__.update(self.__dict__)
         child.seq_id = next(Sequence._ids)
         child.token_ids = list(self.token_ids)
+        child.top_logprobs = None if self.top_logprobs is None else list(self.top_logprobs)
         child.metrics = RequestMetrics(arrival_time=self.metrics.arrival_time,
                                        first_token_time=self.metrics.first_token_time)
         child.index = index
@@ -72,6 +80,13 @@ class Sequence:
         child.generator = child._generator(self.sampling_params.seed)
         self.group.append(child)
         return child
+
+    @property
+    def num_seats(self) -> int:
+        """Sequences this one stands for in the batch cap: its fork children, or its search's beams."""
+        if self.beam_group is not None and self.num_output_tokens == 0:
+            return self.beam_group.search.beam_width
+        return 1 + self.pending_forks
 
     @property
     def request_finished(self) -> bool:

@@ -85,7 +85,7 @@ class MemoryStats:
 
 class PagedAttentionManager:
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda"):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda", copy_blocks=None):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("num_layers", num_layers),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             _check_int(value, name, minimum=1)
@@ -97,8 +97,12 @@ class PagedAttentionManager:
             raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but CUDA is not available (pass device='cpu')")
+        if copy_blocks is not None and not callable(copy_blocks):
+            raise TypeError(f"copy_blocks must be callable (key_caches, value_caches, src_to_dst), got {copy_blocks!r}")
         self.block_size = block_size
         self.num_layers = num_layers
+        # copy-on-write: the engine passes its attention backend's op; standalone, the kernel on CUDA
+        self._copy_blocks_op = copy_blocks
         self.dtype = dtype
         self.device = device
         self.block_manager = _OwnedBlockManager(num_blocks)
@@ -396,11 +400,7 @@ class PagedAttentionManager:
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` in every layer's K and V cache."""
         src_to_dst = torch.tensor(pairs, dtype=torch.int64, device=self.device)
-        from ..kernels.reference import reference_copy_blocks
-        copy_blocks = reference_copy_blocks
-        if self.device.type == "cuda":
-            try:
-                from ..kernels import copy_blocks
-            except ImportError:
-                pass
-        copy_blocks(self.key_caches, self.value_caches, src_to_dst)
+        if self._copy_blocks_op is None:
+            from ..kernels import copy_blocks, reference_copy_blocks
+            self._copy_blocks_op = copy_blocks if self.device.type == "cuda" else reference_copy_blocks
+        self._copy_blocks_op(self.key_caches, self.value_caches, src_to_dst)

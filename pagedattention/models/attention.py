@@ -30,7 +30,6 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None  # int32 [num_seqs+1], prefill only (packed query tokens)
     max_q_len: int = 1
     max_context_len: int = 0        # host-side upper bound (decode: the graph's bound)
-    backend: str = "torch"          # "torch" (reference ops) or "numba" (the kernels)
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class BackendOps:
     decode: Callable             # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len)
     add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
     silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
+    copy_blocks: Callable        # (key_caches, value_caches, src_to_dst) -> None: copy-on-write of whole blocks
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,10 +58,10 @@ def backend_ops(backend: str) -> BackendOps:
             return ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
 
         return BackendOps(ref.reference_rope_write_kv, prefill, decode, ref.reference_add_rms_norm_,
-                          ref.reference_silu_and_mul)
+                          ref.reference_silu_and_mul, ref.reference_copy_blocks)
     if backend == "numba":
         # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
-        from pagedattention.kernels import layer_ops, paged_attention, paged_prefill_attention
+        from pagedattention.kernels import copy_blocks, layer_ops, paged_attention, paged_prefill_attention
 
         def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
             return paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
@@ -71,12 +71,14 @@ def backend_ops(backend: str) -> BackendOps:
             return paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale,
                                    max_context_len=max_context_len or None)
 
-        return BackendOps(layer_ops.rope_write_kv, prefill, decode, layer_ops.add_rms_norm_, layer_ops.silu_and_mul)
+        return BackendOps(layer_ops.rope_write_kv, prefill, decode, layer_ops.add_rms_norm_, layer_ops.silu_and_mul,
+                          copy_blocks)
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
 class PagedAttention(nn.Module):
-    """Attention of one layer over its slice of the paged cache (bound later by ``bind_kv_cache``)."""
+    """Attention of one layer over its slice of the paged cache (bound later by ``bind_kv_cache``), computed by
+    the backend's ops (bound once by ``LlamaForCausalLM.bind_backend``)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -84,6 +86,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.key_cache: torch.Tensor | None = None    # [num_blocks, block_size, num_kv_heads, head_dim]
         self.value_cache: torch.Tensor | None = None
+        self.ops = backend_ops("torch")
 
     def forward(self, q, k, v, cos, sin, attn: AttentionMetadata):
         """q ``[num_tokens, num_heads, head_dim]``, k/v ``[num_tokens, num_kv_heads, head_dim]`` before RoPE (rows
@@ -93,7 +96,7 @@ class PagedAttention(nn.Module):
             raise RuntimeError("no KV cache bound: call model.bind_kv_cache(key_caches, value_caches) first")
         if attn.is_prefill and attn.cu_seqlens_q is None:
             raise ValueError("prefill AttentionMetadata needs cu_seqlens_q (int32 [num_seqs + 1])")
-        ops = backend_ops(attn.backend)
+        ops = self.ops
         q = ops.rope_write_kv(q, k, v, cos, sin, self.key_cache, self.value_cache, attn.slot_mapping)
         if attn.is_prefill:
             return ops.prefill(q, self.key_cache, self.value_cache, attn.block_tables, attn.cu_seqlens_q,

@@ -129,11 +129,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, cos, sin, attn: AttentionMetadata):
+    def forward(self, x, residual, cos, sin, attn: AttentionMetadata, ops: BackendOps):
         """``x``: the previous layer's output, not yet added to ``residual`` (the running sum of every layer's
         output; None before the first layer, whose x is the embedding). Returns this layer's (x, residual).
         Each residual add is fused with the RMSNorm after it."""
-        ops = backend_ops(attn.backend)
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -151,13 +150,14 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ops = backend_ops("torch")
 
     def forward(self, input_ids, positions, attn: AttentionMetadata):
         x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
-        return backend_ops(attn.backend).add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)[0]
+            x, residual = layer(x, residual, cos, sin, attn, self.ops)
+        return self.ops.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -176,6 +176,15 @@ class LlamaForCausalLM(nn.Module):
         """Share embed_tokens' matrix with lm_head when the config ties them (again after ``to_empty``)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def bind_backend(self, backend: str) -> BackendOps:
+        """Compute attention and the fused per-layer ops with ``backend`` ("torch" or "numba") from now on;
+        returns its ops. The default is "torch"."""
+        ops = backend_ops(backend)
+        self.model.ops = ops
+        for layer in self.model.layers:
+            layer.self_attn.attn.ops = ops
+        return ops
 
     def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]):
         """Give layer i the cache tensors ``key_caches[i]``, ``value_caches[i]``

@@ -1,0 +1,146 @@
+"""Captured model steps: one CUDA graph per (tokens, sequences) bucket, replayed with a step padded up to it.
+
+A small step is launch-bound: a decode step of the 0.5B shape is a few hundred kernel launches, whose host
+time exceeds the GPU time they need. A graph replays them in one call. All graphs read the same static
+buffers (their first rows) and share one memory pool; each step's inputs are staged into page-locked host
+buffers and copied in with one asynchronous copy per input.
+
+Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, ..., max_num_seqs; prefill steps of
+<= 4,096 tokens and <= 8 sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS. Bigger prefill
+steps run eagerly: their GPU time hides their launches, and a graph's attention grid, sized for its bound on
+every sequence's length, would grow with tokens x sequences.
+
+Padding: padding tokens belong to no sequence (``cu_seqlens_q`` ends before them, their slot is -1: nothing is
+stored) and padding sequences have no tokens (prefill) or attend to one never-written slot (decode), so
+neither touches the real ones. Attention is told ``max_context_len = max_model_len``: one capture serves every
+context length; the real lengths arrive through ``context_lens`` at replay.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pagedattention.models.attention import AttentionMetadata
+
+PREFILL_TOKENS = (128, 256, 512, 1024, 2048, 4096)
+PREFILL_SEQS = (1, 2, 4, 8)
+
+
+class Bucket(NamedTuple):
+    num_tokens: int
+    num_seqs: int
+    is_prefill: bool
+
+
+def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes, bs = [], 1
+    while bs < max_num_seqs:
+        sizes.append(bs)
+        bs *= 2
+    return sizes + [max_num_seqs]
+
+
+def graph_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[Bucket]:
+    """Every captured bucket: decode ones, then prefill ones, each smallest first."""
+    decode = [Bucket(bs, bs, False) for bs in decode_batch_sizes(max_num_seqs)]
+    prefill = [Bucket(t, s, True) for t in PREFILL_TOKENS if t <= max_num_batched_tokens
+               for s in PREFILL_SEQS if s <= max_num_seqs and s <= t]
+    return decode + prefill
+
+
+class CudaGraphs:
+    def __init__(self, model, config):
+        self.model = model
+        self.device = config.device
+        self.max_model_len = config.max_model_len
+        self.buckets = graph_buckets(config.max_num_seqs, config.max_num_batched_tokens)
+        self.decode_buckets = [b for b in self.buckets if not b.is_prefill]
+        self.prefill_buckets = [b for b in self.buckets if b.is_prefill]
+        max_tokens = max(b.num_tokens for b in self.buckets)
+        max_seqs = max(b.num_seqs for b in self.buckets)
+        width = -(-config.max_model_len // config.block_size)
+        pinned = self.device.type == "cuda"  # page-locked, so the copies are true async DMA
+        self.host = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
+            "positions": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, pin_memory=pinned),
+            "cu_seqlens_q": torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pinned),
+            "context_lens": torch.ones(max_seqs, dtype=torch.int32, pin_memory=pinned),
+            "block_tables": torch.zeros(max_seqs, width, dtype=torch.int32, pin_memory=pinned),
+        }
+        self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
+        self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
+        self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """One graph per bucket, largest first, so the others reuse its memory pool. Each body runs once
+        outside capture first: its kernels compile and the allocator settles."""
+        pool = None
+        for bucket in sorted(self.buckets, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
+            run = self.body(bucket)
+            run()
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                run()
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize(self.device)
+
+    def body(self, bucket: Bucket):
+        """What a bucket's graph runs: the model over the first rows of the static buffers."""
+        t, s, is_prefill = bucket
+        b = self.static
+        attn = AttentionMetadata(
+            is_prefill=is_prefill, slot_mapping=b["slot_mapping"][:t], block_tables=b["block_tables"][:s],
+            context_lens=b["context_lens"][:s], cu_seqlens_q=b["cu_seqlens_q"][:s + 1] if is_prefill else None,
+            max_q_len=t if is_prefill else 1, max_context_len=self.max_model_len)
+
+        def run():
+            self.output[:t] = self.model(b["input_ids"][:t], b["positions"][:t], attn)
+        return run
+
+    def bucket(self, x) -> Bucket | None:
+        """The smallest bucket that holds step ``x`` (StepInputs), or None."""
+        buckets = self.prefill_buckets if x.is_prefill else self.decode_buckets
+        n, m = x.num_tokens, x.num_seqs
+        return next((b for b in buckets if b.num_tokens >= n and b.num_seqs >= m), None)
+
+    def replay(self, bucket: Bucket, x) -> torch.Tensor:
+        """Run step ``x`` through its bucket's graph; returns the hidden states of its tokens."""
+        self.stage(bucket, x)
+        self.graphs[bucket].replay()
+        return self.output[:x.num_tokens]
+
+    def stage(self, bucket: Bucket, x) -> None:
+        """Write step ``x`` into the static buffers, padded up to ``bucket``.
+
+        Block tables travel packed: ``width`` = this step's widest table, rows of ``width`` entries at the start
+        of the host buffer, copied into the first ``width`` columns of the static ``[max_seqs, max_blocks]`` table
+        (a few KB instead of the whole max_model_len-wide table every step). The columns beyond are stale but
+        never read: every context fits in ``width`` blocks.
+        """
+        t, s, is_prefill = bucket
+        n, m = x.num_tokens, x.num_seqs
+        h = self.host_np
+        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            h[name][:n] = getattr(x, name)
+            h[name][n:t] = pad
+        h["context_lens"][:m] = x.context_lens
+        h["context_lens"][m:s] = 1
+        width = x.block_tables.shape[1]
+        tables = h["block_tables"].reshape(-1)[:s * width].reshape(s, width)
+        tables[:m] = x.block_tables
+        tables[m:] = 0
+        copies = [("input_ids", t), ("positions", t), ("slot_mapping", t), ("context_lens", s)]
+        if is_prefill:
+            h["cu_seqlens_q"][:m + 1] = x.cu_seqlens_q
+            h["cu_seqlens_q"][m + 1:s + 1] = n
+            copies.append(("cu_seqlens_q", s + 1))
+        for name, rows in copies:
+            self.static[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
+        self.static["block_tables"][:s, :width].copy_(
+            self.host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
