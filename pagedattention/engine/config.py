@@ -33,6 +33,7 @@ class EngineConfig:
     seed: int = 0
     scheduling: str = "continuous"       # or "static": fixed batches, no admission until a batch ends
     enable_prefix_caching: bool = False  # reuse the KV blocks of earlier prompts' equal prefixes
+    cpu_threads: int | None = None       # torch threads on a CPU; None: 1 for the embedded tiny model, else torch's
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -42,6 +43,10 @@ class EngineConfig:
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, minimum=2)
         _check_int("seed", self.seed, minimum=-(2 ** 63))
+        if self.seed > 2 ** 64 - 1:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if self.cpu_threads is not None:
+            _check_int("cpu_threads", self.cpu_threads)
         if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
             raise TypeError(f"gpu_memory_utilization must be a float, got {type(self.gpu_memory_utilization).__name__}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

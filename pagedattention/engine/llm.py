@@ -62,6 +62,12 @@ class LLM:
     def __init__(self, model=None, **engine_config):
         self.config = config = EngineConfig(model=model, **engine_config)
         self._lock = threading.RLock()
+        if config.device.type == "cpu":
+            # The tiny model's matmuls are 64 wide: splitting them over threads costs more than it saves, and on
+            # a busy machine oversubscribed threads make a step tens of times slower.
+            threads = config.cpu_threads or (1 if config.model is None else None)
+            if threads is not None:
+                torch.set_num_threads(threads)
         self.model, self.tokenizer, self.model_config = models.load(
             config.model, dtype=config.dtype, device=config.device, seed=config.seed)
         config.set_model_limits(self.model_config)

@@ -1,0 +1,144 @@
+"""Nothing a user does corrupts a run: concurrent callers, extreme sampling values, non-finite logits, stop
+strings, impossible cache sizes, the request-level API (add_request / step / abort_request)."""
+import threading
+
+import pytest
+import torch
+
+from pagedattention import LLM, SamplingParams
+
+PROMPTS = ["Hello, world", "The quick brown fox", "a", "PagedAttention " * 3, "0123456789" * 2, "xyz"]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def assert_idle(llm):
+    assert not llm.has_unfinished_requests() and llm.num_unfinished_requests == 0
+    assert llm.manager.num_free_blocks == llm.manager.num_blocks
+
+
+def test_concurrent_generate_calls_each_get_their_own_tokens(llm, reference):
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            prompts = PROMPTS[i % 3::3]
+            results[i] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 6
+    for i, tokens in results.items():
+        assert tokens == reference[i % 3::3]
+    assert_idle(llm)
+
+
+def test_seeds_out_of_range_are_rejected_before_anything_runs():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2 ** 64)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2 ** 64 - 1, n=2)  # completion 1 would use seed + 1
+    with pytest.raises(ValueError, match="seed"):
+        LLM(device="cpu", seed=2 ** 64)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(llm, reference):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=1e-38, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == reference[0]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("inf"))
+
+
+def test_params_cannot_change_after_validation():
+    params = SamplingParams(max_tokens=4)
+    with pytest.raises(AttributeError):
+        params.max_tokens = 0
+
+
+def test_non_finite_logits_end_that_request_only(reference, monkeypatch):
+    engine = LLM(device="cpu")
+    bad = engine.add_request(PROMPTS[1], GREEDY)
+    good = [engine.add_request(p, GREEDY) for p in (PROMPTS[0], PROMPTS[2])]
+    execute, steps = engine.runner.execute, []
+
+    def poisoned(x, eager=False):
+        logits = execute(x, eager).clone()
+        steps.append(1)
+        if len(steps) == 3:  # a decode step: the bad request's row (first admitted) turns NaN
+            logits[0] = float("nan")
+        return logits
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out.outputs[0]
+    assert final[bad].finish_reason == "error" and bad in final[bad].error and "non-finite" in final[bad].error
+    assert [final[g].token_ids for g in good] == [reference[0], reference[2]]
+    assert_idle(engine)
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(llm, reference):
+    # a character that first appears after the start of some prompt's greedy text (not a replacement char)
+    cases = [(p, o.outputs[0]) for p, o in zip(PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False))]
+    prompt, full, at = next((p, c, i) for p, c in cases for i in range(1, len(c.text))
+                            if c.text.find(c.text[i]) == i and c.text[i] != "\ufffd")
+    stop = full.text[at]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=["never", stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:at]
+    assert out.token_ids == full.token_ids[:len(out.token_ids)] and len(out.token_ids) < 10
+    assert_idle(llm)
+
+
+def test_an_impossible_cache_size_fails_at_once_naming_the_argument():
+    with pytest.raises(ValueError, match="num_kv_blocks=500000000"):
+        LLM(device="cpu", num_kv_blocks=5 * 10 ** 8, block_size=1024)
+
+
+def test_a_cache_that_lowers_max_model_len_says_so():
+    with pytest.warns(UserWarning, match="max_model_len is lowered to 64"):
+        small = LLM(device="cpu", num_kv_blocks=4, block_size=16)
+    assert small.max_model_len == 64
+
+
+def test_the_tiny_model_runs_on_one_cpu_thread_unless_asked():
+    LLM(device="cpu")
+    assert torch.get_num_threads() == 1
+    LLM(device="cpu", cpu_threads=2)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
+def test_step_streams_cumulative_outputs_and_abort_frees_blocks(llm, reference):
+    kept = llm.add_request(PROMPTS[0], GREEDY, request_id="kept")
+    dropped = llm.add_request(PROMPTS[4], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    with pytest.raises(ValueError, match="already in use"):
+        llm.add_request(PROMPTS[1], GREEDY, request_id="kept")
+    seen, lengths, aborted = {}, [], False
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            seen[out.request_id] = out
+            if out.request_id == kept:
+                lengths.append(len(out.outputs[0].token_ids))
+        if not aborted and len(seen[dropped].outputs[0].token_ids) == 3:
+            assert llm.abort_request(dropped) and not llm.abort_request(dropped)
+            aborted = True
+    assert lengths == list(range(1, 11)) and seen[kept].finished
+    assert seen[kept].outputs[0].token_ids == reference[0]
+    assert len(seen[dropped].outputs[0].token_ids) == 3
+    assert_idle(llm)
