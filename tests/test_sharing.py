@@ -277,6 +277,39 @@ def test_beam_search_shares_blocks_and_gives_the_same_beams_with_prefix_caching(
     assert_idle(cached)
 
 
+def test_beam_search_shares_batches_with_generate_requests_in_a_small_cache(hf_checkpoint):
+    """Beams and sampled requests go through one scheduler: they run in the same steps, and when the cache runs
+    short the sampled requests are preempted, never a beam; everyone's output is what it is alone."""
+    _, path = hf_checkpoint
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 8, 7, 6, 5]]
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sampled_prompts = [[3, 4, 5] * 10, [7] * 28]  # 8 + 7 of the 20 blocks
+    alone = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, max_model_len=64)
+    expected_beams = alone.beam_search(prompts, params)
+    expected_greedy = [o.outputs[0].token_ids for o in alone.generate(sampled_prompts, greedy, use_tqdm=False)]
+    shared = LLM(path, device="cpu", block_size=4, num_kv_blocks=20, max_model_len=64)
+    ids = [shared.add_request(p, greedy) for p in sampled_prompts]
+    sizes = []
+    step = shared._step
+
+    def recording_step():
+        touched = step()
+        sizes.append(shared.last_step.num_seqs)
+        return touched
+    shared._step = recording_step
+    got = shared.beam_search(prompts, params)
+    assert [[s.token_ids for s in o.sequences] for o in got] == \
+           [[s.token_ids for s in o.sequences] for o in expected_beams]
+    assert max(sizes) == params.beam_width + 2  # one search's beams and both sampled requests in one step
+    assert shared.num_preemptions > 0
+    finished = {}
+    while shared.has_unfinished_requests():
+        finished.update((o.request_id, o.outputs[0].token_ids) for o in shared.step() if o.finished)
+    assert [finished[i] for i in ids] == expected_greedy
+    assert_idle(shared)
+
+
 def test_beam_search_rejects_what_cannot_run(hf_llm):
     with pytest.raises(ValueError, match="KV blocks"):
         hf_llm.beam_search([[5] * 200], BeamSearchParams(beam_width=8, max_tokens=50))
