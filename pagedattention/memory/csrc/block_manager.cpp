@@ -17,6 +17,8 @@
 // its actual count. A failed call leaves the manager exactly as it found it.
 //
 // Threads. One std::mutex guards all state; every entry point holds it for its whole duration.
+// bm_destroy() is the exception: it deletes the mutex too, so the caller must make sure no other call
+// is in flight (block_manager.py's close() waits for them).
 #include "block_manager.h"
 
 #include <climits>

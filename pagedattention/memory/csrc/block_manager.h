@@ -19,6 +19,8 @@ typedef struct BlockManager BlockManager;
 
 // NULL when num_blocks is not positive or memory runs out.
 BlockManager* bm_create(int32_t num_blocks);
+// Frees the manager, its mutex included: no other call on bm may be running or start afterwards (the
+// caller must wait for calls in flight; block_manager.py's close() does).
 void bm_destroy(BlockManager* bm);
 
 // Takes n blocks off the free list, all or nothing; each gets ref count 1. out_ids has room for n.
