@@ -1,17 +1,24 @@
 """Cache maintenance kernels: storing a step's new K/V (``write_kv``) and copy-on-write of blocks (``copy_blocks``).
 
 Both move raw bytes (32-bit words in write_kv, 16-byte vectors in copy_blocks), so one kernel serves fp16, bf16
-and fp32, zero-copy.
+and fp32, zero-copy::
+
+    write_kv     grid (num_tokens,)                one block per new token
+                 threads min(128, words per token)  thread i copies words i, i + blockDim, ... of its row
+    copy_blocks  grid (2 * num_layers, num_pairs)  one block per (cache, (src, dst) pair)
+                 threads 128                       thread i copies 16-byte pieces i, i + 128, ... of the block
+
+The comment above each kernel names its addresses and indices.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import cuda, int64
+from numba import cuda
 
 from . import validation as V
-from .mma import ld_i32_at, st_u32_at
-from .ptx import ld_v4_at, st_v4_at
+from .common import THREADS
+from .ptx import ld_i32_at, ld_i64_at, ld_v4_at, st_u32_at, st_v4_at
 from .runtime import as_kernel_array, current_stream, launch, simulator_enabled
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,9 +41,7 @@ from .runtime import as_kernel_array, current_stream, launch, simulator_enabled
 def _write_kv_kernel(key_ptr, value_ptr, key_stride, value_stride, key_cache_ptr, value_cache_ptr,
                      slot_mapping_ptr, token_bytes, num_slots):
     token = cuda.blockIdx.x
-    low = ld_i32_at(slot_mapping_ptr + 8 * token)          # little-endian int64: low word, then high word
-    high = ld_i32_at(slot_mapping_ptr + 8 * token + 4)
-    slot = (int64(high) << 32) | (int64(low) & 0xFFFFFFFF)
+    slot = ld_i64_at(slot_mapping_ptr + 8 * token)
     if slot < 0 or slot >= num_slots:
         return
     src_k = key_ptr + token * key_stride
@@ -68,13 +73,12 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     V.check_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"slot_mapping must have num_tokens = {key.shape[0]} entries, got {slot_mapping.shape[0]}")
-    V.check_same_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
-                        slot_mapping=slot_mapping)
+    V.check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
     token_bytes = num_kv_heads * head_dim * key.element_size()
-    threads = min(128, (token_bytes // 4 + 31) // 32 * 32)
+    threads = min(THREADS, (token_bytes // 4 + 31) // 32 * 32)
     item = key.element_size()
     if (key.data_ptr() | value.data_ptr() | key.stride(0) * item | value.stride(0) * item) % 4:
         raise ValueError("key and value rows must start on 4-byte boundaries (the kernel moves 32-bit words)")
@@ -141,7 +145,7 @@ def copy_blocks(key_caches, value_caches, src_to_dst) -> None:
         if k.shape != key_caches[0].shape or k.dtype != key_caches[0].dtype:
             raise ValueError(f"layer {layer}'s caches are {tuple(k.shape)} {k.dtype}, layer 0's are "
                              f"{tuple(key_caches[0].shape)} {key_caches[0].dtype}; all layers must match")
-        V.check_same_device(key_caches=key_caches[0], **{f"key_caches[{layer}]": k, f"value_caches[{layer}]": v})
+        V.check_device(key_caches=key_caches[0], **{f"key_caches[{layer}]": k, f"value_caches[{layer}]": v})
     V.check_tensor("src_to_dst", src_to_dst, ndim=2, dtype=torch.int64)
     if src_to_dst.shape[1] != 2:
         raise ValueError(f"src_to_dst must be [num_pairs, 2], got {tuple(src_to_dst.shape)}")
@@ -158,5 +162,5 @@ def copy_blocks(key_caches, value_caches, src_to_dst) -> None:
     pairs = src_to_dst.to(device, non_blocking=True)
     caches = [c for kv in zip(key_caches, value_caches) for c in kv]
     block_bytes = key_caches[0][0].numel() * key_caches[0].element_size()
-    _copy_blocks_kernel[(len(caches), num_pairs), 128, current_stream()](
+    _copy_blocks_kernel[(len(caches), num_pairs), THREADS, current_stream()](
         _cache_pointer_table(caches), as_kernel_array(pairs), block_bytes)

@@ -15,21 +15,14 @@ import numpy as np
 import torch
 
 from . import validation as V
-from .paged_attention_v1 import THREADS as V1_THREADS
+from .common import DTYPE_NAMES, THREADS, num_sms
 from .paged_attention_v1 import build_v1_kernel
-from .paged_attention_v2 import THREADS as V2_THREADS
 from .paged_attention_v2 import build_merge_kernel, build_v2_kernel, v2_shape
 from .paged_attention_tc import build_tc_kernel, tc_supported, tc_tile
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 #: Shortest partition worth a merge: below this the scratch traffic and the extra launch cost more than they save.
 _MIN_PARTITION = 256
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
@@ -60,11 +53,11 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
     CUDA-core kernel is used instead; ``num_units`` = sequences x KV heads.
 
-    From the H100 tune in benchmarks/kernel_notes.md (same run): wide groups always (14/2 d64 bf16 B64 ctx2048
-    0.0355 ms against 0.0567; 64/8 d128 B64 ctx2048 0.205 against 0.318); a group of 4 only where the grid
-    must be split over the context (B4 ctx32768: 0.201 against 0.206; without a split, B64 ctx4096, the two
-    tie at best and the CUDA-core kernel stays). One chunk per warp under a 128-register cap at head_dim 64;
-    at 128 uncapped, one chunk when split (8 partitions of 4096 tokens at B4) and two otherwise.
+    From the H100 tune in benchmarks/kernel_notes.md (same run): wide groups always (measured faster at 14/2
+    d64 bf16 and 64/8 d128, B64 ctx2048); a group of 4 only where the grid must be split over the context
+    (B4 ctx32768; without a split, B64 ctx4096, the two tie at best and the CUDA-core kernel stays). One chunk
+    per warp under a 128-register cap at head_dim 64; at 128 uncapped, one chunk when split (8 partitions of
+    4096 tokens at B4) and two otherwise.
     """
     if not tc_supported(dtype_name, head_dim, group) or group < 4:
         return None
@@ -83,8 +76,8 @@ def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_s
 
     One wave holds ``num_sms * per_sm`` resident blocks. When the units alone fill most of it, no split (a
     merge would only add work); otherwise as many partitions as fit in that one wave, never more, since a
-    few blocks spilling into a second wave cost a whole extra round (H100: B=4 x 8 KV heads at 32k tokens took
-    0.206 ms with 16 partitions of 2048 and 0.281 ms with 17 of 1952).
+    few blocks spilling into a second wave cost a whole extra round (measured on the H100 at B=4 x 8 KV heads,
+    32k tokens: 16 partitions of 2048 beat 17 of 1952 clearly).
     """
     wave = num_sms * per_sm
     parts = wave // max(num_units, 1)
@@ -112,8 +105,8 @@ def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, 
     num_seqs, num_heads = V.check_query(query, num_kv_heads, head_dim, key_cache.dtype)
     max_blocks = V.check_block_tables(block_tables, num_seqs)
     V.check_context_lens(context_lens, num_seqs)
-    V.check_same_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                        context_lens=context_lens)
+    V.check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                   context_lens=context_lens)
     if query.dtype == torch.bfloat16 and not simulator_enabled():
         major, _ = torch.cuda.get_device_capability(query.device)
         if major < 8:
@@ -157,9 +150,9 @@ def decode_v1(query, key_cache, value_cache, block_tables, context_lens, *, scal
     if num_seqs == 0:
         return out
     logits = torch.empty(num_seqs, num_heads, max_context_len, dtype=torch.float32, device=query.device)
-    kernel = build_v1_kernel(_DTYPE_NAMES[query.dtype])
+    kernel = build_v1_kernel(DTYPE_NAMES[query.dtype])
     word = lambda t: as_kernel_array(t.view(torch.int32))  # noqa: E731  (zero-copy word views)
-    kernel[(num_heads, num_seqs), V1_THREADS, current_stream()](
+    kernel[(num_heads, num_seqs), THREADS, current_stream()](
         word(out), word(query), word(key_cache), word(value_cache), as_kernel_array(block_tables),
         as_kernel_array(context_lens), as_kernel_array(logits), np.float32(scale))
     return out
@@ -177,8 +170,8 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     out = torch.empty_like(query) if out is None else out
     if num_seqs == 0:
         return out
-    dtype_name = _DTYPE_NAMES[query.dtype]
-    sms = 1 if simulator_enabled() else _num_sms(query.device.index or 0)
+    dtype_name = DTYPE_NAMES[query.dtype]
+    sms = num_sms(query.device.index)
     tc = tensor_cores
     if tc is None:
         tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads, num_seqs * num_kv_heads, max_context_len, sms)
@@ -214,12 +207,12 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         scratch = _unused_scratch(device)
     stream = current_stream()
     out_w = _words(out)
-    kernel[(num_partitions, num_units, num_seqs), V2_THREADS, stream](
+    kernel[(num_partitions, num_units, num_seqs), THREADS, stream](
         out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
         as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,
         block_size.bit_length() - 1, partition_size, num_partitions, np.float32(scale))
     if num_partitions > 1:
         merge = build_merge_kernel(dtype_name, head_dim)
-        merge[(num_heads, num_seqs), V2_THREADS, stream](
+        merge[(num_heads, num_seqs), THREADS, stream](
             out_w, *scratch, as_kernel_array(context_lens), num_heads, partition_size, num_partitions)
     return out

@@ -1,7 +1,7 @@
 """The small per-layer kernels of a decode step, fused: RoPE + KV-cache write, residual add + RMSNorm, SwiGLU.
 
-A decode step of a small model is launch-bound: in a CUDA graph every kernel still costs a few microseconds
-however little it does. In torch, RoPE on q and k is eight kernels (multiply, copy, roll, multiply-add, twice)
+A decode step of a small model is launch-bound: in a CUDA graph every kernel still costs a launch however
+little it does. In torch, RoPE on q and k is eight kernels (multiply, copy, roll, multiply-add, twice)
 plus the cache write, the residual add is a kernel of its own before each RMSNorm, and SwiGLU is two. Here each
 of those groups is one kernel, computed in float32 and rounded once, so the results are as close to float64 as
 the dtype allows (torch's op-by-op versions round after every op).
@@ -9,6 +9,8 @@ the dtype allows (torch's op-by-op versions round after every op).
 Every kernel takes raw addresses (``data_ptr()``) and sizes, launched through ``runtime.launch`` (no per-array
 wrapping on eager steps), and reads/writes 32-bit words: one word = two fp16/bf16 values or one fp32, so a thread
 moves *pairs* of adjacent elements (two words for fp32). ``_codec`` builds the pair load/store of a dtype.
+All three kernels run one block per token (grid ``(num_tokens,)``); the comment above each names its thread
+roles, addresses and indices.
 """
 from __future__ import annotations
 
@@ -17,14 +19,13 @@ import math
 
 import numpy as np
 import torch
-from numba import cuda, int64
+from numba import cuda
 
 from . import validation as V
-from .mma import ld_i32_at, st_u32_at
-from .ptx import as_f32, f32_bits, hi_bf16, hi_f16, lo_bf16, lo_f16, pack_bf16x2, pack_f16x2
+from .common import DTYPE_NAMES, THREADS, word_codec
+from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, st_u32_at
 from .runtime import launch, simulator_enabled
 
-THREADS = 128
 NORM_THREADS = 256  # at most; a power of two: the sum of squares is reduced as a tree
 _JIT = dict(cache=not simulator_enabled())
 
@@ -42,7 +43,7 @@ def _codec(dtype: torch.dtype):
             st_u32_at(address, f32_bits(a))
             st_u32_at(address + 4, f32_bits(b))
         return load_pair, store_pair, 4
-    lo, hi, pack = (lo_bf16, hi_bf16, pack_bf16x2) if dtype == torch.bfloat16 else (lo_f16, hi_f16, pack_f16x2)
+    lo, hi, pack = word_codec(DTYPE_NAMES[dtype])
 
     @cuda.jit(device=True, inline=True)
     def load_half_pair(address):
@@ -75,6 +76,7 @@ def _codec(dtype: torch.dtype):
 @functools.lru_cache(maxsize=None)
 def _rope_write_kv_kernel(dtype: torch.dtype):
     load_pair, store_pair, S = _codec(dtype)
+    load_f32_pair = _codec(torch.float32)[0]           # cos and sin are float32 whatever the model's dtype
 
     @cuda.jit(**_JIT)
     def kernel(q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, cos_ptr, sin_ptr, out_ptr, key_cache_ptr,
@@ -82,8 +84,7 @@ def _rope_write_kv_kernel(dtype: torch.dtype):
         t = cuda.blockIdx.x
         half = head_dim // 2
         pairs = head_dim // 4
-        low = ld_i32_at(slot_mapping_ptr + 8 * t)             # little-endian int64: low word, then high word
-        slot = (int64(ld_i32_at(slot_mapping_ptr + 8 * t + 4)) << 32) | (int64(low) & 0xFFFFFFFF)
+        slot = ld_i64_at(slot_mapping_ptr + 8 * t)
         store = 0 <= slot < num_slots
         row_bytes = num_kv_heads * head_dim * S
         rotations = (num_heads + num_kv_heads) * pairs
@@ -106,16 +107,11 @@ def _rope_write_kv_kernel(dtype: torch.dtype):
                 continue
             x1a, x1b = load_pair(src + e * S)
             x2a, x2b = load_pair(src + (e + half) * S)
-            ca, cb = load_pair_f32(cos_ptr + (t * half + e) * 4)
-            sa, sb = load_pair_f32(sin_ptr + (t * half + e) * 4)
+            ca, cb = load_f32_pair(cos_ptr + (t * half + e) * 4)
+            sa, sb = load_f32_pair(sin_ptr + (t * half + e) * 4)
             store_pair(dst + e * S, x1a * ca - x2a * sa, x1b * cb - x2b * sb)
             store_pair(dst + (e + half) * S, x2a * ca + x1a * sa, x2b * cb + x1b * sb)
     return kernel
-
-
-@cuda.jit(device=True, inline=True)
-def load_pair_f32(address):
-    return as_f32(ld_i32_at(address)), as_f32(ld_i32_at(address + 4))
 
 
 def _check_words(**tensors: torch.Tensor) -> None:
@@ -234,7 +230,7 @@ def _rounding(dtype: torch.dtype):
         def same(a, b):
             return a, b
         return same
-    lo, hi, pack = (lo_bf16, hi_bf16, pack_bf16x2) if dtype == torch.bfloat16 else (lo_f16, hi_f16, pack_f16x2)
+    lo, hi, pack = word_codec(DTYPE_NAMES[dtype])
 
     @cuda.jit(device=True, inline=True)
     def rounded(a, b):

@@ -1,4 +1,5 @@
-"""Warp-level tensor-core intrinsics for the prefill kernel, through inline PTX (Numba has none of them).
+"""Warp-level tensor-core intrinsics for the prefill and tensor-core decode kernels, through inline PTX (Numba
+has none of them).
 
 - ``mma_f16`` / ``mma_bf16``: ``mma.sync.m16n8k16`` with fp32 accumulators, D = A @ B + C.
 - ``ldmatrix_x4`` / ``ldmatrix_x4_trans``: one ``ldmatrix`` loads four 8x8 16-bit matrices from shared memory
@@ -6,7 +7,10 @@
 - ``cp_async16`` / ``cp_async_wait_all``: 16-byte global -> shared copies that bypass registers (zero-filled
   when the source size is 0), and the wait for this thread's outstanding copies.
 - ``quad_max`` / ``quad_sum``: reductions over the 4 lanes that share an mma fragment row.
-- ``ld_i32_at`` / ``st_u32_at``: 32-bit loads/stores at raw global byte addresses (``tensor.data_ptr()``).
+- ``interleave_lo`` / ``interleave_hi``: one ``prmt.b32`` each; the low (high) 16-bit halves of two words side
+  by side, a's in the low half. Two rows of 16-bit values become the column pairs a B fragment wants:
+  {V[t][d], V[t + 1][d]} from row words {V[t][d], V[t][d + 1]} and {V[t + 1][d], V[t + 1][d + 1]}.
+Plain global loads and stores (also those at raw addresses) are in ptx.py.
 
 Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs); lane = 4 * g + t, g = lane // 4, t = lane % 4:
   A (row-major 16x16, 4 words): a[0] = A[g, 2t:2t+2]   a[1] = A[g+8, 2t:2t+2]
@@ -33,7 +37,7 @@ from numba import cuda
 from .runtime import simulator_enabled
 
 __all__ = ["mma_f16", "mma_bf16", "ldmatrix_x4", "ldmatrix_x4_trans", "cp_async16", "cp_async_wait_all",
-           "quad_max", "quad_sum", "ld_i32_at", "st_u32_at", "SMEM_ALIGN"]
+           "quad_max", "quad_sum", "interleave_lo", "interleave_hi", "SMEM_ALIGN"]
 
 #: Alignment of shared arrays read by ldmatrix / written by cp.async (16-byte rows). The simulator accepts only
 #: None, and its arrays are numpy allocations (aligned anyway).
@@ -153,11 +157,11 @@ if simulator_enabled():
     quad_max = _quad(max)
     quad_sum = _quad(lambda v: np.float32(sum(v)))
 
-    def ld_i32_at(address):
-        return ctypes.c_int32.from_address(int(address)).value
+    def interleave_lo(a, b):
+        return (int(a) & 0xFFFF) | ((int(b) & 0xFFFF) << 16)
 
-    def st_u32_at(address, value):
-        ctypes.c_uint32.from_address(int(address)).value = int(value) & 0xFFFFFFFF
+    def interleave_hi(a, b):
+        return ((int(a) & 0xFFFFFFFF) >> 16) | (int(b) & 0xFFFF0000)
 
 else:
     from llvmlite import ir
@@ -271,32 +275,21 @@ else:
         x += cuda.shfl_xor_sync(0xFFFFFFFF, x, 1)
         return x + cuda.shfl_xor_sync(0xFFFFFFFF, x, 2)
 
-    # side_effect=True: a guarded load must never be hoisted above its guard
-    @intrinsic
-    def ld_i32_at(typingctx, address):
-        """One 32-bit load through the read-only path at a raw global byte address."""
-        if not isinstance(address, types.Integer):
-            return None
+    def _prmt(selector: int):
+        @intrinsic
+        def fn(typingctx, a, b):
+            if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+                return None
+            sig = types.uint32(types.uint32, types.uint32)
 
-        def codegen(context, builder, sig, args):
-            addr = context.cast(builder, args[0], sig.args[0], types.int64)
-            asm = ir.InlineAsm(ir.FunctionType(_i32, [_i64]), "ld.global.nc.u32 $0, [$1];", "=r,l", side_effect=True)
-            return builder.call(asm, [addr])
+            def codegen(context, builder, sig, args):
+                asm = ir.InlineAsm(ir.FunctionType(_i32, [_i32, _i32]), f"prmt.b32 $0, $1, $2, {selector:#x};",
+                                   "=r,r,r")
+                return builder.call(asm, list(args))
 
-        return types.int32(address), codegen
+            return sig, codegen
 
-    @intrinsic
-    def st_u32_at(typingctx, address, value):
-        """One 32-bit store at a raw global byte address."""
-        if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
-            return None
+        return fn
 
-        def codegen(context, builder, sig, args):
-            addr = context.cast(builder, args[0], sig.args[0], types.int64)
-            val = context.cast(builder, args[1], sig.args[1], types.uint32)
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_i64, _i32]), "st.global.u32 [$0], $1;",
-                               "l,r,~{memory}", side_effect=True)
-            builder.call(asm, [addr, val])
-            return context.get_dummy_value()
-
-        return types.void(address, value), codegen
+    interleave_lo = _prmt(0x5410)   # bytes 1:0 of a, then bytes 1:0 of b
+    interleave_hi = _prmt(0x7632)   # bytes 3:2 of a, then bytes 3:2 of b

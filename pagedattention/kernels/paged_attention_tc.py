@@ -40,13 +40,11 @@ import math
 
 from numba import cuda, float32, uint32
 
-from . import mma as tensor_core
-from . import ptx
-from .paged_attention_v2 import NEG_BIG, THREADS
-from .runtime import simulator_enabled
+from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, word_codec
+from .mma import interleave_hi, interleave_lo, mma_bf16, mma_f16
+from .ptx import ld_v4
 
 WARPS = THREADS // 32
-LOG2E = 1.4426950408889634
 
 
 def tc_supported(dtype_name: str, head_dim: int, group: int) -> bool:
@@ -62,10 +60,8 @@ def tc_tile(chunks: int) -> int:
 @functools.lru_cache(maxsize=None)
 def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: int | None = None):
     """The tensor-core decode kernel for one (dtype, head_dim, 16-token chunks per warp and iteration)."""
-    bf16 = dtype_name == "bfloat16"
-    mma = tensor_core.mma_bf16 if bf16 else tensor_core.mma_f16
-    pack = ptx.pack_bf16x2 if bf16 else ptx.pack_f16x2
-    ld_v4, ilo, ihi = ptx.ld_v4, ptx.interleave_lo, ptx.interleave_hi
+    mma = mma_bf16 if dtype_name == "bfloat16" else mma_f16
+    _, _, pack = word_codec(dtype_name)
     D = head_dim
     W = D // 2            # words per head row
     KS = D // 16          # k-steps of S = Q K^T
@@ -78,9 +74,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     Q_LEN, ACC_LEN = 2 * KS, 2 * NO
     WARP_HEADS, WARP_HEADS_DIM, STATS = (WARPS, 8), (WARPS, 8, D), (2, 8)
 
-    options = {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
-
-    @cuda.jit(fastmath=True, **options)
+    @cuda.jit(fastmath=True, **max_registers_option(max_registers))
     def kernel(out_w, part_m, part_l, part_o, query_w, key_w, value_w, block_tables, context_lens,
                num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
         part = cuda.blockIdx.x
@@ -172,11 +166,11 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 for d in range(NO):
                     x = c * 4 * VW + d // 2
                     if d % 2 == 0:
-                        b0 = ilo(vw[x], vw[x + VW])
-                        b1 = ilo(vw[x + 2 * VW], vw[x + 3 * VW])
+                        b0 = interleave_lo(vw[x], vw[x + VW])
+                        b1 = interleave_lo(vw[x + 2 * VW], vw[x + 3 * VW])
                     else:
-                        b0 = ihi(vw[x], vw[x + VW])
-                        b1 = ihi(vw[x + 2 * VW], vw[x + 3 * VW])
+                        b0 = interleave_hi(vw[x], vw[x + VW])
+                        b1 = interleave_hi(vw[x + 2 * VW], vw[x + 3 * VW])
                     acc[2 * d], acc[2 * d + 1], _, _ = mma(a0, uint32(0), a2, uint32(0), b0, b1,
                                                            acc[2 * d], acc[2 * d + 1], float32(0.0), float32(0.0))
         l += cuda.shfl_xor_sync(0xFFFFFFFF, l, 1)

@@ -26,9 +26,9 @@ import math
 
 from numba import cuda, float32
 
-from . import ptx
+from .common import NEG_BIG_F32, THREADS, word_codec
+from .ptx import f32_bits
 
-THREADS = 128
 MAX_HEAD_DIM = 256
 
 
@@ -36,11 +36,7 @@ MAX_HEAD_DIM = 256
 def build_v1_kernel(dtype_name: str):
     """The V1 kernel for one cache dtype ("float16", "bfloat16" or "float32")."""
     pairs = dtype_name != "float32"  # two 16-bit values per 32-bit word
-    lo = {"float16": ptx.lo_f16, "bfloat16": ptx.lo_bf16, "float32": ptx.as_f32}[dtype_name]
-    hi = {"float16": ptx.hi_f16, "bfloat16": ptx.hi_bf16, "float32": ptx.as_f32}[dtype_name]
-    pack = ptx.pack_bf16x2 if dtype_name == "bfloat16" else ptx.pack_f16x2  # unused for fp32
-    f32_bits = ptx.f32_bits
-    neg_big = float32(-3.0e38)
+    lo, hi, pack = word_codec(dtype_name)
 
     @cuda.jit(device=True, inline=True)
     def reduce(buf, value, use_max):
@@ -85,7 +81,7 @@ def build_v1_kernel(dtype_name: str):
         cuda.syncthreads()
 
         # Pass 1: every logit, through the block table.
-        thread_max = neg_big
+        thread_max = NEG_BIG_F32
         for j in range(tid, context_len, THREADS):
             block = block_tables[seq, j // block_size]  # physical block of token j
             offset = j % block_size                      # token j's row inside that block

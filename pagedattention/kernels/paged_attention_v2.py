@@ -38,12 +38,8 @@ import math
 
 from numba import cuda, float32, uint32
 
-from . import ptx
-from .runtime import simulator_enabled
-
-THREADS = 128
-NEG_BIG = -1.0e30  # "minus infinity" that stays finite: fastmath assumes no infinities, and m_old - m_new must not
-                   # overflow
+from .common import NEG_BIG, THREADS, max_registers_option, word_codec
+from .ptx import f32_bits, ld_v4
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,10 +59,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
     iteration); ``max_registers`` caps registers (for occupancy)."""
     pairs = dtype_name != "float32"
     epw = 2 if pairs else 1                               # elements per 32-bit word
-    lo = {"float16": ptx.lo_f16, "bfloat16": ptx.lo_bf16, "float32": ptx.as_f32}[dtype_name]
-    hi = {"float16": ptx.hi_f16, "bfloat16": ptx.hi_bf16, "float32": ptx.as_f32}[dtype_name]
-    pack = ptx.pack_bf16x2 if dtype_name == "bfloat16" else ptx.pack_f16x2
-    f32_bits, ld_v4 = ptx.f32_bits, ptx.ld_v4
+    lo, hi, pack = word_codec(dtype_name)
     GB = heads_per_block
     TG, NUM_GROUPS, N, TILE = v2_shape(dtype_name, head_dim, heads_per_block, tokens)
     W = head_dim * (2 if pairs else 4) // 4               # words per head row
@@ -81,9 +74,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
     GROUP_HEADS_DIM = (NUM_GROUPS, GB, D)
     STATS = (2, GB)
 
-    options = {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
-
-    @cuda.jit(fastmath=True, **options)
+    @cuda.jit(fastmath=True, **max_registers_option(max_registers))
     def kernel(out_w, part_m, part_l, part_o, query_w, key_w, value_w, block_tables, context_lens,
                num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
         part = cuda.blockIdx.x
@@ -258,8 +249,7 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
     """
     pairs = dtype_name != "float32"
     epw = 2 if pairs else 1
-    pack = ptx.pack_bf16x2 if dtype_name == "bfloat16" else ptx.pack_f16x2
-    f32_bits = ptx.f32_bits
+    _, _, pack = word_codec(dtype_name)
     W = head_dim * (2 if pairs else 4) // 4
     D = head_dim
 

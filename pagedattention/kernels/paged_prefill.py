@@ -7,9 +7,18 @@ tokens, whose K/V are already in the cache. Query row ``r`` of the sequence sits
 ``context_len - q_len + r`` and sees cache positions ``<=`` that (causal with an offset).
 
 fp16 and bf16 run on the tensor cores (FlashAttention-2 style: ``mma.sync.m16n8k16``, ``ldmatrix`` and
-``cp.async`` through inline PTX, see ``mma.py``); fp32 runs a simple CUDA-core kernel (one thread block per
-query row and head). Under Numba's CUDA simulator the PTX intrinsics are replaced by plain-Python twins, so the
-tests run the real kernel code.
+``cp.async`` through inline PTX, see ``mma.py``); fp32 runs a simple CUDA-core kernel::
+
+    tensor cores  grid (num_q_tiles, num_seqs, num_heads)  block (x, s, h): 16 * warps query rows of sequence s,
+                                                            head h, the last rows first
+                  threads 32 * warps (4 or 8)              warp w: 16 query rows (one mma A tile); lane 4g + t:
+                                                            rows g, g + 8 and columns 2t, 2t + 1 of each C tile
+    fp32          grid (max_q_len, num_seqs, num_heads)    block (r, s, h): query row r of sequence s, head h
+                  threads 64                               thread i: key n0 + i of each step, then output
+                                                            elements i, i + 64, ...
+
+The comment above each kernel draws its tiles, cache indexing and the causal offset in full. Under Numba's CUDA
+simulator the PTX intrinsics are replaced by plain-Python twins, so the tests run the real kernel code.
 """
 from __future__ import annotations
 
@@ -20,19 +29,18 @@ import numpy as np
 import torch
 from numba import cuda
 
-from . import ptx
-from .mma import (SMEM_ALIGN, cp_async16, cp_async_wait_all, ld_i32_at, ldmatrix_x4, ldmatrix_x4_trans, mma_bf16,
-                  mma_f16, quad_max, quad_sum, st_u32_at)
-from .runtime import as_kernel_array, current_stream, launch, simulator_enabled
+from .common import LOG2E, NEG_INF, max_registers_option, num_sms, word_codec
+from .mma import (SMEM_ALIGN, cp_async16, cp_async_wait_all, ldmatrix_x4, ldmatrix_x4_trans, mma_bf16, mma_f16,
+                  quad_max, quad_sum)
+from .ptx import ld_i32_at, st_u32_at
+from .runtime import as_kernel_array, current_stream, launch
 from .validation import (check_block_tables, check_cache, check_context_lens, check_device, check_out,
                          check_query, check_scale, check_tensor)
 
 WARPS = (4, 8)      # warps per block of the tensor-core kernel (16 query rows each); see choose_warps
 FP32_THREADS = 64   # threads per block of the fp32 kernel (one key each per step)
-NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
-LOG2E = 1.4426950408889634
 MASK32 = 0xFFFFFFFF  # 32-bit words are stored as uint32 whatever sign the helpers return them with
 
 
@@ -104,7 +112,7 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
     # array sizes must be compile-time constants
     Q_WORDS, S_FLOATS, O_FLOATS, BUFFERS = KS * 4, NS * 4, NO * 4, 2 * TILE
     mma = mma_bf16 if bf16 else mma_f16
-    pack = ptx.pack_bf16x2 if bf16 else ptx.pack_f16x2
+    _, _, pack = word_codec("bfloat16" if bf16 else "float16")
 
     @cuda.jit(device=True, inline=True)
     def fetch(k_tile, v_tile, buf, key_cache, value_cache, table_row, row_bytes, n0, kv_end, tid):
@@ -122,9 +130,7 @@ def build_tensor_core_kernel(head_dim: int, block_size: int, bf16: bool, warps: 
                 cp_async16(k_tile, dst, key_cache + offset, nbytes)
                 cp_async16(v_tile, dst, value_cache + offset, nbytes)
 
-    options = {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
-
-    @cuda.jit(fastmath=True, **options)
+    @cuda.jit(fastmath=True, **max_registers_option(max_registers))
     def kernel(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
                max_blocks, num_heads, num_kv_heads, scale_log2):
         k_tile = cuda.shared.array(BUFFERS, np.uint32, alignment=SMEM_ALIGN)  # two buffers: one read while
@@ -429,20 +435,13 @@ def paged_prefill_attention(query, key_cache, value_cache, block_tables, cu_seql
                           scale, max_q_len)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms() -> int:
-    if simulator_enabled():
-        return 132
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
 def choose_warps(max_q_len: int, num_seqs: int, num_heads: int) -> int:
-    """8 warps (128 query rows per block) halve the K/V staging per row and were faster on the H100 whenever
-    their blocks filled at least half the SMs (128 blocks: 15% faster than 4 warps); with fewer (a 512-token
-    chunk of 14 heads: 56 blocks) 4 warps and twice the blocks were slightly faster. (Measured when tiles were
-    staged through registers; benchmarks/prefill_notes.md lists the variants to re-measure.)"""
+    """Warps per block, for the current device. 8 warps (128 query rows per block) halve the K/V staging per
+    row and measured faster on the H100 whenever their blocks filled at least half the SMs; with fewer (a
+    512-token chunk of 14 heads: 56 blocks) 4 warps and twice the blocks were slightly faster. (Measured when
+    tiles were staged through registers; benchmarks/prefill_notes.md lists the variants to re-measure.)"""
     blocks_of_8 = -(-max_q_len // 128) * num_seqs * num_heads
-    return WARPS[1] if 2 * blocks_of_8 >= _num_sms() else WARPS[0]
+    return WARPS[1] if 2 * blocks_of_8 >= num_sms() else WARPS[0]
 
 
 def launch_prefill(query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out, scale: float,

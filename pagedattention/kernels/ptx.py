@@ -1,25 +1,32 @@
-"""Small device intrinsics the kernels need and Numba lacks: 16-byte loads/stores and 16-bit float bit conversions.
+"""Memory intrinsics the kernels need and Numba lacks, and 16-bit float bit conversions. Every global load and
+store through inline PTX or at a raw address lives here; the tensor-core instructions (with ``ldmatrix`` and the
+``cp.async`` global -> shared copies that feed them) live in mma.py.
 
 Why these exist:
 - Numba never merges adjacent loads into one vector load (it cannot prove alignment), and element-wise fp16
-  loads reach only ~40% of the H100's bandwidth. ``ld_v4`` issues one ``ld.global.nc.v4.u32`` (16 bytes,
+  loads leave most of the memory bandwidth unused. ``ld_v4`` issues one ``ld.global.nc.v4.u32`` (16 bytes,
   read-only path) per call; callers keep several in flight per thread.
+- Kernels launched with ``data_ptr()`` addresses instead of arrays (see ``runtime.launch``) read and write
+  through ``ld_i32_at`` / ``st_u32_at`` (32 bits), ``ld_i64_at`` (an int64 as two words) and ``ld_v4_at`` /
+  ``st_v4_at`` (16 bytes) at raw global byte addresses.
 - The caches travel to the kernels as 32-bit words (``tensor.view(torch.int32)``, zero-copy), so one code path
   serves fp16, bf16 and fp32: a word holds two fp16/bf16 values (element ``2i`` in the low half) or one fp32.
   ``lo_f16``/``hi_f16``/``lo_bf16``/``hi_bf16``/``as_f32`` widen a word's halves to float32, and
   ``pack_f16x2``/``pack_bf16x2``/``f32_bits`` narrow results back (round to nearest even).
 
-Every function has a plain-Python twin used under Numba's CUDA simulator (the simulator runs kernels as Python
-and knows no inline PTX); the twins compute the same bits with numpy.
+Every intrinsic has a plain-Python twin used under Numba's CUDA simulator (the simulator runs kernels as Python
+and knows no inline PTX); the twins compute the same bits with numpy. ``ld_i64_at``, a device function built
+on ``ld_i32_at``, serves both.
 """
 from __future__ import annotations
 
 import numpy as np
+from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "lo_f16", "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits",
-           "pack_f16x2", "pack_bf16x2", "interleave_lo", "interleave_hi"]
+__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_i64_at", "st_u32_at", "lo_f16", "hi_f16",
+           "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2"]
 
 
 if simulator_enabled():
@@ -63,6 +70,12 @@ if simulator_enabled():
     def st_v4_at(address, a, b, c, d):
         (ctypes.c_uint32 * 4).from_address(int(address))[:] = [_u32(a), _u32(b), _u32(c), _u32(d)]
 
+    def ld_i32_at(address):
+        return ctypes.c_int32.from_address(int(address)).value
+
+    def st_u32_at(address, value):
+        ctypes.c_uint32.from_address(int(address)).value = int(value) & 0xFFFFFFFF
+
     def lo_f16(w):
         return _f16_bits_to_f32(_u32(w))
 
@@ -93,7 +106,7 @@ else:
     from numba import types
     from numba.cuda.extending import intrinsic
 
-    _i32, _i16, _f32 = ir.IntType(32), ir.IntType(16), ir.FloatType()
+    _i32, _i16, _i64, _f32 = ir.IntType(32), ir.IntType(16), ir.IntType(64), ir.FloatType()
 
     def _word_pointer(context, builder, arrty, arr, index):
         """Address of element ``index`` of a 1-D array (no bounds or wraparound handling)."""
@@ -162,6 +175,36 @@ else:
 
         return sig, codegen
 
+    # side_effect=True: a guarded load must never be hoisted above its guard
+    @intrinsic
+    def ld_i32_at(typingctx, address):
+        """One 32-bit load through the read-only path at a raw global byte address."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.int64)
+            asm = ir.InlineAsm(ir.FunctionType(_i32, [_i64]), "ld.global.nc.u32 $0, [$1];", "=r,l", side_effect=True)
+            return builder.call(asm, [addr])
+
+        return types.int32(address), codegen
+
+    @intrinsic
+    def st_u32_at(typingctx, address, value):
+        """One 32-bit store at a raw global byte address."""
+        if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.int64)
+            val = context.cast(builder, args[1], sig.args[1], types.uint32)
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_i64, _i32]), "st.global.u32 [$0], $1;",
+                               "l,r,~{memory}", side_effect=True)
+            builder.call(asm, [addr, val])
+            return context.get_dummy_value()
+
+        return types.void(address, value), codegen
+
     def _unary_u32_to_f32(build):
         @intrinsic
         def fn(typingctx, w):
@@ -210,38 +253,9 @@ else:
     pack_bf16x2 = _pack("cvt.rn.bf16x2.f32")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Fragment shuffles for the decode kernel on the tensor cores (paged_attention_tc.py).
-#
-# ``interleave_lo(a, b)`` / ``interleave_hi(a, b)``: one ``prmt.b32`` each; the low (high) 16-bit halves of two
-# words side by side, a's in the low half. Two rows of 16-bit values become the column pairs an mma B fragment
-# wants: {V[t][d], V[t + 1][d]} from row words {V[t][d], V[t][d + 1]} and {V[t + 1][d], V[t + 1][d + 1]}.
-#
-# The mma intrinsics themselves live in mma.py, beside the other tensor-core instructions.
-# ---------------------------------------------------------------------------------------------------------------
-if simulator_enabled():
-    def interleave_lo(a, b):
-        return (_u32(a) & 0xFFFF) | ((_u32(b) & 0xFFFF) << 16)
-
-    def interleave_hi(a, b):
-        return (_u32(a) >> 16) | (_u32(b) & 0xFFFF0000)
-
-else:
-    def _prmt(selector: int):
-        @intrinsic
-        def fn(typingctx, a, b):
-            if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
-                return None
-            sig = types.uint32(types.uint32, types.uint32)
-
-            def codegen(context, builder, sig, args):
-                asm = ir.InlineAsm(ir.FunctionType(_i32, [_i32, _i32]), f"prmt.b32 $0, $1, $2, {selector:#x};",
-                                   "=r,r,r")
-                return builder.call(asm, list(args))
-
-            return sig, codegen
-
-        return fn
-
-    interleave_lo = _prmt(0x5410)   # bytes 1:0 of a, then bytes 1:0 of b
-    interleave_hi = _prmt(0x7632)   # bytes 3:2 of a, then bytes 3:2 of b
+@cuda.jit(device=True, inline=True)
+def ld_i64_at(address):
+    """An int64 at a raw global byte address, as two 32-bit loads (little-endian: the low word first)."""
+    low = ld_i32_at(address)
+    high = ld_i32_at(address + 4)
+    return (int64(high) << 32) | (int64(low) & 0xFFFFFFFF)

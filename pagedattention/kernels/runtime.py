@@ -62,8 +62,8 @@ def as_kernel_array(t: torch.Tensor):
 
 
 # Launching with little host work. Numba's launch path (argument typing, overload lookup, per-argument conversion,
-# a fresh launch configuration and stream wrapper) costs tens of microseconds, and wrapping each torch tensor as a
-# device array as much again: more than a short kernel runs. Kernels whose arguments are all scalars (tensors
+# a fresh launch configuration and stream wrapper) and the wrapping of each torch tensor as a device array take
+# longer on the host than a short kernel runs on the GPU. Kernels whose arguments are all scalars (tensors
 # passed as ``data_ptr()`` addresses) are launched through Numba once, which compiles them, and from then on
 # directly through cuda.core with cached launch configurations.
 _compiled: dict = {}   # (kernel, device index) -> cuda.core kernel handle, or None: launch through Numba

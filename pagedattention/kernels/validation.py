@@ -59,9 +59,6 @@ def check_device(**tensors: torch.Tensor) -> torch.device:
     return device
 
 
-# `check_same_device` is the name the callers use; the check is the same.
-check_same_device = check_device
-
 
 def check_cache(key_cache, value_cache):
     """Paged K/V caches ``[num_blocks, block_size, num_kv_heads, head_dim]``; returns those four sizes."""
