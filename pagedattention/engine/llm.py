@@ -89,7 +89,7 @@ class LLM:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.prefix_cache = self._new_prefix_cache() if config.enable_prefix_caching else None
         self.scheduler = Scheduler(config, self.manager, self.eos_token_ids, self.prefix_cache)
-        self.sampler = Sampler(config.device, seed=config.seed)
+        self.sampler = Sampler.from_config(config)
         self._stats = EngineStats(self.manager.bytes_per_block)
         self._request_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}  # live requests: id -> first sequence

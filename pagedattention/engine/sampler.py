@@ -1,7 +1,9 @@
 """Choosing the next token of every sequence in a step, vectorised over the batch.
 
-Greedy rows take the argmax. The other rows divide by their temperature, keep their top-k / top-p
-tokens, and sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with
+With the Numba backend, a batch whose rows use no top-k/top-p, penalties or top-N logprobs is sampled by one
+kernel in one pass over the logits (kernels/sampling.py: greedy argmax or the Gumbel-max trick, with the chosen
+token's log-probability from an online log-sum-exp). Otherwise, in torch: greedy rows take the argmax. The other
+rows divide by their temperature, keep their top-k / top-p tokens, and sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i, and lets a seeded request draw its E from its own ``torch.Generator`` while the rest of the
 batch shares one draw. Presence and frequency penalties come first, on the rows that set them, and apply to
 greedy rows too.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +60,17 @@ class SamplingError(RuntimeError):
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, use_kernel: bool = False):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # the one-pass kernel (kernels/sampling.py) for rows with no top-k/top-p, penalties or top-N logprobs
+        self.use_kernel = use_kernel
+        self._step_keys = random.Random(seed)
+
+    @classmethod
+    def from_config(cls, config) -> "Sampler":
+        """The engine's sampler: seeded with its seed; the Numba backend samples with the one-pass kernel."""
+        return cls(config.device, seed=config.seed, use_kernel=config.attention_backend == "numba")
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SamplerOutput:
@@ -72,15 +83,20 @@ class Sampler:
             raise ValueError(f"logits must be [len(seqs)={len(seqs)}, vocab], got {list(logits.shape)}")
         params = [s.sampling_params for s in seqs]
         self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if any(p.has_penalties for p in params):
-            logits = self._apply_penalties(logits, seqs, params)
-        temperatures = [p.temperature for p in params]
-        if not any(temperatures):  # every row greedy
-            tokens = logits.argmax(dim=-1)
+        vocab = logits.shape[1]
+        if self.use_kernel and all(p.logprobs is None and not p.has_penalties and p.top_p == 1.0
+                                   and not 0 < p.top_k < vocab for p in params):
+            tokens, chosen = self._sample_in_one_pass(logits, seqs, params)
         else:
-            tokens = self._sample(logits, params, temperatures, seqs)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            if any(p.has_penalties for p in params):
+                logits = self._apply_penalties(logits, seqs, params)
+            temperatures = [p.temperature for p in params]
+            if not any(temperatures):  # every row greedy
+                tokens = logits.argmax(dim=-1)
+            else:
+                tokens = self._sample(logits, params, temperatures, seqs)
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         # one device->host copy per step: token ids (< 2**53) and float32 logprobs are exact in float64
         parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
         top_rows = [row for row, p in enumerate(params) if p.logprobs]
@@ -101,6 +117,25 @@ class Sampler:
         if bad:
             raise SamplingError(list(dict.fromkeys(seqs[row].request_id for row in bad)), bad, output)
         return output
+
+    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params):
+        """Greedy or Gumbel-max in one kernel. Noise keys: a seeded request's seed + completion index, counted by
+        its generated tokens (independent of the batch); the other rows share a fresh key per step."""
+        from pagedattention.kernels.sampling import sample_tokens  # numba.cuda loads on first use only
+
+        step_key = self._step_keys.getrandbits(62)
+        keys, counters = [], []
+        for row, (seq, p) in enumerate(zip(seqs, params)):
+            if p.seed is None:
+                keys.append(step_key)
+                counters.append(row)
+            else:
+                keys.append((p.seed + seq.index) % (1 << 63))
+                counters.append(seq.num_output_tokens)
+        device = logits.device
+        temperatures = self._to_device([p.temperature for p in params], torch.float32, device)
+        keys_counters = self._to_device([keys, counters], torch.int64, device)
+        return sample_tokens(logits.contiguous(), temperatures, keys_counters[0], keys_counters[1])
 
     @torch.inference_mode()
     def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
