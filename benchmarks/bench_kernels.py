@@ -35,6 +35,7 @@ HEADLINE = [(64, 4096), (4, 32768), (256, 128)]
 GRID_B = (1, 4, 16, 64, 256)
 GRID_CTX = (128, 512, 2048, 8192, 32768)
 MAX_KV_BYTES = 3 << 30
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 class Timer:
@@ -282,8 +283,8 @@ def replot(path, copy_tbps=None):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=RESULTS, help="directory of the JSON and PNG (default: benchmarks/results)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="headline shapes only")
     parser.add_argument("--tune", action="store_true", help="sweep V2 variants and split sizes, then exit")
@@ -293,6 +294,8 @@ def main():
     if args.replot:
         replot(args.replot, args.copy_tbps)
         return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU (torch sees none); --replot JSON reprints a saved run")
     card = torch.cuda.get_device_name()
     timer = Timer(args.reps)
     copy_bw = copy_bandwidth()

@@ -227,6 +227,8 @@ def main():
                              "function")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_prefill.py needs a CUDA GPU (torch sees none)")
     rows = run(dtypes=args.dtypes, variants=[parse_variant(v) for v in args.variants], reps=args.reps)
     save(rows, args.out_dir)
     print_table(rows)

@@ -1,7 +1,7 @@
 """Sharing KV blocks: memory saved by parallel sampling and beam search, and what prefix caching buys.
 
-    python benchmarks/bench_sharing.py            # GPU: Qwen2.5-0.5B shape, random weights
-    python benchmarks/bench_sharing.py --tiny     # CPU: embedded tiny model, small workloads
+    python benchmarks/bench_sharing.py --out benchmarks/results   # GPU: Qwen2.5-0.5B shape, random weights
+    python benchmarks/bench_sharing.py --tiny     # CPU: embedded tiny model, small workloads (seconds)
 
 1. Parallel sampling (n = 2, 4, 6) and beam search (width 2, 4, 6) on Alpaca-like lengths, as in the
    PagedAttention paper's section 6.3 (Alpaca: 19.3 prompt and 58.5 output tokens on average): prompts ~U[8, 32]
@@ -14,7 +14,8 @@
    throughput with caching off and on (the cache is emptied before each run, then one request with the
    system prompt alone runs untimed, as on a server that has served it before).
 
-JSON and PNG go to benchmarks/results/sharing_<device>.{json,png}.
+JSON and PNG go to sharing_<card>[_tiny].{json,png} under --out: by default benchmarks/results for a GPU run
+and a scratch directory for a CPU or --tiny one, so a quick run never overwrites a committed result.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +32,6 @@ import torch
 
 from pagedattention import LLM, SamplingParams
 from pagedattention.engine.beam_search import BeamSearchParams
-from pagedattention.engine.prefix_cache import PrefixCache
 from pagedattention.models import ModelConfig
 
 QWEN25_05B = ModelConfig(
@@ -38,6 +39,10 @@ QWEN25_05B = ModelConfig(
     num_attention_heads=14, num_key_value_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6,
     tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768, eos_token_id=151643)
 PAPER_SAVING = {"parallel sampling": (6.1, 9.8), "beam search": (37.6, 55.2)}
+RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(tempfile.gettempdir()) / "pagedattention-results"
+# Workload sizes: (requests, beam search tokens, system prompt tokens). --tiny keeps a CPU run to seconds.
+SIZES = {"full": (256, 60, 512), "tiny": (16, 32, 64)}
 
 
 def percentile(values, q):
@@ -79,7 +84,7 @@ def parallel_sampling(llm, prompts, outputs, n, copies=False) -> dict:
     tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
     return {"workload": "parallel sampling", "sharing": "copies" if copies else "fork", "n": n,
             "requests_per_s": len(prompts) / wall, "output_tok_per_s": tokens / wall, "wall_s": wall,
-            "preemptions": llm.scheduler.num_preemptions, **memory_row(llm)}
+            "preemptions": llm.num_preemptions, **memory_row(llm)}
 
 
 def beam_search(llm, prompts, width, max_tokens) -> dict:
@@ -89,18 +94,11 @@ def beam_search(llm, prompts, width, max_tokens) -> dict:
             "output_tok_per_s": len(prompts) * max_tokens / wall, "wall_s": wall, **memory_row(llm)}
 
 
-def set_prefix_caching(llm, on: bool) -> None:
-    """Switch the engine's prefix cache on (empty) or off, keeping weights, KV pool and CUDA graphs."""
-    llm.reset_prefix_cache()
-    llm.prefix_cache = PrefixCache(llm.manager.block_manager, llm.config.block_size) if on else None
-    llm.scheduler.prefix_cache = llm.prefix_cache
-
-
 def shared_system_prompt(llm, rng, num_requests, system_len, vocab, on: bool) -> dict:
     system = [rng.randrange(100, vocab) for _ in range(system_len)]
     prompts = [system + [rng.randrange(100, vocab) for _ in range(rng.randint(32, 128))] for _ in range(num_requests)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    set_prefix_caching(llm, on)
+    llm.set_prefix_caching(on)  # an empty cache, or none
     # a server that has seen the system prompt before: one earlier request (both runs, cached only when on)
     llm.generate(system + [100], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     llm.reset_stats()
@@ -156,72 +154,94 @@ def plot(report, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def print_sharing_table(rows) -> None:
+    print(f"{'workload':<18} {'sharing':<7} {'n':>2} {'req/s':>8} {'out tok/s':>10} {'KV saved':>9} {'paper':>11} "
+          f"{'peak blocks':>11} {'unshared':>8} {'preempted':>9}")
+    for r in rows:
+        lo, hi = PAPER_SAVING[r["workload"]]
+        print(f"{r['workload']:<18} {r['sharing']:<7} {r['n']:>2} {r['requests_per_s']:>8.2f} "
+              f"{r['output_tok_per_s']:>10.0f} {r['kv_memory_saving_pct']:>8.1f}% {f'{lo:.1f}-{hi:.1f}%':>11} "
+              f"{r['peak_blocks_held']:>11} {r['peak_blocks_unshared']:>8} {r.get('preemptions', ''):>9}")
+
+
+def print_prefix_table(rows) -> None:
+    print(f"{'prefix caching':<15} {'TTFT mean':>10} {'p50':>8} {'p99':>8} {'out tok/s':>10} {'total tok/s':>11} "
+          f"{'hit rate':>8}")
+    for r in rows:
+        print(f"{'on' if r['prefix_caching'] else 'off':<15} {r['ttft_mean_s'] * 1e3:>8.1f}ms "
+              f"{r['ttft_p50_s'] * 1e3:>6.1f}ms {r['ttft_p99_s'] * 1e3:>6.1f}ms {r['output_tok_per_s']:>10.0f} "
+              f"{r['total_tok_per_s']:>11.0f} {100 * r['prefix_cache_hit_rate']:>7.1f}%")
+
+
+def progress(r: dict) -> None:
+    what = (f"{r['workload']}, {r['sharing']}, n={r['n']}" if "n" in r
+            else f"{r['workload']}, prefix caching {'on' if r['prefix_caching'] else 'off'}")
+    print(f"  {what}: {r['wall_s']:.2f} s", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="embedded tiny model and small workloads (CPU-friendly)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-requests", type=int, default=None, help="default 256 (32 with --tiny)")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help=f"default {SIZES['full'][0]} ({SIZES['tiny'][0]} with --tiny)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from GPU memory")
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"directory for the JSON and PNG (default: {RESULTS.parent.name}/{RESULTS.name} on a "
+                             f"GPU, {SCRATCH} for a CPU or --tiny run)")
     args = parser.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    num_requests = args.num_requests or (32 if args.tiny else 256)
-    system_len = 64 if args.tiny else 512
+    default_requests, beam_tokens, system_len = SIZES["tiny" if args.tiny else "full"]
+    num_requests = args.num_requests or default_requests
+    out_dir = args.out or (RESULTS if device.startswith("cuda") and not args.tiny else SCRATCH)
     llm = LLM(None if args.tiny else QWEN25_05B, device=device, block_size=args.block_size,
-              num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs, max_model_len=2048,
-              enable_prefix_caching=True)
+              num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs, max_model_len=2048)
     vocab = llm.model_config.vocab_size
-    set_prefix_caching(llm, False)
     llm.generate([[5] * 20] * 4, SamplingParams(n=2, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     llm.beam_search([[5] * 20], BeamSearchParams(2, 4, ignore_eos=True))
 
+    card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    model = "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights"
+    print(f"{card}, {model}, block size {args.block_size}, {llm.manager.num_blocks} KV blocks, "
+          f"{num_requests} requests", flush=True)
     prompts, outputs = alpaca_like(random.Random(0), num_requests, vocab)
     sharing = []
     for n in (2, 4, 6):
         for copies in (False, True):
             sharing.append(parallel_sampling(llm, prompts, outputs, n, copies))
-            print(sharing[-1], flush=True)
+            progress(sharing[-1])
     for width in (2, 4, 6):
-        sharing.append(beam_search(llm, prompts, width, 60))
-        print(sharing[-1], flush=True)
+        sharing.append(beam_search(llm, prompts, width, beam_tokens))
+        progress(sharing[-1])
     prefix = []
     for on in (False, True):
         prefix.append(shared_system_prompt(llm, random.Random(1), num_requests, system_len, vocab, on))
-        print(prefix[-1], flush=True)
-    set_prefix_caching(llm, False)
+        progress(prefix[-1])
+    llm.set_prefix_caching(False)
 
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    report = {"device": card, "model": "tiny (embedded)" if args.tiny else "Qwen2.5-0.5B shape, random weights",
+    report = {"device": card, "model": model,
               "dtype": str(llm.config.dtype).removeprefix("torch."), "block_size": args.block_size,
               "kv_blocks": llm.manager.num_blocks, "num_requests": num_requests, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
               "workloads": {"alpaca_like": "prompts U[8,32] random ids; sampling outputs U[24,96], temperature 1; "
-                                           "beam search 60 tokens; EOS ignored",
+                                           f"beam search {beam_tokens} tokens; EOS ignored",
                             "shared_system_prompt": f"{system_len}-token system prompt + U[32,128] own tokens, "
                                                     "64 output tokens, greedy"},
               "paper_kv_memory_saving_pct": PAPER_SAVING, "sharing": sharing, "prefix_caching": prefix}
-    args.out.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tag = card.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
-    path = args.out / f"sharing_{tag}.json"
+    path = out_dir / f"sharing_{tag}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, path.with_suffix(".png"))
 
-    print(f"\n{card}, {report['model']}, block size {args.block_size}, {llm.manager.num_blocks} KV blocks")
-    print(f"{'workload':<18} {'sharing':<7} {'n':>2} {'req/s':>8} {'out tok/s':>10} {'KV saved':>9} {'paper':>12}")
-    for r in sharing:
-        lo, hi = PAPER_SAVING[r["workload"]]
-        print(f"{r['workload']:<18} {r['sharing']:<7} {r['n']:>2} {r['requests_per_s']:>8.2f} "
-              f"{r['output_tok_per_s']:>10.0f} {r['kv_memory_saving_pct']:>8.1f}% {lo:>5.1f}-{hi:.1f}%")
-    print(f"{'prefix caching':<15} {'TTFT mean':>10} {'p50':>8} {'p99':>8} {'out tok/s':>10} {'total tok/s':>11} "
-          f"{'hit rate':>8}")
-    for r in prefix:
-        print(f"{'on' if r['prefix_caching'] else 'off':<15} {r['ttft_mean_s'] * 1e3:>8.1f}ms "
-              f"{r['ttft_p50_s'] * 1e3:>6.1f}ms {r['ttft_p99_s'] * 1e3:>6.1f}ms {r['output_tok_per_s']:>10.0f} "
-              f"{r['total_tok_per_s']:>11.0f} {100 * r['prefix_cache_hit_rate']:>7.1f}%")
-    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    print("\nparallel sampling and beam search (KV saved = 1 - blocks held / blocks held without sharing):")
+    print_sharing_table(sharing)
+    print("\nprefix caching, shared system prompt:")
+    print_prefix_table(prefix)
+    print(f"\nwrote {path} and {path.with_suffix('.png').name}")
     return 0
 
 
