@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -238,15 +239,16 @@ def parse_args(argv):
     p.add_argument("--model", default=None,
                    help="checkpoint directory (default: Qwen2.5-0.5B shape with random weights on a GPU, "
                         "the embedded tiny model on a CPU)")
-    p.add_argument("--mode", choices=("auto", "engine", "manager"), default="auto",
-                   help="engine: LLM with prefix caching; manager: fork_sequence by hand; "
-                        "auto: engine when it has prefix caching (default)")
+    p.add_argument("--mode", choices=("engine", "manager"), default="engine",
+                   help="engine: LLM with prefix caching (default); manager: fork_sequence by hand, no model run")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: sized by the engine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--unshared", action="store_true",
                    help="also run the engine with prefix caching off and report its measured peak next to the "
                         "computed naive figure")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (e.g. under benchmarks/results/)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the figures as JSON; a name must not claim another device than the run's "
+                        "(demo_memory_gpu.json is refused on a CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -258,21 +260,27 @@ def parse_args(argv):
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if not 0 <= args.question_len < args.prompt_len:
         p.error(f"--question-len must be in [0, --prompt-len={args.prompt_len}), got {args.question_len}")
+    if args.json and claims_other_device(Path(args.json).name, device):
+        p.error(f"--json {args.json}: the name says another device than this run's ({device}); results of a "
+                f"{'GPU' if device.startswith('cuda') else 'CPU'} run go to a name without "
+                f"{'cpu' if device.startswith('cuda') else 'gpu, cuda or a card name'} in it")
     return args, device
 
 
-def engine_has_prefix_caching() -> bool:
-    try:
-        import inspect
-        from pagedattention import LLM
-        return "enable_prefix_caching" in inspect.signature(LLM).parameters
-    except ImportError:
-        return False
+GPU_WORDS = re.compile(r"gpu|cuda|nvidia|hbm|[ahl]\d{2,3}(?!\d)", re.IGNORECASE)  # h100, a100, l40, ...
+
+
+def claims_other_device(file_name: str, device: str) -> bool:
+    """Whether ``file_name`` names a device other than ``device``: committed results are named after the
+    device that made them, and a CPU run must not overwrite a GPU's (nor the reverse)."""
+    if device.startswith("cuda"):
+        return "cpu" in file_name.lower()
+    return GPU_WORDS.search(file_name) is not None
 
 
 def main(argv=None) -> int:
     args, device = parse_args(argv)
-    mode = args.mode if args.mode != "auto" else ("engine" if engine_has_prefix_caching() else "manager")
+    mode = args.mode
     on_gpu = device.startswith("cuda")
     start = time.perf_counter()
     if mode == "engine":

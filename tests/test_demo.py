@@ -102,9 +102,6 @@ def test_unshared_engine_run_holds_a_private_copy_per_request(tmp_path, capsys):
 
 def test_engine_with_prefix_caching_shares_the_system_prompt(tmp_path, capsys):
     main = demo_main()
-    module = runpy.run_path(str(ROOT / "examples" / "demo_memory.py"), run_name="demo")
-    if not module["engine_has_prefix_caching"]():
-        pytest.skip("the engine has no enable_prefix_caching yet")
     out, result = run_demo(tmp_path, capsys, "engine")
     check_headline_matches_json(out, result)
     check_naive_arithmetic(result)
@@ -121,6 +118,34 @@ def test_engine_with_prefix_caching_shares_the_system_prompt(tmp_path, capsys):
         assert "the engine's own statistics agree" in out
     if "prefix_cache_hit_tokens" in engine_stats:  # every request found the system prompt's full blocks
         assert engine_stats["prefix_cache_hit_tokens"] == n * system_full * bs
+
+
+def test_default_mode_runs_the_engine_with_prefix_caching(tmp_path, capsys):
+    main = demo_main()
+    path = tmp_path / "demo.json"
+    assert main([a for a in tiny_argv(path, "manager") if a not in ("--mode", "manager")]) == 0
+    assert json.loads(path.read_text())["mode"] == "engine"
+
+
+@pytest.mark.parametrize("name", ["demo_memory_gpu.json", "demo_memory_cuda.json",
+                                  "demo_memory_NVIDIA_H100_80GB_HBM3.json", "demo_a100.json"])
+def test_a_cpu_run_refuses_to_write_a_file_named_for_a_gpu(tmp_path, capsys, name):
+    main = demo_main()
+    path = tmp_path / name
+    committed = '{"card": "a GPU"}\n'
+    path.write_text(committed)
+    with pytest.raises(SystemExit) as e:
+        main(tiny_argv(path, "manager"))
+    assert e.value.code == 2
+    assert f"--json {path}" in capsys.readouterr().err
+    assert path.read_text() == committed
+
+
+def test_a_cpu_run_writes_a_file_named_for_the_cpu(tmp_path, capsys):
+    out, result = run_demo(tmp_path, capsys, "manager")  # demo_manager.json
+    main = demo_main()
+    assert main(tiny_argv(tmp_path / "demo_memory_cpu.json", "manager")) == 0
+    assert json.loads((tmp_path / "demo_memory_cpu.json").read_text())["card"] == result["card"] == "cpu"
 
 
 def test_command_line_runs_the_demo(tmp_path, capsys):
