@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import runpy
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 # The scripts live in the source checkout, next to the package (an editable install points here).
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +38,7 @@ examples:
   pagedattention generate --model ~/models/Qwen2.5-0.5B-Instruct --file prompts.txt --json
   pagedattention generate "Tell me a story" --n 4 --temperature 0.8 --seed 1
   pagedattention generate "The best way to" --beam-width 4 --max-tokens 16
+  pagedattention generate "Q: Name a color. A:" --stop "Q:" --stop "." --temperature 0
   echo "From stdin" | pagedattention generate --file -
 
 Without --model the embedded tiny model (random weights, byte tokenizer) is used: it runs anywhere
@@ -96,19 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read prompts from a file, one per line (blank lines skipped; '-' = stdin)")
     gen.add_argument("--model", metavar="DIR", default=None,
                      help="Hugging Face checkpoint directory (default: the embedded tiny model)")
+    # Sampling flags default to None so that giving one with --beam-width can be refused; SAMPLING_DEFAULTS
+    # fills in the rest.
     sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    sampling.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens (default: -1 = off)")
-    sampling.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per completion (default: 32)")
-    sampling.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    sampling.add_argument("--n", type=int, default=1,
+    sampling.add_argument("--temperature", type=float, help="0 = greedy (default: 1.0)")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass (default: 1.0 = off)")
+    sampling.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default: -1 = off)")
+    sampling.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    sampling.add_argument("--n", type=int,
                           help="completions per prompt; they share the prompt's KV blocks (default: 1)")
-    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    sampling.add_argument("--stop", action="append", metavar="TEXT",
+                          help="end a completion when it produces TEXT (cut from the text); repeatable")
+    both = gen.add_argument_group("sampling and beam search")
+    both.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per completion (default: 32)")
+    both.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     beam = gen.add_argument_group("beam search (instead of sampling)")
     beam.add_argument("--beam-width", type=int, default=None,
                       help="keep the W likeliest hypotheses per step; beams share KV blocks (copy-on-write)")
-    beam.add_argument("--length-penalty", type=float, default=1.0,
+    beam.add_argument("--length-penalty", type=float, default=None,
                       help="hypotheses ranked by cum. logprob / length**penalty (default: 1.0)")
     engine = gen.add_argument_group("engine")
     engine.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = gen.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object per prompt (JSON lines)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    gen.set_defaults(func=run_generate)
+    gen.set_defaults(func=run_generate, parser=gen)
 
     bench = commands.add_parser(
         "bench", help="run a benchmark script", epilog=BENCH_EPILOG, formatter_class=formatter,
@@ -151,19 +160,51 @@ def read_prompts(args) -> list[str]:
         else:
             path = Path(args.file).expanduser()
             if not path.is_file():
-                raise SystemExit(f"pagedattention generate: --file {args.file}: no such file")
-            lines = path.read_text(encoding="utf-8").splitlines()
+                fail(f"--file {args.file}: no such file")
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"--file {args.file}: {e}")
         prompts += [line for line in lines if line.strip()]
     if not prompts:
-        raise SystemExit("pagedattention generate: no prompt given (pass PROMPT arguments or --file PATH)")
+        fail("no prompt given (pass PROMPT arguments or --file PATH)")
     return prompts
 
 
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=-1, seed=None, n=1, stop=None)
+# The flag of every API argument the generate flags set, for messages: the engine names `max_tokens`, the
+# user typed `--max-tokens`.
+FLAG_OF = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "max_tokens": "--max-tokens",
+           "seed": "--seed", "n": "--n", "stop": "--stop", "ignore_eos": "--ignore-eos",
+           "beam_width": "--beam-width", "length_penalty": "--length-penalty", "model": "--model",
+           "device": "--device", "dtype": "--dtype", "block_size": "--block-size", "max_model_len": "--max-model-len",
+           "enable_prefix_caching": "--enable-prefix-caching"}
+# An API name where a message uses it as the name of a value: "max_tokens must be", "max_model_len=9000",
+# "stop strings must be"; not inside other words or paths.
+_API_NAME = re.compile(r"(?<![\w./-])(" + "|".join(sorted(FLAG_OF, key=len, reverse=True)) +
+                       r")(?=\s+must\b|\s+strings\b|\s+exceeds\b|=)")
+
+
+def with_flag_names(message: str) -> str:
+    """``message`` with the API argument names it mentions replaced by the flags that set them."""
+    return _API_NAME.sub(lambda m: FLAG_OF[m.group(1)], message)
+
+
+def check_flag_combinations(args) -> None:
+    """Flags that have no effect together are refused (argparse error, exit status 2), not ignored."""
+    if args.beam_width is not None:
+        given = [FLAG_OF[name] for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            args.parser.error(f"{', '.join(given)} cannot be used with --beam-width: beam search keeps the "
+                              "likeliest hypotheses, it does not sample")
+    elif args.length_penalty is not None:
+        args.parser.error("--length-penalty only applies to beam search: add --beam-width")
+
+
 def sampling_kwargs(args) -> dict:
-    kwargs = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
-    if args.n != 1:  # only named when used, so n=1 runs on an engine without parallel sampling
-        kwargs["n"] = args.n
+    kwargs = {name: default if getattr(args, name) is None else getattr(args, name)
+              for name, default in SAMPLING_DEFAULTS.items()}
+    kwargs.update(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     return kwargs
 
 
@@ -176,21 +217,29 @@ def engine_kwargs(args) -> dict:
     return kwargs
 
 
+def completion_record(index: int, text: str, token_ids, cumulative_logprob: float, finish_reason: str | None,
+                      error: str | None = None) -> dict:
+    """One completion in ``--json`` output: the same fields for a sample and a beam."""
+    record = {"index": index, "text": text, "token_ids": list(token_ids),
+              "cumulative_logprob": cumulative_logprob, "finish_reason": finish_reason}
+    if error:
+        record["error"] = error
+    return record
+
+
 def output_record(request_output) -> dict:
-    return {
-        "prompt": request_output.prompt,
-        "prompt_token_ids": list(request_output.prompt_token_ids),
-        "outputs": [{"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
-                     "finish_reason": c.finish_reason,
-                     **({"error": c.error} if getattr(c, "error", None) else {})}
-                    for c in request_output.outputs],
-    }
+    return {"prompt": request_output.prompt, "prompt_token_ids": list(request_output.prompt_token_ids),
+            "outputs": [completion_record(c.index, c.text, c.token_ids, c.cumulative_logprob, c.finish_reason,
+                                          c.error) for c in request_output.outputs]}
 
 
-def beam_record(prompt: str, beam_output) -> dict:
-    return {"prompt": prompt,
-            "outputs": [{"index": i, "text": s.text, "token_ids": list(s.token_ids), "cum_logprob": s.cum_logprob}
-                        for i, s in enumerate(beam_output.sequences)]}
+def beam_record(prompt: str, prompt_token_ids, beam_output, eos_token_ids) -> dict:
+    """A beam search's hypotheses, best first, as ``output_record`` shows samples; a hypothesis that ends
+    with an end-of-text token stopped, any other reached --max-tokens (or the model's length)."""
+    outputs = [completion_record(i, s.text, s.token_ids, s.cum_logprob,
+                                 "stop" if s.token_ids and s.token_ids[-1] in eos_token_ids else "length")
+               for i, s in enumerate(beam_output.sequences)]
+    return {"prompt": prompt, "prompt_token_ids": list(prompt_token_ids), "outputs": outputs}
 
 
 def print_text(outputs, out) -> None:
@@ -199,23 +248,37 @@ def print_text(outputs, out) -> None:
         for c in request_output.outputs:
             label = f"[{i}]" if len(request_output.outputs) == 1 else f"[{i}.{c.index}]"
             detail = f"{c.finish_reason}, {len(c.token_ids)} tokens"
-            if c.finish_reason == "error" and getattr(c, "error", None):
+            if c.finish_reason == "error" and c.error:
                 detail += f": {c.error}"
             print(f"{label} {c.text!r}  ({detail})", file=out)
 
 
 def run_generate(args) -> int:
+    check_flag_combinations(args)
     prompts = read_prompts(args)
-    from . import LLM, SamplingParams  # torch loads here, not for --help
-    try:  # bad options and inputs are refused with the engine's message, before anything runs
-        if args.beam_width is not None:
-            return run_beam_search(args, prompts)
-        params = SamplingParams(**sampling_kwargs(args))
-        llm = LLM(args.model, **engine_kwargs(args))
-        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
-    except (TypeError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"pagedattention generate: {e}")
-    if args.json:
+    from . import LLM, BeamSearchParams, SamplingParams  # torch loads here, not for --help
+    beam = args.beam_width is not None
+    # Bad flag values, a checkpoint that cannot be loaded and prompts the engine refuses all end here, before
+    # anything runs: one line naming the flag or file, no traceback.
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            if beam:
+                length_penalty = 1.0 if args.length_penalty is None else args.length_penalty
+                params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
+                                          length_penalty=length_penalty, ignore_eos=args.ignore_eos)
+            else:
+                params = SamplingParams(**sampling_kwargs(args))
+            llm = LLM(args.model, **engine_kwargs(args))
+            if beam:
+                outputs = llm.beam_search(prompts, params, use_tqdm=not args.no_progress)
+            else:
+                outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    except (TypeError, ValueError, OSError) as e:
+        fail(with_flag_names(str(e)))
+    if beam:
+        print_beam_search(args, llm, prompts, outputs)
+    elif args.json:
         for request_output in outputs:
             print(json.dumps(output_record(request_output), ensure_ascii=False))
     else:
@@ -223,20 +286,25 @@ def run_generate(args) -> int:
     return 0
 
 
-def run_beam_search(args, prompts: list[str]) -> int:
-    from . import LLM, BeamSearchParams
-    params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
-                              length_penalty=args.length_penalty, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, **engine_kwargs(args))
-    outputs = llm.beam_search(prompts, params, use_tqdm=not args.no_progress)
+def print_beam_search(args, llm, prompts: list[str], outputs) -> None:
     for i, (prompt, beam_output) in enumerate(zip(prompts, outputs)):
         if args.json:
-            print(json.dumps(beam_record(prompt, beam_output), ensure_ascii=False))
+            record = beam_record(prompt, llm.tokenizer.encode(prompt), beam_output, llm.eos_token_ids)
+            print(json.dumps(record, ensure_ascii=False))
             continue
         print(f"[{i}] prompt: {prompt!r}")
         for rank, s in enumerate(beam_output.sequences):
             print(f"[{i}.{rank}] {s.text!r}  (cum. logprob {s.cum_logprob:.3f}, {len(s.token_ids)} tokens)")
-    return 0
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The engine's warnings (e.g. a KV cache that lowers --max-model-len) as one line, flag names included."""
+    print(f"pagedattention generate: warning: {with_flag_names(str(message))}", file=file or sys.stderr)
+
+
+def fail(message: str) -> NoReturn:
+    """End the command with one line on stderr and exit status 1."""
+    raise SystemExit(f"pagedattention generate: error: {message}")
 
 
 # --- bench / demo: scripts of the source checkout -----------------------------------------------------
@@ -256,8 +324,11 @@ def run_script(path: Path, argv: list[str]) -> int:
     sys.path.insert(0, str(path.parent))
     try:
         runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:  # a script's argparse --help or sys.exit(main())
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as e:  # a script's argparse --help, sys.exit(main()) or SystemExit("message")
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # what the interpreter prints for a script run on its own
+        return 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
@@ -276,7 +347,11 @@ def run_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
