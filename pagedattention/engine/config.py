@@ -34,6 +34,7 @@ class EngineConfig:
     scheduling: str = "continuous"       # or "static": fixed batches, no admission until a batch ends
     enable_prefix_caching: bool = False  # reuse the KV blocks of earlier prompts' equal prefixes
     cpu_threads: int | None = None       # torch threads on a CPU; None: 1 for the embedded tiny model, else torch's
+    tensor_parallel_size: int = 1        # processes the model is split over (one GPU each), engine/distributed.py
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -47,6 +48,7 @@ class EngineConfig:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size)
         if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
             raise TypeError(f"gpu_memory_utilization must be a float, got {type(self.gpu_memory_utilization).__name__}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -61,6 +63,11 @@ class EngineConfig:
             raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
         self._built_max_num_seqs = self.max_num_seqs
         self.device = self._resolve_device(self.device)
+        if self.device.type == "cuda" and self.tensor_parallel_size > 1:
+            first, count = self.device.index or 0, torch.cuda.device_count()
+            if first + self.tensor_parallel_size > count:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs GPUs cuda:{first} to "
+                                 f"cuda:{first + self.tensor_parallel_size - 1}; torch sees {count}")
         self.dtype = self._resolve_dtype(self.dtype)
         if self.attention_backend == "auto":
             self.attention_backend = "numba" if self.device.type == "cuda" else "torch"

@@ -68,22 +68,30 @@ class LLM:
             threads = config.cpu_threads or (1 if config.model is None else None)
             if threads is not None:
                 torch.set_num_threads(threads)
-        self.model, self.tokenizer, self.model_config = models.load(
-            config.model, dtype=config.dtype, device=config.device, seed=config.seed)
-        config.set_model_limits(self.model_config)
-        ops = self.model.bind_backend(config.attention_backend)
-        num_blocks = kv_cache.num_kv_blocks(config, self.model, self.model_config)
-        if config.cap_max_model_len(num_blocks):
-            warnings.warn(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, so max_model_len "
-                          f"is lowered to {config.max_model_len} (the model allows "
-                          f"{self.model_config.max_position_embeddings}); requests end at that length. Raise "
-                          "gpu_memory_utilization or num_kv_blocks for longer ones", stacklevel=2)
-        mc = self.model_config
-        self.manager = PagedAttentionManager(num_blocks, config.block_size, mc.num_hidden_layers,
-                                             mc.num_key_value_heads, mc.head_dim, config.dtype, config.device,
-                                             copy_blocks=ops.copy_blocks)
-        self.model.bind_kv_cache(self.manager.key_caches, self.manager.value_caches)
-        self.runner = ModelRunner(config, self.model, self.manager)
+        # --- tensor parallelism: one process per shard; engine/distributed.py builds every rank's part ---
+        if config.tensor_parallel_size > 1:
+            from .distributed import TensorParallelRunner
+            self.runner = runner = TensorParallelRunner(config)
+            self.model, self.tokenizer, self.model_config = runner.model, runner.tokenizer, runner.model_config
+            self.manager, mc = runner.manager, runner.model_config
+        else:
+            self.model, self.tokenizer, self.model_config = models.load(
+                config.model, dtype=config.dtype, device=config.device, seed=config.seed)
+            config.set_model_limits(self.model_config)
+            ops = self.model.bind_backend(config.attention_backend)
+            num_blocks = kv_cache.num_kv_blocks(config, self.model, self.model_config)
+            if config.cap_max_model_len(num_blocks):
+                warnings.warn(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, so "
+                              f"max_model_len is lowered to {config.max_model_len} (the model allows "
+                              f"{self.model_config.max_position_embeddings}); requests end at that length. Raise "
+                              "gpu_memory_utilization or num_kv_blocks for longer ones", stacklevel=2)
+            mc = self.model_config
+            self.manager = PagedAttentionManager(num_blocks, config.block_size, mc.num_hidden_layers,
+                                                 mc.num_key_value_heads, mc.head_dim, config.dtype, config.device,
+                                                 copy_blocks=ops.copy_blocks)
+            self.model.bind_kv_cache(self.manager.key_caches, self.manager.value_caches)
+            self.runner = ModelRunner(config, self.model, self.manager)
+        # --- end tensor parallelism ---
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
