@@ -50,7 +50,7 @@ BENCH_EPILOG = """\
 examples:
   pagedattention bench kernels                      # on a GPU: writes benchmarks/results/kernels_*.json
   pagedattention bench throughput --tiny            # a quick CPU run with the embedded model
-  pagedattention bench sharing --tiny
+  pagedattention bench sharing --tiny               # seconds on a CPU; writes to a scratch directory
   pagedattention bench throughput --help            # the script's own options
 
 Every argument after the benchmark's name goes to its script unchanged.
@@ -61,7 +61,7 @@ DEMO_EPILOG = """\
 examples:
   pagedattention demo memory                          # sizes chosen for the device (GPU or CPU)
   pagedattention demo memory --num-requests 8 --prompt-len 256 --answer-len 16
-  pagedattention demo memory --json benchmarks/results/demo_memory.json
+  pagedattention demo memory --json demo.json         # a name that claims another device is refused
   pagedattention demo memory --help                   # the demo's own options
 """
 

@@ -4,12 +4,12 @@ It hands out KV-cache block ids and counts each block's owners (see the comment 
 C++ file). Each method is one ctypes call that carries a whole batch of ids as one int32 array
 (an ``array.array``, filled in C from the Python list, passed by address); ctypes releases the GIL
 during the call, and the C++ side takes a mutex, so threads may share one manager.
+``ReferenceBlockManager`` (reference.py) is the same thing in plain Python.
 
 Closing. ``bm_destroy`` frees the C++ object, mutex included, so it must never run while another thread
 is inside a call: that thread would wait forever on (or corrupt) freed memory. Every call therefore
 registers itself in ``_in_flight`` before it touches the handle; ``close()`` first refuses new calls,
 then waits until the calls in flight have returned, and only then destroys the object.
-``ReferenceBlockManager`` (reference.py) is the same thing in plain Python.
 """
 from __future__ import annotations
 
