@@ -10,6 +10,9 @@ each one matmul instead of several:
     gate_up_proj = [gate_proj; up_proj]
 ``hf_weight_slots()`` tells the loader which rows of which parameter each checkpoint tensor fills.
 
+Tensor parallelism (``tp``, parallel.py): each rank builds the same modules over its share of the heads, the MLP
+features and the vocabulary; at ``tp.size == 1`` they are plain ``nn.Linear`` / ``nn.Embedding``.
+
 A decode step is launch-bound, so the small ops between the matmuls are fused (``BackendOps``): RoPE with the
 KV-cache write, each residual add with the RMSNorm after it (the residual stream travels beside the layer
 outputs, as in vLLM), SwiGLU's activation with its product.
@@ -22,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
 from .attention import AttentionMetadata, BackendOps, PagedAttention, backend_ops
 from .config import ModelConfig
+from .parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -80,14 +85,18 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Over this rank's heads: ``num_heads`` and ``num_kv_heads`` are the model's divided by ``tp.size``."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads = config.num_attention_heads // tp.size
+        self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.qkv_proj.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.qkv_proj = parallel.column_parallel_linear(config.hidden_size, (q_size, kv_size, kv_size),
+                                                        config.attention_bias, tp)
+        self.o_proj = parallel.row_parallel_linear(q_size, config.hidden_size, config.o_proj_bias, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -110,24 +119,23 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
-        self.gate_up_proj.shard_sizes = (size, size)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = parallel.column_parallel_linear(config.hidden_size, (size, size), False, tp)
+        self.down_proj = parallel.row_parallel_linear(size, config.hidden_size, False, tp)
 
     def forward(self, x, ops: BackendOps):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, residual, cos, sin, attn: AttentionMetadata, ops: BackendOps):
         """``x``: the previous layer's output, not yet added to ``residual`` (the running sum of every layer's
@@ -144,11 +152,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = parallel.vocab_parallel_embedding(config.vocab_size, config.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ops = backend_ops("torch")
 
@@ -165,11 +173,15 @@ class LlamaForCausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
+        """``tp``: this rank's shard of the model under tensor parallelism (None: the whole model)."""
         super().__init__()
+        tp = tp or parallel.SINGLE
+        parallel.check_divisible(config, tp.size)
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.model = LlamaModel(config, tp)
+        self.lm_head = parallel.parallel_lm_head(config.hidden_size, config.vocab_size, tp)
         self.tie_weights()
 
     def tie_weights(self):
@@ -188,17 +200,19 @@ class LlamaForCausalLM(nn.Module):
 
     def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]):
         """Give layer i the cache tensors ``key_caches[i]``, ``value_caches[i]``
-        (each ``[num_blocks, block_size, num_kv_heads, head_dim]``, the model's dtype and device)."""
-        c, layers = self.config, self.model.layers
+        (each ``[num_blocks, block_size, num_kv_heads, head_dim]``, the model's dtype and device; this rank's
+        KV heads under tensor parallelism)."""
+        layers = self.model.layers
+        num_kv_heads, head_dim = layers[0].self_attn.num_kv_heads, self.config.head_dim
         if len(key_caches) != len(layers) or len(value_caches) != len(layers):
             raise ValueError(f"need one key and one value cache per layer ({len(layers)}), got "
                              f"{len(key_caches)} and {len(value_caches)}")
         weight = self.model.embed_tokens.weight
         for i, (k, v) in enumerate(zip(key_caches, value_caches)):
             for name, cache in (("key_caches", k), ("value_caches", v)):
-                if cache.dim() != 4 or tuple(cache.shape[2:]) != (c.num_key_value_heads, c.head_dim):
-                    raise ValueError(f"{name}[{i}] must be [num_blocks, block_size, {c.num_key_value_heads}, "
-                                     f"{c.head_dim}], got {list(cache.shape)}")
+                if cache.dim() != 4 or tuple(cache.shape[2:]) != (num_kv_heads, head_dim):
+                    raise ValueError(f"{name}[{i}] must be [num_blocks, block_size, {num_kv_heads}, "
+                                     f"{head_dim}], got {list(cache.shape)}")
                 if cache.dtype != weight.dtype or cache.device != weight.device:
                     raise ValueError(f"{name}[{i}] must be {weight.dtype} on {weight.device}, got "
                                      f"{cache.dtype} on {cache.device}")
@@ -216,22 +230,27 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn)
 
     def compute_logits(self, hidden):
-        """``[n, hidden_size]`` -> float32 ``[n, vocab_size]`` (sample only the rows you need)."""
+        """``[n, hidden_size]`` -> float32 ``[n, vocab_size]`` (sample only the rows you need). Under tensor
+        parallelism on rank 0; the other ranks get ``[n, 0]``."""
         return self.lm_head(hidden).float()
 
-    def hf_weight_slots(self) -> dict[str, tuple[nn.Parameter, slice]]:
-        """Each Hugging Face checkpoint tensor name -> (the parameter it fills, the rows it fills)."""
+    def hf_weight_slots(self) -> dict[str, tuple]:
+        """Each Hugging Face checkpoint tensor name -> (the parameter it fills, the rows it fills) or, for a tensor
+        split by tensor parallelism, (parameter, rows, the ``parallel.Shard`` of the checkpoint tensor to load)."""
         slots = {}
         for name, param in self.named_parameters():  # a tied lm_head is not listed (it is embed_tokens)
             module_name, _, leaf = name.rpartition(".")
-            sizes = getattr(self.get_submodule(module_name), "shard_sizes", None)
+            module = self.get_submodule(module_name)
+            sizes = getattr(module, "shard_sizes", None)
             if sizes is None:
-                slots[name] = (param, slice(None))
+                split = parallel.checkpoint_slot(module, leaf)
+                slots[name] = (param, slice(None)) if split is None else (param, *split)
                 continue
             fused = module_name.rpartition(".")[2]
             for part, (target, shard) in self.packed_modules.items():
                 if target == fused:
                     start = sum(sizes[:shard])
                     hf_name = f"{module_name.rpartition('.')[0]}.{part}.{leaf}"
-                    slots[hf_name] = (param, slice(start, start + sizes[shard]))
+                    rows, split = slice(start, start + sizes[shard]), parallel.column_shard(module, sizes[shard])
+                    slots[hf_name] = (param, rows) if split is None else (param, rows, split)
         return slots

@@ -6,6 +6,10 @@ checkpoint directory: ``config.json``, ``*.safetensors`` (one file, or shards li
 
 A checkpoint is outside input: everything wrong with one raises CheckpointError, whose message starts with the
 path of the file at fault and names the key or tensor.
+
+Tensor parallelism (``tp``): a rank loads only its shard. From a checkpoint each tensor's slice is read into its
+slot (the file's tensor is still checked against the whole model's shape); the tiny model and a ModelConfig
+build the full seeded weights (the same on every rank) and keep the slices.
 """
 from __future__ import annotations
 
@@ -16,57 +20,96 @@ from pathlib import Path, PurePath
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import parallel
 from .config import CheckpointError, ModelConfig, read_json_object
 from .llama import LlamaForCausalLM
-from .tiny import random_model, tiny_model
+from .parallel import Shard, TensorParallel
+from .tiny import TINY_CONFIG, random_model, tiny_model
 from .tokenizer import HFTokenizer
 
 
 def load(source=None, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-         seed: int = 0):
+         seed: int = 0, tp: TensorParallel | None = None):
     """``(model in eval mode, tokenizer or None, ModelConfig)`` for ``source``:
 
     - None: the embedded tiny model (always the same weights) with its byte tokenizer;
     - a ModelConfig: random weights of that shape drawn on ``device`` under ``seed``, no tokenizer;
     - a str or os.PathLike: a checkpoint directory (CheckpointError if it cannot be loaded).
 
-    ``dtype`` is torch.float16, torch.bfloat16 or torch.float32, or its name.
+    ``dtype`` is torch.float16, torch.bfloat16 or torch.float32, or its name. ``tp``: load this rank's shard.
     """
     dtype = _model_dtype(dtype)
     device = _device(device)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if source is None:
-        return tiny_model(dtype=dtype, device=device)
-    if isinstance(source, ModelConfig):
-        return random_model(source, dtype=dtype, device=device, seed=seed)
+    if source is None or isinstance(source, ModelConfig):
+        full = tiny_model(dtype=dtype, device=device) if source is None else random_model(
+            source, dtype=dtype, device=device, seed=seed)
+        return full if tp is None or tp.size == 1 else (_shard_of(full[0], tp), *full[1:])
     if isinstance(source, (str, os.PathLike)):
-        return load_model(source, dtype=dtype, device=device)
+        return load_model(source, dtype=dtype, device=device, tp=tp)
     raise TypeError(f"model must be a checkpoint directory (str or os.PathLike), a ModelConfig or None, "
                     f"got {type(source).__name__}")
 
 
-def load_model(path, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu"):
+def read_model_config(source) -> ModelConfig:
+    """The ModelConfig ``load(source)`` would return, without loading any weight."""
+    if source is None:
+        return ModelConfig(**TINY_CONFIG)
+    if isinstance(source, ModelConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _read_config(_checkpoint_dir(source))
+    raise TypeError(f"model must be a checkpoint directory (str or os.PathLike), a ModelConfig or None, "
+                    f"got {type(source).__name__}")
+
+
+def load_model(path, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu",
+               tp: TensorParallel | None = None):
     """``(model, tokenizer, config)`` from a checkpoint directory; tokenizer is None if it ships none."""
     dtype, device = _model_dtype(dtype), _device(device)
-    if os.fspath(path) == "":
-        raise ValueError("model must name a checkpoint directory, got an empty path")
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    path = _checkpoint_dir(path)
     config = _read_config(path)
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
     # before the weights: a broken tokenizer fails in a second, not after minutes of loading
     tokenizer = HFTokenizer(path, eos_token_id=eos) if has_tokenizer else None
 
+    model = _empty_model(config, dtype, device, tp)
+    _load_weights(model, path)
+    return model.eval(), tokenizer, config
+
+
+def _checkpoint_dir(path) -> Path:
+    if os.fspath(path) == "":
+        raise ValueError("model must name a checkpoint directory, got an empty path")
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    return path
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, tp) -> LlamaForCausalLM:
     with torch.device("meta"):  # no memory or init time spent on weights about to be overwritten
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, tp)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()  # materialising from meta gives every parameter its own storage
     model.model.rotary_emb.reset_parameters()  # buffers are not in the checkpoint; RoPE stays float32
-    _load_weights(model, path)
-    return model.eval(), tokenizer, config
+    parallel.zero_padding_(model)
+    return model
+
+
+def _shard_of(full: LlamaForCausalLM, tp: TensorParallel) -> LlamaForCausalLM:
+    """This rank's shard of a whole model, in eval mode (its slices copied, the whole model left to be freed)."""
+    weight = full.model.embed_tokens.weight
+    model = _empty_model(full.config, weight.dtype, weight.device, tp)
+    whole = full.hf_weight_slots()
+    with torch.no_grad():
+        for name, (param, rows, *split) in model.hf_weight_slots().items():
+            source_param, source_rows = whole[name]
+            tensor = source_param[source_rows]
+            param[rows].copy_(split[0].take(tensor) if split else tensor)
+    return model.eval()
 
 
 def _read_config(path: Path) -> ModelConfig:
@@ -104,7 +147,11 @@ def _load_weights(model: LlamaForCausalLM, path: Path) -> None:
                         raise CheckpointError(f"{file}: unexpected tensor {name!r} for {model_type}")
                     if name in filled:
                         raise CheckpointError(f"{file}: tensor {name!r} is also in {filled[name]}")
-                    _copy_tensor(file, name, f.get_tensor(name), *slots[name])
+                    slot = slots[name]
+                    if len(slot) == 2:
+                        _copy_tensor(file, name, f.get_tensor(name), *slot)
+                    else:  # this rank's part only, read without the rest of the tensor
+                        _copy_shard(file, name, f.get_slice(name), *slot)
                     filled[name] = file
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
@@ -112,6 +159,16 @@ def _load_weights(model: LlamaForCausalLM, path: Path) -> None:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors: {', '.join(missing[:5])}"
                               + (" ..." if len(missing) > 5 else ""))
+
+
+def _copy_shard(file: Path, name: str, stored, param: torch.nn.Parameter, rows: slice, shard: Shard) -> None:
+    """``_copy_tensor`` of this rank's ``shard`` of a stored tensor (a safetensors slice), after checking the whole
+    tensor's shape against the whole model's."""
+    expected = shard.full_shape(param[rows].shape)
+    if list(stored.get_shape()) != expected:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {list(stored.get_shape())}, expected {expected}")
+    tensor = stored[tuple([slice(None)] * shard.dim + [slice(shard.start, shard.stop)])]
+    _copy_tensor(file, name, tensor, param, rows)
 
 
 def _copy_tensor(file: Path, name: str, tensor: torch.Tensor, param: torch.nn.Parameter, rows: slice) -> None:
