@@ -1,13 +1,14 @@
 """Hugging Face transformers baselines for the offline throughput benchmark (benchmark_throughput.py).
 
-    model = hf_model(QWEN25_05B, dtype=torch.bfloat16, device="cuda")
+    model = hf_model(common.qwen25_05b(), dtype=torch.bfloat16, device="cuda")
     run_hf_static(model, prompts, max_tokens, batch_size=64, temperature=0.6)
     run_hf_continuous(model, prompts, max_tokens, temperature=0.6, use_cuda_graph=True)
 
-``max_tokens`` holds one output length per prompt (``[p.max_tokens for p in params]``). Both runs return
-the metrics dict of ``benchmark_throughput.run_one`` plus an "engine" description. Every request arrives
-at t=0 (the start of the timed run), EOS is ignored, and sampling is plain temperature sampling (no top-k
-or top-p), as in our engine.
+``max_tokens`` holds one output length per prompt (``Workload.output_lens``). Both runs return the metrics of
+``benchmark_throughput.run_engine`` (without its step counts) plus an "engine" description. Every request
+arrives at t=0 (the start of the timed run), EOS is ignored, and sampling is plain temperature sampling (no
+top-k or top-p), as in our engine. On a CPU the caller sets torch's thread count (the engine's, so that the
+two compare): these functions leave it alone.
 
 Written against transformers 5.17 and 5.24, whose continuous-batching APIs differ (see run_hf_continuous);
 differences are feature-detected, not version-checked.
@@ -16,27 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import statistics
 import time
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from common import summary
+
 # mistral without a sliding window (all ModelConfig accepts) is the llama decoder
 _CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
-
-
-def _summary(values: list[float]) -> dict | None:
-    """mean/p50/p99 as benchmark_throughput.summary (not imported: that module will import this one)."""
-    if not values:
-        return None
-    values = sorted(values)
-
-    def percentile(q: float) -> float:
-        return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
-
-    return {"mean": statistics.fmean(values), "p50": percentile(50), "p99": percentile(99)}
 
 
 def _metrics(wall: float, prompts, max_tokens: list[int], ttft: list[float], tpot: list[float], engine: str) -> dict:
@@ -46,7 +36,7 @@ def _metrics(wall: float, prompts, max_tokens: list[int], ttft: list[float], tpo
         "wall_s": wall, "num_requests": len(prompts), "prompt_tokens": num_prompt, "output_tokens": num_output,
         "requests_per_s": len(prompts) / wall, "output_tok_per_s": num_output / wall,
         "total_tok_per_s": (num_prompt + num_output) / wall,
-        "ttft_s": _summary(ttft), "tpot_s": _summary(tpot), "engine": engine,
+        "ttft_s": summary(ttft), "tpot_s": summary(tpot), "engine": engine,
     }
 
 

@@ -1,0 +1,368 @@
+"""Where a decode step's time goes: the GPU time of each part against its own bound, and how idle the GPU is.
+
+    python benchmarks/profile_step.py                     # GPU: Qwen2.5-0.5B shape, batches 1/16/64/256
+    python benchmarks/profile_step.py --tiny              # CPU smoke run of the same pipeline
+    python benchmarks/benchmark_throughput.py --profile   # the same, on the benchmark's engine, after its runs
+
+For each batch size, that many requests (random prompts of ~900 tokens, U[0.9, 1.1] x --context) are prefilled
+through the public loop (``add_request`` / ``step``) until one decode step runs them all; then decode steps are
+(1) timed whole, ``llm.step()`` (schedule + prepare + graph replay + LM head + sample + postprocess), without a
+profiler; (2) traced with torch.profiler: every CUDA kernel (Numba's appear by their mangled Python names,
+cuBLAS's by theirs) is put in a part by its name, except that a step's last GEMM is the LM head and whatever
+runs after it is sampling (the logits' float cast, temperature, the draw). Kernel names no rule knows are
+"other" and are printed, so the table hides nothing. (3) traced again with Python's call stacks, for the host
+time of the engine's phases (inflated by the tracer: read the shares, not the milliseconds).
+
+Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs read their weights once
+(+ activations) or do their FLOPs, whichever takes longer; norms/RoPE/SwiGLU move their activations once; the
+LM head reads its matrix and writes the logits (or its FLOPs); sampling reads the logits once. Bytes go at
+the measured copy bandwidth, FLOPs at the measured bf16 GEMM rate (the model's gate_up projection over 8,192
+tokens). GPU idle = 1 - (kernel + copy time) / step wall time.
+
+The W2 bound (same run): every decode step reads the weights once (common.weight_bytes) and the running
+sequences' KV; W2's requests all run at once (cap 256), so it has max(output) - 1 decode steps; plus the prompts'
+prefill FLOPs at the GEMM rate. Output tokens / those seconds = the bound on output tok/s; W2 is run on the
+same engine (continuous, ``generate``) and reported as a fraction of it. JSON: results/profile_<card>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import workloads  # noqa: E402
+from benchmark_throughput import ideal_decode_steps  # noqa: E402
+from pagedattention import LLM, SamplingParams  # noqa: E402
+
+STEP_LABEL = "profile_step.decode"
+PARTS = ("attention", "gemm", "layer_ops", "lm_head", "sampling", "copies", "other")
+# A kernel's part by its (lowercased) name, first match wins. Numba names keep the module and function
+# (pagedattention::kernels::layer_ops::_add_rms_norm_kernel::<locals>::kernel); on a CPU the "kernels" are aten ops.
+NAME_RULES = [
+    ("attention", re.compile(r"paged_attention|paged_prefill|build_(v1|v2|tc|merge)_kernel|scaled_dot_product")),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|splitkreduce|cublas|wgmma|^aten::(mm|addmm|bmm|linear|matmul)$")),
+    ("layer_ops", re.compile(r"layer_ops|rope_write_kv|add_rms_norm|silu|norm(?!al)|cos_kernel|sin_kernel|^aten::(cos|sin)$")),
+]
+# Host phases: (file, function) of the engine's Python frames, as the tracer names them ("scheduler.py(88): schedule").
+HOST_PHASES = {"schedule": ("scheduler", "schedule"), "prepare": ("model_runner", "prepare"),
+               "execute (replay + LM head)": ("model_runner", "execute"), "sample": ("sampler", "__call__"),
+               "postprocess": ("scheduler", "postprocess")}
+
+
+# --- reading a trace -----------------------------------------------------------------------------------
+
+def part_of(name: str) -> str:
+    lowered = name.lower()
+    return next((part for part, rule in NAME_RULES if rule.search(lowered)), "other")
+
+
+def load_trace(prof) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        data = json.loads(Path(f"{tmp}/trace.json").read_text())
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def step_windows(events: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) in µs of every traced step: the GPU-side span of its annotation when the trace has one per
+    step, else the CPU-side one (a step ends with the sampled tokens on the host, so its kernels end inside it)."""
+    def spans(cat):
+        return sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                      if e.get("cat") == cat and e.get("name") == STEP_LABEL)
+    cpu, gpu = spans("user_annotation"), spans("gpu_user_annotation")
+    return gpu if gpu and len(gpu) == len(cpu) else cpu
+
+
+def device_events(events: list[dict]) -> list[dict]:
+    """The GPU's kernels, copies and memsets. A trace without any (a CPU run) gives its aten ops, each with its
+    self time (its duration less its children's) as "dur", so that nested ops are not counted twice."""
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if gpu:
+        return gpu
+    ops = sorted((dict(e) for e in events if e.get("cat") == "cpu_op" and "dur" in e),
+                 key=lambda e: (e.get("tid"), e["ts"], -e["dur"]))
+    stack = []
+    for e in ops:
+        while stack and (stack[-1]["tid"] != e.get("tid") or stack[-1]["end"] <= e["ts"]):
+            stack.pop()
+        if stack:
+            stack[-1]["self"] -= e["dur"]
+        e.update(end=e["ts"] + e["dur"], self=e["dur"])
+        stack.append(e)
+    return [{**e, "dur": max(e["self"], 0.0)} for e in ops]
+
+
+def split_steps(windows, events) -> tuple[list[list[dict]], int]:
+    """Each window's events in time order, and how many events fell in no window."""
+    steps, outside = [[] for _ in windows], 0
+    for e in sorted(events, key=lambda e: e["ts"]):
+        i = next((i for i, (a, b) in enumerate(windows) if a <= e["ts"] <= b), None)
+        if i is None:
+            outside += 1
+        else:
+            steps[i].append(e)
+    return steps, outside
+
+
+def classify_step(step: list[dict]) -> tuple[dict, dict]:
+    """µs per part of one step's events (time-ordered), and µs per kernel name of the "other" part."""
+    parts, others = dict.fromkeys(PARTS, 0.0), defaultdict(float)
+    kinds = [("copies" if e.get("cat") in ("gpu_memcpy", "gpu_memset") else part_of(e["name"])) for e in step]
+    lm_head = max((i for i, k in enumerate(kinds) if k == "gemm"), default=None)
+    for i, (e, kind) in enumerate(zip(step, kinds)):
+        if lm_head is not None and i == lm_head:
+            kind = "lm_head"
+        elif lm_head is not None and i > lm_head and kind != "copies":
+            kind = "sampling"
+        parts[kind] += e["dur"]
+        if kind == "other":
+            others[e["name"]] += e["dur"]
+    return parts, dict(others)
+
+
+def host_phases(events: list[dict], windows) -> dict:
+    """ms per step spent in each HOST_PHASES function (inclusive; the outermost call where one nests)."""
+    pattern = re.compile(r"(\w+)\.py\(\d+\): (\S+)$")
+    totals = dict.fromkeys(HOST_PHASES, 0.0)
+    wanted = {v: k for k, v in HOST_PHASES.items()}
+    spans = defaultdict(list)
+    for e in events:
+        m = pattern.search(e.get("name", "")) if e.get("cat") == "python_function" else None
+        if m and m.groups() in wanted and any(a <= e["ts"] <= b for a, b in windows):
+            spans[wanted[m.groups()]].append((e["ts"], e["ts"] + e["dur"]))
+    for phase, intervals in spans.items():
+        end = -1.0
+        for a, b in sorted(intervals):
+            if a >= end:  # a recursive or nested call of the same phase is already inside the counted one
+                totals[phase] += b - a
+                end = b
+    n = max(len(windows), 1)
+    step_ms = sum(b - a for a, b in windows) / n / 1e3
+    phases = {k: v / n / 1e3 for k, v in totals.items()}
+    return {**phases, "rest of llm.step": step_ms - sum(phases.values()), "llm.step (traced)": step_ms}
+
+
+# --- bounds --------------------------------------------------------------------------------------------
+
+def part_bounds(mc, batch: int, context: float, dtype_bytes: int, copy_bw: float, rate: float) -> dict:
+    """Seconds each part of one decode step needs at least (module docstring), for ``batch`` sequences of
+    ``context`` tokens."""
+    d, h, i, layers = dtype_bytes, mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    q, kv, v = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, mc.vocab_size
+    attention = layers * batch * (2 * context * kv + 2 * q) * d
+    linear = common.layer_linear_params(mc)
+    activations = layers * batch * d * (h + (q + 2 * kv) + q + h + h + 2 * i + i + h)
+    norms = (2 * layers + 1) * (4 * batch * h + h) * d
+    rope = layers * batch * (2 * (q + 2 * kv) * d + 2 * mc.head_dim * 4)
+    qk_norm = layers * batch * 2 * (q + kv) * d if mc.qk_norm else 0
+    swiglu = layers * batch * 3 * i * d
+    return {"attention": attention / copy_bw,
+            "gemm": max((layers * linear * d + activations) / copy_bw, 2 * batch * layers * linear / rate),
+            "layer_ops": (norms + rope + qk_norm + swiglu) / copy_bw,
+            "lm_head": max((v * h + batch * h + batch * v) * d / copy_bw, 2 * batch * h * v / rate),
+            "sampling": batch * v * d / copy_bw}
+
+
+def workload_bound(mc, w: workloads.Workload, dtype_bytes: int, copy_bw: float, rate: float, cap: int = 256) -> dict:
+    """The physical bound of a request set at batch cap ``cap`` (module docstring)."""
+    decode_lens = [o - 1 for o in w.output_lens if o > 1]  # the first token comes from the prefill
+    steps = ideal_decode_steps(decode_lens, cap, "continuous") if decode_lens else 0
+    # a request of prompt p decoding n tokens reads p + 1, p + 2, ..., p + n tokens' K/V
+    kv_tokens = sum(n * len(p) + n * (n + 1) // 2 for p, n in zip(w.prompts, [o - 1 for o in w.output_lens]))
+    weights_s = steps * common.weight_bytes(mc, dtype_bytes) / copy_bw
+    kv_s = kv_tokens * common.kv_bytes_per_token(mc, dtype_bytes) / copy_bw
+    prefill_s = sum(common.prefill_flops(mc, len(p)) for p in w.prompts) / rate
+    seconds = weights_s + kv_s + prefill_s
+    return {"decode_steps": steps, "mean_batch": sum(decode_lens) / steps if steps else 0.0,
+            "weight_bytes_per_step": common.weight_bytes(mc, dtype_bytes),
+            "kv_bytes_per_token": common.kv_bytes_per_token(mc, dtype_bytes), "kv_tokens_read": kv_tokens,
+            "weights_s": weights_s, "kv_s": kv_s, "prefill_s": prefill_s, "seconds": seconds,
+            "output_tok_per_s": w.output_tokens / seconds}
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int, temperature: float, seed: int) -> list[str]:
+    """``batch`` requests of ~``context`` prompt tokens, stepped until one decode step runs them all."""
+    rng, vocab = random.Random(seed), llm.model_config.vocab_size
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    ids = [llm.add_request([rng.randrange(vocab) for _ in range(rng.randint(int(0.9 * context), int(1.1 * context)))],
+                           params) for _ in range(batch)]
+    while True:
+        if not llm.has_unfinished_requests():
+            raise RuntimeError(f"batch {batch}: the requests ended before decoding together")
+        llm.step()
+        if not llm.last_step.is_prefill and llm.last_step.num_seqs == batch:
+            return ids
+
+
+def traced_steps(llm: LLM, steps: int, on_gpu: bool, with_stack: bool = False) -> list[dict]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, with_stack=with_stack) as prof:
+        for _ in range(steps):
+            with record_function(STEP_LABEL):
+                llm.step()
+    return load_trace(prof)
+
+
+def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: float) -> dict:
+    on_gpu = llm.config.device.type == "cuda"
+    warmup, timed = 3, max(steps, 5)
+    ids = start_decoding(llm, batch, context, warmup + timed + 2 * steps + 4, temperature, seed=batch)
+    for _ in range(warmup):
+        llm.step()
+    walls = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        llm.step()
+        walls.append(1e3 * (time.perf_counter() - start))
+    trace = traced_steps(llm, steps, on_gpu)
+    host = traced_steps(llm, steps, on_gpu=False, with_stack=True)
+    ran_whole = llm.last_step.num_seqs == batch and not llm.last_step.is_prefill
+    for request_id in ids:
+        llm.abort_request(request_id)
+    windows = step_windows(trace)
+    per_step, outside = split_steps(windows, device_events(trace))
+    parts, others = dict.fromkeys(PARTS, 0.0), defaultdict(float)
+    for step in per_step:
+        step_parts, step_others = classify_step(step)
+        for k, v in step_parts.items():
+            parts[k] += v / len(per_step) / 1e3  # µs summed over steps -> ms per step
+        for k, v in step_others.items():
+            others[k] += v / len(per_step) / 1e3
+    wall = statistics.median(walls)
+    busy = sum(parts.values())
+    return {"batch": batch, "steps_traced": len(per_step), "events_outside_steps": outside, "ran_whole": ran_whole,
+            "kernels_per_step": sum(map(len, per_step)) / max(len(per_step), 1),
+            "context_mean": context + warmup + timed + steps / 2, "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
+            "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
+            "other_kernels_ms": dict(sorted(others.items(), key=lambda kv: -kv[1])),
+            "host_phases_ms": host_phases(host, step_windows(host))}
+
+
+def profile_engine(llm: LLM, batches, context: int, steps: int, temperature: float, copy_bw: float, rate: float) -> list[dict]:
+    rows, built = [], llm.config.max_num_seqs
+    dtype_bytes = llm.config.dtype.itemsize
+    for batch in batches:
+        if batch > built:
+            print(f"batch {batch} skipped: the engine was built for {built} sequences")
+            continue
+        llm.set_scheduling("continuous", max_num_seqs=batch)
+        row = profile_batch(llm, batch, context, steps, temperature)
+        bounds = part_bounds(llm.model_config, batch, row["context_mean"], dtype_bytes, copy_bw, rate)
+        row["bounds_ms"] = {k: 1e3 * v for k, v in bounds.items()}
+        row["step_bound_ms"] = sum(row["bounds_ms"].values())
+        rows.append(row)
+        print(f"batch {batch}: step {row['wall_ms']:.3f} ms wall, device busy {row['device_busy_ms']:.3f} ms "
+              f"({100 * row['device_idle_fraction']:.0f}% idle), bound {row['step_bound_ms']:.3f} ms", flush=True)
+    llm.set_scheduling(max_num_seqs=built)
+    return rows
+
+
+def print_profile(report: dict) -> None:
+    rows = report["rows"]
+    print(f"\nDecode step, {report['model']}, {report['dtype']}, context ~{report['context']}, {report['card']} "
+          f"(copy {report['copy_tbps']:.3g} TB/s, GEMM {report['matmul_tflops']:.3g} TFLOP/s); ms per step, "
+          "measured / bound")
+    print(f"{'part':<30}" + "".join(f"{'B=' + str(r['batch']):>20}" for r in rows))
+    for part in PARTS:
+        cells = [f"{r['parts_ms'][part]:.3f}" + (f" / {r['bounds_ms'][part]:.3f}" if part in r["bounds_ms"] else "")
+                 for r in rows]
+        print(f"{part:<30}" + "".join(f"{c:>20}" for c in cells))
+    busy = [f"{r['device_busy_ms']:.3f} / {r['step_bound_ms']:.3f}" for r in rows]
+    print(f"{'device busy / step bound':<30}" + "".join(f"{c:>20}" for c in busy))
+    print(f"{'llm.step() wall':<30}" + "".join(f"{r['wall_ms']:>20.3f}" for r in rows))
+    print(f"{'device idle':<30}" + "".join(f"{100 * r['device_idle_fraction']:>19.1f}%" for r in rows))
+    print("\nhost phases under the Python tracer (ms per step; inflated, compare shares):")
+    for phase in rows[0]["host_phases_ms"] if rows else []:
+        print(f"{phase:<30}" + "".join(f"{r['host_phases_ms'][phase]:>20.3f}" for r in rows))
+    for r in rows:
+        if r["other_kernels_ms"]:
+            names = "; ".join(f"{name[:90]} {ms:.4f}" for name, ms in list(r["other_kernels_ms"].items())[:8])
+            print(f"B={r['batch']} unclassified (\"other\", ms per step): {names}")
+    b = report.get("w2_bound")
+    if b:
+        print(f"\nW2 bound on {report['card']}: {b['decode_steps']} decode steps at a mean batch of {b['mean_batch']:.0f}: "
+              f"weights {b['weights_s']:.3f} s + KV {b['kv_s']:.3f} s + prefill {b['prefill_s']:.3f} s = "
+              f"{b['seconds']:.3f} s -> {b['output_tok_per_s']:,.0f} output tok/s")
+        if report.get("w2_output_tok_per_s"):
+            print(f"W2 measured: {report['w2_output_tok_per_s']:,.0f} output tok/s = "
+                  f"{100 * report['w2_fraction_of_bound']:.1f}% of the bound")
+
+
+# --- the script ------------------------------------------------------------------------------------------
+
+def main_with_engine(llm: LLM, out: Path, tag: str, *, tiny: bool, temperature: float = 0.6, batches=None,
+                     context: int | None = None, steps: int | None = None, run_w2: bool = True,
+                     w2_output_tok_per_s: float | None = None, shape: str | None = common.DEFAULT_SHAPE) -> dict:
+    """Profile ``llm``'s decode steps, compute W2's bound (and run W2 unless its throughput is given), print the
+    tables and write results/profile_<tag>.json. ``llm`` must be idle; it is left idle."""
+    device, mc = llm.config.device, llm.model_config
+    batches = batches or ([1, 4, 8] if tiny else [1, 16, 64, 256])
+    context, steps = context or (48 if tiny else 900), steps or (3 if tiny else 10)
+    if device.type == "cuda":
+        copy_bw, gemm = common.copy_bandwidth(device), (8192, mc.hidden_size, 2 * mc.intermediate_size)
+    else:  # a CPU smoke run: small buffers, the numbers mean little
+        copy_bw, gemm = common.copy_bandwidth(device, nbytes=64 << 20, reps=3), (256, mc.hidden_size, 2 * mc.intermediate_size)
+    rate = common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
+    rows = profile_engine(llm, batches, context, steps, temperature, copy_bw, rate)
+    w2 = workloads.make_workload("W2", tiny=tiny, vocab_size=mc.vocab_size)
+    bound = workload_bound(mc, w2, llm.config.dtype.itemsize, copy_bw, rate, cap=min(256, llm.config.max_num_seqs))
+    if w2_output_tok_per_s is None and run_w2:
+        llm.set_scheduling("continuous")
+        start = time.perf_counter()
+        llm.generate(w2.prompts, w2.sampling_params(temperature), use_tqdm=False)
+        w2_output_tok_per_s = w2.output_tokens / (time.perf_counter() - start)
+    report = {**common.run_info(device), "model": common.model_description(None if tiny else shape),
+              "dtype": str(llm.config.dtype).removeprefix("torch."), "context": context,
+              "copy_tbps": copy_bw / 1e12, "matmul_tflops": rate / 1e12, "matmul_shape_mkn": list(gemm),
+              "rows": rows, "w2_bound": bound, "w2_output_tok_per_s": w2_output_tok_per_s,
+              "w2_fraction_of_bound": w2_output_tok_per_s / bound["output_tok_per_s"] if w2_output_tok_per_s else None}
+    print_profile(report)
+    path = common.write_json(Path(out) / f"profile_{tag}.json", report)
+    print(f"wrote {path}")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="embedded tiny model on the CPU (a smoke run)")
+    parser.add_argument("--model-shape", choices=list(common.MODEL_SHAPES), default=common.DEFAULT_SHAPE)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", default=None, help="comma-separated (default 1,16,64,256; 1,4,8 with --tiny)")
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens per sequence (default 900; 48 tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps traced per batch (default 10; 3 tiny)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--no-w2", action="store_true", help="compute W2's bound but do not run W2")
+    parser.add_argument("--cpu-threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args(argv)
+    if args.tiny and args.model_shape != common.DEFAULT_SHAPE:
+        parser.error("--tiny runs the embedded tiny model: leave --model-shape out")
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4, 8] if args.tiny else [1, 16, 64, 256])
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    threads = common.cpu_threads(args.tiny, args.cpu_threads) if device == "cpu" else None
+    model = None if args.tiny else common.model_shape(args.model_shape)
+    llm = LLM(model, device=device, max_num_seqs=max(batches), max_model_len=256 if args.tiny else 2048,
+              cpu_threads=threads)
+    tag = common.result_tag(common.card_name(device), args.tiny, None if args.tiny else args.model_shape)
+    main_with_engine(llm, args.out, tag, tiny=args.tiny, temperature=args.temperature, batches=batches,
+                     context=args.context, steps=args.steps, run_w2=not args.no_w2, shape=args.model_shape)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
