@@ -243,6 +243,7 @@ def parse_args(argv):
                         help="auto: also run Hugging Face transformers on the --hf-workloads when it is installed")
     parser.add_argument("--hf-workloads", default="W1,W2")
     parser.add_argument("--profile", action="store_true", help="then profile decode steps (profile_step.py)")
+    parser.add_argument("--no-plots", action="store_true", help="only the JSON (plot_throughput.py draws it later)")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of the JSON and plots")
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     report = write_report(results)
     try:
         from plot_throughput import plot_throughput
-        for png in plot_throughput(report, args.out, tag):
+        for png in [] if args.no_plots else plot_throughput(report, args.out, tag):
             print(f"wrote {png}")
     except ImportError as e:  # matplotlib is optional
         print(f"no plots ({e})")

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every GPU result, regenerated on one H200, stage by stage:
+#
+#     bash benchmarks/run_h200.sh                                      # every stage into benchmarks/results
+#     RESULTS=/tmp/r bash benchmarks/run_h200.sh throughput profile    # some stages, results elsewhere
+#
+# stage        what                                                            limit   files
+# kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
+# prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
+# profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
+# throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2    570 s   json png png log
+# shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
+# sharing      bench_sharing.py --num-requests 128                               120 s   json png log
+# serving      benchmark_serving.py --launch-server (W3 over HTTP)               240 s   json png log
+# demo_memory  python -m pagedattention demo memory                              120 s   json log
+#
+# A stage writes its files as it finishes, so one that fails leaves the others' in place; each prints its wall
+# time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
+# so run the stages in groups of at most ~9 minutes (and at most 8 files, when results must be copied back):
+#     kernels prefill profile  |  throughput  |  shapes  |  sharing serving demo_memory
+# Set-up it does itself: wheels in .whl/ (shared/device/prepare.sh fetches numpy for the GPU image) go to
+# .site/ on PYTHONPATH, the repository root goes on PYTHONPATH, the block allocator is built if missing.
+set -u
+cd "$(dirname "$0")/.."
+out=${RESULTS:-benchmarks/results}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" .whl/*.whl \
+        && export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -f pagedattention/memory/libblockmanager.so ] || make -s -C pagedattention/memory > /dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+
+timings=()
+run_stage() {  # run_stage NAME SECONDS COMMAND...: output to $out/NAME.log, its tail on the terminal
+    local name=$1 limit=$2 start=$SECONDS code before; shift 2
+    echo "== $name (limit $limit s): $*"
+    before=$(stat -c %s "$out/$name.log" 2>/dev/null || echo 0)
+    timeout "$limit" "$@" >> "$out/$name.log" 2>&1
+    code=$?
+    timings+=("$(printf '%-12s exit %3d  %4d s  %s' "$name" "$code" $((SECONDS - start)) "$*")")
+    echo "   exit $code after $((SECONDS - start)) s ($out/$name.log)"
+    tail -c +$((before + 1)) "$out/$name.log" | grep -v -e 'Processed prompts' -e NumbaPerformanceWarning \
+        -e 'warn(errors' -e '^USDT' | tail -n 30
+}
+stage() {
+    : > "$out/$1.log"
+    case $1 in
+        kernels) run_stage kernels 240 $py benchmarks/bench_kernels.py --out "$out" ;;
+        prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
+        profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
+        throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
+                        --workloads W1,W2,W3 --max-num-seqs 16,64,256 --out "$out" ;;
+        shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
+                    run_stage shapes 200 $py benchmarks/benchmark_throughput.py --model-shape "$shape" \
+                        --workloads W1,W2,W3 --max-num-seqs 256 --hf off --no-plots --out "$out"
+                done ;;
+        sharing) run_stage sharing 120 $py benchmarks/bench_sharing.py --num-requests 128 --out "$out" ;;
+        serving) if [ -f benchmarks/benchmark_serving.py ]; then
+                     run_stage serving 240 $py benchmarks/benchmark_serving.py --launch-server --out "$out"
+                 else echo "== serving: benchmarks/benchmark_serving.py is missing, skipped"; fi ;;
+        demo_memory) run_stage demo_memory 120 $py -m pagedattention demo memory --unshared --no-progress \
+                         --json "$out/demo_memory_gpu.json" ;;
+        *) rm -f "$out/$1.log"
+           echo "unknown stage $1 (kernels prefill profile throughput shapes sharing serving demo_memory)"; return 2 ;;
+    esac
+}
+started=$SECONDS
+for s in ${@:-kernels prefill profile throughput shapes sharing serving demo_memory}; do
+    stage "$s"
+done
+echo
+printf '%s\n' "${timings[@]}"
+echo "total $((SECONDS - started)) s; results in $out"
