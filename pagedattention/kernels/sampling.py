@@ -11,13 +11,17 @@ The noise is counter-based: g = -log(-log(u)), u from a hash of (key, counter, c
 lives on the device and a row's draw depends on its key and counter only: a seeded request uses its seed as key
 and its number of generated tokens as counter, so its tokens do not depend on its batch-mates.
 
-grid   : (num_rows,)          one block per row
-threads: SAMPLE_THREADS       thread t reads columns t, t + SAMPLE_THREADS, ... (coalesced), keeping
-                                (m, s): max and sum of exp(x - m) of the raw logits it read
-                                (best, best_col): the largest score (x, or x / T + g) and its first column
-                              then a shared-memory tree merges the threads' pairs; ties keep the smaller column,
-                              as torch.argmax does. Thread 0 writes the token and its log-probability.
-A row holding NaN or +inf gets log-probability NaN (the caller reports it): no token is drawn from it.
+partial: grid (num_rows, splits)   block (row, split) reads the split's chunk of the row's columns; splits are
+                                   chosen so that small batches still cover every SM (``num_splits``)
+         threads SAMPLE_THREADS    thread t reads columns chunk_start + t, + SAMPLE_THREADS, ... (coalesced),
+                                   keeping (m, s): max and sum of exp(x - m) of the raw logits it read, and
+                                   (best, best_col): the largest score (x, or x / T + g) and its first column;
+                                   a shared-memory tree merges the threads' four-tuples (ties keep the smaller
+                                   column, as torch.argmax does) into part_*[row, split]
+finish : grid (ceil(rows / 128),)  thread ``row`` merges its row's splits, writes the token and
+         threads 128               x_token - m - log(s)
+A row holding NaN or +inf gets log-probability NaN (the caller reports it): no token is drawn from it. The
+kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from the bits.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import numpy as np
 import torch
 from numba import cuda, float32, int64, uint64
 
+from .common import num_sms
+from .ptx import f32_bits
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
 SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
@@ -35,6 +41,8 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)   # murmur3's 32-bit finaliser
 _S13, _S16, _S32, _S8 = np.uint64(13), np.uint64(16), np.uint64(32), np.uint64(8)
 _TWO_M24 = np.float32(2.0 ** -24)
+NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
+BAD_COL = 1 << 40              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
 
 
 @cuda.jit(device=True, inline=True)
@@ -66,27 +74,39 @@ def gumbel(h, col):
     return -math.log(-math.log(u))
 
 
+@cuda.jit(device=True, inline=True)
+def _classify(x):
+    """0: finite, 1: -inf (a masked token), 2: NaN or +inf. From the bits: fastmath may assume no NaN/inf."""
+    b = f32_bits(x)
+    if (b & 0x7F800000) != 0x7F800000:
+        return 0
+    if (b & 0x7FFFFF) == 0 and ((b >> 31) & 1) == 1:
+        return 1
+    return 2
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(threads: int):
-    @cuda.jit
-    def sample(logits, temperatures, keys, counters, tokens, logprobs):
-        row = cuda.blockIdx.x
+def _kernels(threads: int):
+    @cuda.jit(fastmath=True)
+    def partial(logits, temperatures, keys, counters, chunk, part_m, part_s, part_best, part_col):
+        """Block (row, split) reads columns [split * chunk, (split + 1) * chunk) of its row."""
+        row, split = cuda.blockIdx.x, cuda.blockIdx.y
         tid = cuda.threadIdx.x
         vocab = logits.shape[1]
         t = temperatures[row]
         greedy = t == float32(0.0)
         inv_t = float32(1.0) / t if not greedy else float32(0.0)
         h = row_hash(keys[row], counters[row])
-        m = float32(-math.inf)
-        s = float32(0.0)
-        bad = False
-        best = float32(-math.inf)
-        best_col = int64(vocab)
-        for col in range(tid, vocab, threads):
+        m, s = NEG_BIG, float32(0.0)
+        best, best_col = NEG_BIG, int64(BAD_COL)
+        start = split * chunk
+        for col in range(start + tid, min(start + chunk, vocab), threads):
             x = logits[row, col]
-            if x != x or x == math.inf:
-                bad = True
-            elif x > -math.inf:
+            kind = _classify(x)
+            if kind == 2:
+                best_col = int64(BAD_COL) + 1  # marks the row: no token from it
+                break
+            if kind == 0:
                 if x > m:
                     s = s * math.exp(m - x) + float32(1.0)
                     m = x
@@ -100,32 +120,55 @@ def _kernel(threads: int):
         ss = cuda.shared.array(threads, float32)
         sb = cuda.shared.array(threads, float32)
         sc = cuda.shared.array(threads, int64)
-        sbad = cuda.shared.array(threads, int64)
-        sm[tid], ss[tid], sb[tid], sc[tid], sbad[tid] = m, s, best, best_col, 1 if bad else 0
+        sm[tid], ss[tid], sb[tid], sc[tid] = m, s, best, best_col
         cuda.syncthreads()
         stride = threads // 2
         while stride > 0:
             if tid < stride:
-                m1, m2 = sm[tid], sm[tid + stride]
-                mm = max(m1, m2)
-                if mm > -math.inf:
-                    ss[tid] = ss[tid] * math.exp(m1 - mm) + ss[tid + stride] * math.exp(m2 - mm)
-                sm[tid] = mm
-                b2, c2 = sb[tid + stride], sc[tid + stride]
-                if b2 > sb[tid] or (b2 == sb[tid] and c2 < sc[tid]):
-                    sb[tid], sc[tid] = b2, c2
-                sbad[tid] |= sbad[tid + stride]
+                m1, s1, b1, c1 = _merge(sm[tid], ss[tid], sb[tid], sc[tid],
+                                        sm[tid + stride], ss[tid + stride], sb[tid + stride], sc[tid + stride])
+                sm[tid], ss[tid], sb[tid], sc[tid] = m1, s1, b1, c1
             cuda.syncthreads()
             stride //= 2
         if tid == 0:
-            col = sc[0]
-            if sbad[0] != 0 or col >= vocab:
-                tokens[row] = 0
-                logprobs[row] = float32(math.nan)
-            else:
-                tokens[row] = col
-                logprobs[row] = logits[row, col] - (sm[0] + math.log(ss[0]))
-    return sample
+            part_m[row, split], part_s[row, split] = sm[0], ss[0]
+            part_best[row, split], part_col[row, split] = sb[0], sc[0]
+
+    @cuda.jit(fastmath=True)
+    def finish(logits, part_m, part_s, part_best, part_col, tokens, logprobs):
+        """Thread ``row`` merges its row's splits and writes the token and its log-probability."""
+        row = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if row >= logits.shape[0]:
+            return
+        m, s, best, col = part_m[row, 0], part_s[row, 0], part_best[row, 0], part_col[row, 0]
+        for split in range(1, part_m.shape[1]):
+            m, s, best, col = _merge(m, s, best, col, part_m[row, split], part_s[row, split],
+                                     part_best[row, split], part_col[row, split])
+        if col >= BAD_COL or s == float32(0.0):  # NaN/+inf seen, or every token masked
+            tokens[row] = 0
+            logprobs[row] = float32(math.nan)
+        else:
+            tokens[row] = col
+            logprobs[row] = logits[row, col] - (m + math.log(s))
+    return partial, finish
+
+
+@cuda.jit(device=True, inline=True)
+def _merge(m1, s1, b1, c1, m2, s2, b2, c2):
+    """Two threads' (or splits') (max, sum of exp(x - max), best score, its column): a bad column (>= BAD_COL)
+    wins, ties keep the smaller column."""
+    m = max(m1, m2)
+    s = s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
+    if c2 > BAD_COL or c1 > BAD_COL:
+        return m, s, b1, max(c1, c2)
+    if b2 > b1 or (b2 == b1 and c2 < c1):
+        return m, s, b2, c2
+    return m, s, b1, c1
+
+
+def num_splits(rows: int, vocab: int, sms: int) -> int:
+    """Blocks per row: enough blocks to cover the GPU a few times over, each reading at least 4,096 columns."""
+    return max(1, min(-(-4 * sms // rows), vocab // 4096))
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
@@ -133,7 +176,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.
     """One token per row of float32 ``logits [rows, vocab]``: argmax where ``temperatures`` (float32 [rows]) is 0,
     else a draw from softmax(logits / T) with noise keyed by ``keys`` and ``counters`` (int64 [rows], >= 0).
     Returns (token ids int64 [rows], their log-probabilities float32 [rows], NaN for a non-finite row)."""
-    rows = logits.shape[0]
+    rows, vocab = logits.shape if logits.dim() == 2 else (0, 0)
     if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
         raise ValueError(f"logits must be contiguous float32 [rows, vocab], got {logits.dtype} {list(logits.shape)}")
     for name, t, dtype in (("temperatures", temperatures, torch.float32), ("keys", keys, torch.int64),
@@ -141,11 +184,21 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.
         if t.dtype != dtype or tuple(t.shape) != (rows,) or t.device != logits.device:
             raise ValueError(f"{name} must be {dtype} [{rows}] on {logits.device}, got {t.dtype} "
                              f"{list(t.shape)} on {t.device}")
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    device = logits.device
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=device)
     if rows == 0:
         return tokens, logprobs
+    splits = 2 if simulator_enabled() else num_splits(rows, vocab, num_sms())
     threads = 32 if simulator_enabled() else SAMPLE_THREADS  # the simulator runs a Python thread per CUDA thread
-    args = [as_kernel_array(t) for t in (logits, temperatures, keys, counters, tokens, logprobs)]
-    _kernel(threads)[rows, threads, current_stream()](*args)
+    chunk = -(-vocab // splits)
+    part_f = torch.empty(3, rows, splits, dtype=torch.float32, device=device)
+    part_col = torch.empty(rows, splits, dtype=torch.int64, device=device)
+    partial, finish = _kernels(threads)
+    a = as_kernel_array
+    stream = current_stream()
+    partial[(rows, splits), threads, stream](a(logits), a(temperatures), a(keys), a(counters), chunk,
+                                             a(part_f[0]), a(part_f[1]), a(part_f[2]), a(part_col))
+    finish[-(-rows // 128), 128, stream](a(logits), a(part_f[0]), a(part_f[1]), a(part_f[2]), a(part_col),
+                                         a(tokens), a(logprobs))
     return tokens, logprobs
