@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -150,17 +151,18 @@ def test_stream_full_and_generate_agree_greedy(server, client, llm, rng):
 
 def test_stop_strings_cut_stream_and_full_alike(server, client, llm, rng):
     prompt = random_prompt(rng)
-    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0].text
+    greedy = dict(temperature=0, max_tokens=64)
+    plain = llm.generate(prompt, SamplingParams(**greedy, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
     # a stop string from the middle of the greedy answer (so the request must stop there), of 2 characters
     # where one is clean text: the stream must hold back a character that may start it
     candidates = [plain[i:i + k] for k in (2, 1) for i in range(3, len(plain) - k) if "\ufffd" not in plain[i:i + k]]
     if not candidates:
         pytest.skip(f"no clean stop string in {plain!r}")
     stop = rng.choice([c for c in candidates if len(c) == len(candidates[0])])
-    params = dict(temperature=0, max_tokens=64)
-    ref = llm.generate(prompt, SamplingParams(**params, stop=[stop]), use_tqdm=False)[0]
-    full = client.completions.create(model="tiny", prompt=prompt, **params, stop=stop)
-    texts, reasons, _ = stream_text(client, model="tiny", prompt=prompt, **params, stop=[stop, "\x00never"])
+    ref = llm.generate(prompt, SamplingParams(**greedy, ignore_eos=True, stop=[stop]), use_tqdm=False)[0]
+    extra = {"extra_body": {"ignore_eos": True}}
+    full = client.completions.create(model="tiny", prompt=prompt, **greedy, stop=stop, **extra)
+    texts, reasons, _ = stream_text(client, model="tiny", prompt=prompt, **greedy, stop=[stop, "\x00never"], **extra)
     assert full.choices[0].text == texts[0] == ref.outputs[0].text == plain[:plain.find(stop)], f"seed {SEED}"
     assert full.choices[0].finish_reason == reasons[0] == "stop"
 
@@ -176,6 +178,17 @@ def test_parallel_sampling_with_seed_and_penalties(server, client, llm, rng):
     assert [c.text for c in sorted(full.choices, key=lambda c: c.index)] == expected, f"seed {SEED}"
     assert [texts[i] for i in range(3)] == expected
     assert usage.completion_tokens == sum(len(c.token_ids) for c in ref.outputs)
+
+
+def test_several_prompts_in_one_request(server, client, llm, rng):
+    prompts = [random_prompt(rng) for _ in range(3)]
+    refs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    expected = [ref.outputs[0].text for ref in refs for _ in range(2)]  # choice index = prompt * n + completion
+    full = client.completions.create(model="tiny", prompt=prompts, temperature=0, max_tokens=10, n=2)
+    assert [c.text for c in sorted(full.choices, key=lambda c: c.index)] == expected, f"seed {SEED}"
+    texts, _, usage = stream_text(client, model="tiny", prompt=prompts, temperature=0, max_tokens=10, n=2)
+    assert [texts[i] for i in range(6)] == expected
+    assert usage.prompt_tokens == sum(len(ref.prompt_token_ids) for ref in refs)
 
 
 # --- many clients, joining, leaving ---------------------------------------------------------------------------
@@ -373,6 +386,44 @@ def test_chat_completions_follow_the_template(chat_model, rng):
     assert [c.logprob for c in content] == pytest.approx([lp[t] for t, lp in zip(out.token_ids, out.logprobs)],
                                                          rel=1e-4, abs=1e-4)
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+# --- the serving benchmark against this server ---------------------------------------------------------------
+
+def import_benchmark():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import benchmark_serving
+    return benchmark_serving
+
+
+def test_w3_stream_is_sharegpt_like_and_seeded():
+    bench = import_benchmark()
+    seed = random.getrandbits(31)
+    requests = bench.w3_requests(4000, seed=seed)
+    prompt_lens = [len(r.prompt_token_ids) for r in requests]
+    output_lens = [r.output_len for r in requests]
+    # the means ShareGPT has, a long tail (mean well above the median), clipped at 2048
+    assert 200 < sum(prompt_lens) / 4000 < 240 and 170 < sum(output_lens) / 4000 < 210, f"seed {seed}"
+    assert sorted(prompt_lens)[2000] < 0.8 * sum(prompt_lens) / 4000
+    assert max(prompt_lens + output_lens) <= 2048 and min(prompt_lens + output_lens) >= 1
+    again = bench.w3_requests(4000, seed=seed)
+    assert [(r.prompt_token_ids, r.output_len) for r in again] == [(r.prompt_token_ids, r.output_len)
+                                                                   for r in requests]
+    arrivals = bench.poisson_arrivals(4000, rate=20.0, seed=seed)
+    assert arrivals == sorted(arrivals) and 4000 / arrivals[-1] == pytest.approx(20.0, rel=0.1)
+
+
+def test_serving_benchmark_runs_against_the_server(server, tmp_path):
+    bench = import_benchmark()
+    assert bench.main(["--base-url", server.url, "--num-requests", "6", "--scale", "16", "--rates", "50,inf",
+                       "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serving_cpu.json").read_text())
+    assert [r["rate"] for r in report["results"]] == [50.0, "inf"]
+    for row in report["results"]:
+        assert row["completed"] == 6 and row["failed"] == 0, row
+        assert row["output_tokens"] == sum(r.output_len for r in bench.w3_requests(6, scale=16))
+        assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p99"]
+    assert report["command"] and report["date"] and report["device"] == "cpu"
 
 
 # --- shutdown (last: it stops the module's server) ----------------------------------------------------------------

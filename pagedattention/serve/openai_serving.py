@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,9 +21,6 @@ from .async_engine import AsyncEngine, RequestStream, ServerBusy
 from .chat_template import ChatTemplate
 from .protocol import (SAMPLING_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                        chat_max_tokens, chat_sampling_kwargs, completion_sampling_kwargs, error_param, parse_body)
-
-logger = logging.getLogger("pagedattention.serve")
-
 
 @dataclass
 class _Choice:
@@ -46,6 +42,10 @@ class _Call:
     logprobs: int | None
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_field(self) -> str:  # the body field an error about the prompt names
+        return "messages" if self.chat else "prompt"
 
 
 class OpenAIServing:
@@ -112,7 +112,7 @@ class OpenAIServing:
         except (TypeError, ValueError) as e:  # the engine's prompt checks name "prompts[0]": say which it was
             index = getattr(e, "prompt_index", 0)
             message = str(e).replace("prompts[0]", f"prompt[{index}]" if len(prompts) > 1 else "prompt", 1)
-            raise bad_request(message, param="prompt" if message.startswith("prompt") else
+            raise bad_request(message, param=call.prompt_field if message.startswith("prompt") else
                               error_param(message, SAMPLING_FIELDS)) from None
         if stream:
             return _EventStream(self._events(call, outputs), outputs)
@@ -141,7 +141,8 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
-                self._raise_if_failed(c)
+                if c.finish_reason == "error":  # e.g. the request cannot fit in the KV cache even alone
+                    raise bad_request(c.error or "the request failed", param=call.prompt_field)
                 choices.append(self._choice(call, i * call.n + c.index, c, _Choice(), c.text, 0, c.finish_reason,
                                             chunk=False))
         body = self._envelope(call, choices, chunk=False)
@@ -155,8 +156,9 @@ class OpenAIServing:
             async for i, out in outputs:
                 choices = []
                 for c in out.outputs:
-                    if c.finish_reason == "error":
-                        yield _sse(APIError(400, c.error or "the request failed", param="prompt").body())
+                    if c.finish_reason == "error":  # the status line is sent: the error goes in the stream
+                        yield _sse(bad_request(c.error or "the request failed", param=call.prompt_field).body())
+                        yield "data: [DONE]\n\n"
                         return
                     index = i * call.n + c.index
                     state = states.setdefault(index, _Choice())
@@ -185,6 +187,7 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         except RuntimeError as e:  # the engine failed
             yield _sse(APIError(500, str(e), type="internal_server_error").body())
+            yield "data: [DONE]\n\n"
 
     # --- response pieces ----------------------------------------------------------------------------
 
@@ -244,11 +247,6 @@ class OpenAIServing:
 
         return {"content": [{**entry(t, lp.get(t)), "top_logprobs": [entry(k, v) for k, v in _ranked(lp)[:top_n]]}
                             for t, lp in zip(ids, logprobs)]}
-
-    @staticmethod
-    def _raise_if_failed(c) -> None:
-        if c.finish_reason == "error":  # e.g. the request cannot fit in the KV cache even alone
-            raise bad_request(c.error or "the request failed", param="prompt")
 
 
 class _EventStream(StreamingResponse):

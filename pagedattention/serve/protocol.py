@@ -8,8 +8,6 @@ ignored as OpenAI's own server does. Extras beyond OpenAI's fields, as vLLM acce
 from __future__ import annotations
 
 import json
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -160,4 +158,3 @@ def error_param(message: str, fields: tuple[str, ...]) -> str | None:
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "stop", "seed", "n", "logprobs",
                    "presence_penalty", "frequency_penalty", "ignore_eos")
-FinishReason = Literal["stop", "length"]
