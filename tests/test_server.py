@@ -269,6 +269,44 @@ def test_full_queue_answers_503(server):
     wait_until_idle(server)
 
 
+def test_engine_failures_fail_their_requests_not_the_server(llm):
+    """The engine loop in this process, over the real LLM: a step that raises fails the requests in it (their
+    blocks freed) and the next request is served; a failure outside a step fails everything clearly."""
+    from pagedattention.serve.async_engine import AsyncEngine
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected = llm.generate("fine", params, use_tqdm=False)[0].outputs[0].text
+
+    async def drain(stream):
+        return [out async for _, out in stream][-1]
+
+    async def main():
+        engine = AsyncEngine(llm)
+        engine.start()
+        llm.step = lambda: (_ for _ in ()).throw(RuntimeError("injected step failure"))
+        try:
+            stream = await engine.generate(["doomed", "doomed too"], params)
+            with pytest.raises(RuntimeError, match="injected step failure"):
+                await drain(stream)
+        finally:
+            del llm.step
+        assert llm.manager.num_free_blocks == llm.manager.num_blocks and engine.num_in_flight == 0
+        assert (await drain(await engine.generate(["fine"], params))).outputs[0].text == expected
+        llm.stats = lambda: 1 / 0  # read after every step, outside it
+        try:
+            stream = await engine.generate(["never"], params)
+            with pytest.raises(RuntimeError, match="engine stopped"):
+                await drain(stream)
+            with pytest.raises(RuntimeError, match="engine stopped"):
+                await engine.generate(["after"], params)
+        finally:
+            del llm.stats
+        await engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert not llm.has_unfinished_requests() and llm.manager.num_free_blocks == llm.manager.num_blocks
+
+
 # --- errors ---------------------------------------------------------------------------------------------------
 
 BAD_BODIES = [

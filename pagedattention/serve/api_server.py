@@ -52,6 +52,8 @@ def build_app(engine: AsyncEngine, serving: OpenAIServing) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if engine.error is not None:
+            raise APIError(503, str(engine.error), type="service_unavailable_error")
         if engine.draining:
             raise APIError(503, "the server is shutting down", type="service_unavailable_error")
         return {}

@@ -98,6 +98,7 @@ class AsyncEngine:
         self._num_generated_tokens = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: Exception | None = None  # set if the engine thread died: every request fails with it
 
     # --- event loop side -----------------------------------------------------------------------------
 
@@ -122,6 +123,8 @@ class AsyncEngine:
         Raises ServerBusy when the queue is full or the server drains, and the engine's ValueError/TypeError
         for a bad prompt (then nothing of this call stays queued).
         """
+        if self.error is not None:
+            raise self.error
         if self.draining:
             self.metrics.requests_rejected += 1
             raise ServerBusy("the server is shutting down")
@@ -197,8 +200,16 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is not None:
                 self._forget(rid)
-                stream.unfinished.discard(rid)
                 stream.queue.put_nowait(error)
+
+    def _fail_everything(self) -> None:
+        """The engine thread died: fail the requests in flight and those it never took from the inbox."""
+        self._fail(list(self._streams), self.error)
+        with self._wake:
+            for command in self._inbox:
+                if command[0] == "add":
+                    self._resolve(command[-1], self.error)
+            self._inbox.clear()
 
     @staticmethod
     def _resolve(ack: asyncio.Future, error: BaseException | None) -> None:
@@ -209,6 +220,19 @@ class AsyncEngine:
 
     def _run(self) -> None:
         live: dict[str, int | None] = {}  # requests the LLM holds -> tokens generated so far (None: no output yet)
+        try:
+            self._serve_requests(live)
+        except BaseException as e:  # a failure outside a step: fail every request rather than hang them all
+            logger.exception("the engine thread stopped")
+            self.error = RuntimeError(f"the engine stopped: {e}")
+            for rid in live:  # free their blocks if the LLM still can
+                try:
+                    self.llm.abort_request(rid)
+                except Exception:
+                    pass
+            self._loop.call_soon_threadsafe(self._fail_everything)
+
+    def _serve_requests(self, live: dict) -> None:
         while True:
             with self._wake:
                 while not self._inbox and not live and not self._stopping:

@@ -109,6 +109,8 @@ class OpenAIServing:
             outputs = await self.engine.generate(prompts, params, arrival=arrival)
         except ServerBusy as e:
             raise APIError(503, str(e), type="service_unavailable_error", code="server_busy") from None
+        except RuntimeError as e:  # the engine stopped
+            raise APIError(500, str(e), type="internal_server_error") from None
         except (TypeError, ValueError) as e:  # the engine's prompt checks name "prompts[0]": say which it was
             index = getattr(e, "prompt_index", 0)
             message = str(e).replace("prompts[0]", f"prompt[{index}]" if len(prompts) > 1 else "prompt", 1)
@@ -137,7 +139,10 @@ class OpenAIServing:
                 outputs.close()
         if not collector.done() or collector.cancelled():
             return Response(status_code=499)
-        finals = collector.result()  # raises the engine's failure, if any
+        try:
+            finals = collector.result()
+        except RuntimeError as e:  # the engine failed in a step of this request
+            raise APIError(500, str(e), type="internal_server_error") from None
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
