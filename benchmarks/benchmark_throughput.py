@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared modules, 
 
 import common  # noqa: E402
 import workloads  # noqa: E402
-from common import summary, to_json_text  # noqa: E402,F401  (to_json_text: the tests read it from here)
+from common import summary  # noqa: E402
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def run_hf_baselines(args, model_config, device: str, names: list[str]) -> list[
     from pagedattention.models import ModelConfig
     from pagedattention.models.tiny import TINY_CONFIG
 
-    dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
     model = hf_model(model_config or ModelConfig(**TINY_CONFIG), dtype=dtype, device=device)
     rows = []
     for name in names:
@@ -181,7 +181,8 @@ def comparisons(results: list[dict], card: str, shape: str | None) -> list[str]:
                     and "error" not in r), key=lambda r: r["output_tok_per_s"], default=None)
         if best is None:
             continue
-        ours = f"{name}: engine ({best['scheduling']}, {best['max_num_seqs']} seqs) {best['output_tok_per_s']:,.0f} tok/s"
+        ours = (f"{name}: engine ({best['scheduling']}, {best['max_num_seqs']} seqs) "
+                f"{best['output_tok_per_s']:,.0f} tok/s")
         for r in results:
             if r["workload"] == name and r["scheduling"].startswith("hf-") and "error" not in r:
                 lines.append(f"{ours} = {best['output_tok_per_s'] / r['output_tok_per_s']:.1f}x {r['engine']} "
@@ -228,7 +229,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--cpu-threads", type=int, default=None,
-                        help="torch threads on a CPU, for the engine and HF alike (default: 1 with --tiny, else torch's)")
+                        help="torch threads on a CPU, for the engine and HF alike (default: 1 with --tiny, else "
+                             "torch's)")
     parser.add_argument("--temperature", type=float, default=0.6, help="nano-vllm's benchmark samples at 0.6")
     parser.add_argument("--max-num-seqs", default=None,
                         help="batch caps for W1/W2, comma-separated (default: 16,64,256; 8 with --tiny); W3 runs at "
@@ -275,7 +277,8 @@ def main(argv=None) -> int:
     path = args.out / f"throughput_{tag}.json"
     # HF first: its continuous batching sizes its cache from free memory, which our engine would hold
     hf_names = [n for n in args.hf_workloads.split(",") if n in args.workloads]
-    results = [] if args.hf == "off" else run_hf_baselines(args, model, device, hf_names)
+    hf_rows = [] if args.hf == "off" else run_hf_baselines(args, model, device, hf_names)
+    results = [{**row, "card": card} for row in hf_rows]
     start = time.perf_counter()
     llm = LLM(model, device=device, dtype=args.dtype, max_num_seqs=max(args.caps), cpu_threads=threads,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,

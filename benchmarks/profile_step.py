@@ -50,13 +50,17 @@ from pagedattention import LLM, SamplingParams  # noqa: E402
 STEP_LABEL = "profile_step.decode"
 PARTS = ("attention", "gemm", "layer_ops", "lm_head", "sampling", "copies", "other")
 # A kernel's part by its (lowercased) name, first match wins. Numba names keep the module and function
-# (pagedattention::kernels::layer_ops::_add_rms_norm_kernel::<locals>::kernel); on a CPU the "kernels" are aten ops.
+# (pagedattention::kernels::layer_ops::_add_rms_norm_kernel::<locals>::kernel); on a CPU the "kernels" are
+# aten ops.
 NAME_RULES = [
     ("attention", re.compile(r"paged_attention|paged_prefill|build_(v1|v2|tc|merge)_kernel|scaled_dot_product")),
-    ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|splitkreduce|cublas|wgmma|^aten::(mm|addmm|bmm|linear|matmul)$")),
-    ("layer_ops", re.compile(r"layer_ops|rope_write_kv|add_rms_norm|silu|norm(?!al)|cos_kernel|sin_kernel|^aten::(cos|sin)$")),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|splitkreduce|cublas|wgmma"
+                        r"|^aten::(mm|addmm|bmm|linear|matmul)$")),
+    ("layer_ops", re.compile(r"layer_ops|rope_write_kv|add_rms_norm|silu|norm(?!al)|cos_kernel|sin_kernel"
+                             r"|^aten::(cos|sin)$")),
 ]
-# Host phases: (file, function) of the engine's Python frames, as the tracer names them ("scheduler.py(88): schedule").
+# Host phases: (file, function) of the engine's Python frames, as the tracer names them
+# ("pagedattention/engine/scheduler.py(88): schedule").
 HOST_PHASES = {"schedule": ("scheduler", "schedule"), "prepare": ("model_runner", "prepare"),
                "execute (replay + LM head)": ("model_runner", "execute"), "sample": ("sampler", "__call__"),
                "postprocess": ("scheduler", "postprocess")}
@@ -234,26 +238,33 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
     ran_whole = llm.last_step.num_seqs == batch and not llm.last_step.is_prefill
     for request_id in ids:
         llm.abort_request(request_id)
-    windows = step_windows(trace)
-    per_step, outside = split_steps(windows, device_events(trace))
-    parts, others = dict.fromkeys(PARTS, 0.0), defaultdict(float)
-    for step in per_step:
-        step_parts, step_others = classify_step(step)
-        for k, v in step_parts.items():
-            parts[k] += v / len(per_step) / 1e3  # µs summed over steps -> ms per step
-        for k, v in step_others.items():
-            others[k] += v / len(per_step) / 1e3
-    wall = statistics.median(walls)
-    busy = sum(parts.values())
+    per_step, outside = split_steps(step_windows(trace), device_events(trace))
+    parts, others = mean_parts(per_step)
+    wall, busy = statistics.median(walls), sum(parts.values())
+    if busy == 0:
+        print(f"batch {batch}: no kernels inside the traced steps (was the GPU traced?); the parts read 0")
     return {"batch": batch, "steps_traced": len(per_step), "events_outside_steps": outside, "ran_whole": ran_whole,
             "kernels_per_step": sum(map(len, per_step)) / max(len(per_step), 1),
-            "context_mean": context + warmup + timed + steps / 2, "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
+            "context_mean": context + warmup + timed + steps / 2,
+            "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
-            "other_kernels_ms": dict(sorted(others.items(), key=lambda kv: -kv[1])),
-            "host_phases_ms": host_phases(host, step_windows(host))}
+            "other_kernels_ms": others, "host_phases_ms": host_phases(host, step_windows(host))}
 
 
-def profile_engine(llm: LLM, batches, context: int, steps: int, temperature: float, copy_bw: float, rate: float) -> list[dict]:
+def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict]:
+    """ms per step of each part, and of each "other" kernel name (largest first), over the traced steps."""
+    parts, others, n = dict.fromkeys(PARTS, 0.0), defaultdict(float), max(len(per_step), 1)
+    for step in per_step:
+        step_parts, step_others = classify_step(step)
+        for k, us in step_parts.items():
+            parts[k] += us / n / 1e3
+        for k, us in step_others.items():
+            others[k] += us / n / 1e3
+    return parts, dict(sorted(others.items(), key=lambda kv: -kv[1]))
+
+
+def profile_engine(llm: LLM, batches, context: int, steps: int, temperature: float, copy_bw: float,
+                   rate: float) -> list[dict]:
     rows, built = [], llm.config.max_num_seqs
     dtype_bytes = llm.config.dtype.itemsize
     for batch in batches:
@@ -289,15 +300,16 @@ def print_profile(report: dict) -> None:
     print("\nhost phases under the Python tracer (ms per step; inflated, compare shares):")
     for phase in rows[0]["host_phases_ms"] if rows else []:
         print(f"{phase:<30}" + "".join(f"{r['host_phases_ms'][phase]:>20.3f}" for r in rows))
-    for r in rows:
+    for r in rows:  # every name no rule knows, so that "other" hides nothing (the JSON keeps them whole)
         if r["other_kernels_ms"]:
-            names = "; ".join(f"{name[:90]} {ms:.4f}" for name, ms in list(r["other_kernels_ms"].items())[:8])
-            print(f"B={r['batch']} unclassified (\"other\", ms per step): {names}")
+            print(f"B={r['batch']} unclassified (\"other\"), ms per step:")
+            for name, ms in list(r["other_kernels_ms"].items())[:20]:
+                print(f"  {ms:8.4f}  {name[:150]}")
     b = report.get("w2_bound")
     if b:
-        print(f"\nW2 bound on {report['card']}: {b['decode_steps']} decode steps at a mean batch of {b['mean_batch']:.0f}: "
-              f"weights {b['weights_s']:.3f} s + KV {b['kv_s']:.3f} s + prefill {b['prefill_s']:.3f} s = "
-              f"{b['seconds']:.3f} s -> {b['output_tok_per_s']:,.0f} output tok/s")
+        print(f"\nW2 bound on {report['card']}: {b['decode_steps']} decode steps at a mean batch of "
+              f"{b['mean_batch']:.0f}: weights {b['weights_s']:.3f} s + KV {b['kv_s']:.3f} s + prefill "
+              f"{b['prefill_s']:.3f} s = {b['seconds']:.3f} s -> {b['output_tok_per_s']:,.0f} output tok/s")
         if report.get("w2_output_tok_per_s"):
             print(f"W2 measured: {report['w2_output_tok_per_s']:,.0f} output tok/s = "
                   f"{100 * report['w2_fraction_of_bound']:.1f}% of the bound")
@@ -313,10 +325,10 @@ def main_with_engine(llm: LLM, out: Path, tag: str, *, tiny: bool, temperature: 
     device, mc = llm.config.device, llm.model_config
     batches = batches or ([1, 4, 8] if tiny else [1, 16, 64, 256])
     context, steps = context or (48 if tiny else 900), steps or (3 if tiny else 10)
-    if device.type == "cuda":
-        copy_bw, gemm = common.copy_bandwidth(device), (8192, mc.hidden_size, 2 * mc.intermediate_size)
-    else:  # a CPU smoke run: small buffers, the numbers mean little
-        copy_bw, gemm = common.copy_bandwidth(device, nbytes=64 << 20, reps=3), (256, mc.hidden_size, 2 * mc.intermediate_size)
+    on_gpu = device.type == "cuda"
+    # the gate_up projection over a prefill step's tokens; a CPU smoke run takes small sizes (its numbers mean little)
+    gemm = (8192 if on_gpu else 256, mc.hidden_size, 2 * mc.intermediate_size)
+    copy_bw = common.copy_bandwidth(device) if on_gpu else common.copy_bandwidth(device, nbytes=64 << 20, reps=3)
     rate = common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
     rows = profile_engine(llm, batches, context, steps, temperature, copy_bw, rate)
     w2 = workloads.make_workload("W2", tiny=tiny, vocab_size=mc.vocab_size)
@@ -352,7 +364,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tiny and args.model_shape != common.DEFAULT_SHAPE:
         parser.error("--tiny runs the embedded tiny model: leave --model-shape out")
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4, 8] if args.tiny else [1, 16, 64, 256])
+    try:
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    except ValueError:
+        parser.error(f"--batches takes comma-separated ints, got {args.batches!r}")
+    batches = batches or ([1, 4, 8] if args.tiny else [1, 16, 64, 256])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     threads = common.cpu_threads(args.tiny, args.cpu_threads) if device == "cpu" else None
     model = None if args.tiny else common.model_shape(args.model_shape)

@@ -26,6 +26,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Section titles by the file name's first word, in the order the README shows them.
 TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode attention kernels",
           "prefill": "Paged prefill kernel", "throughput": "Engine throughput: continuous vs static batching",
+          "profile": "Decode step profile: GPU time per part against its bound",
           "sharing": "Sharing: parallel sampling, beam search, prefix caching",
           "host": "Engine host time per decode step"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
@@ -108,6 +109,25 @@ def throughput_rows(data: dict) -> list[dict]:
     return rows
 
 
+def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
+    """profile_step.py: ms per decode step of each part, measured / bound, per batch size; then W2's bound."""
+    rows = []
+    for r in data["rows"]:
+        row = {"batch": r["batch"], "context": round(r["context_mean"]), "llm.step() ms": r["wall_ms"],
+               "GPU busy ms": r["device_busy_ms"], "GPU idle": f"{r['device_idle_fraction']:.0%}",
+               "step bound ms": r["step_bound_ms"]}
+        for part, ms in r["parts_ms"].items():
+            bound = r["bounds_ms"].get(part)
+            row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")
+        rows.append(row)
+    b = data["w2_bound"]
+    bound = [{"decode steps": b["decode_steps"], "mean batch": b["mean_batch"], "weights s": b["weights_s"],
+              "KV s": b["kv_s"], "prefill s": b["prefill_s"], "bound s": b["seconds"],
+              "bound output tok/s": b["output_tok_per_s"], "W2 measured tok/s": data.get("w2_output_tok_per_s"),
+              "fraction of bound": data.get("w2_fraction_of_bound")}]
+    return [("ms per step, measured / bound", rows), ("W2's physical bound", bound)]
+
+
 def memory_demo_rows(data: dict) -> list[dict]:
     """examples/demo_memory.py: naive copies vs the measured peak with sharing."""
     row = {
@@ -141,7 +161,7 @@ def one_table(presenter):
 
 
 PRESENTERS = {"kernels_": one_table(kernel_rows), "prefill_": one_table(prefill_rows),
-              "throughput_": one_table(throughput_rows), "sharing_": sharing_tables}
+              "throughput_": one_table(throughput_rows), "profile_": profile_tables, "sharing_": sharing_tables}
 
 
 # --- any other file ------------------------------------------------------------------------------------
@@ -223,11 +243,13 @@ def section(path: Path) -> str:
 
 
 def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
-    """One file per (benchmark, card): the shortest name, as extra runs (tuning, variants) add suffixes to it."""
+    """One file per (benchmark, card, model shape): the shortest name, as extra runs (tuning, variants) add
+    suffixes to it."""
     best: dict[tuple, Path] = {}
     for f in files:
         data = json.loads(f.read_text())
-        key = (f.stem.split("_")[0], find_meta(data, "card") if isinstance(data, dict) else None)
+        data = data if isinstance(data, dict) else {}
+        key = (f.stem.split("_")[0], find_meta(data, "card"), data.get("model_shape"))
         if key not in best or (len(f.stem), f.stem) < (len(best[key].stem), best[key].stem):
             best[key] = f
     chosen = [f for f in files if f in best.values()]

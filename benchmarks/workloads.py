@@ -111,14 +111,15 @@ class Peer:
 
 
 # From the notes' workloads page: one run each, random weights, bf16.
+H100 = "NVIDIA H100 80GB HBM3"
 PEERS = [
-    Peer("W1", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF generate, static batches of 64, sdpa (transformers 5.17)", 2088),
-    Peer("W1", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF generate, static batches of 128 (transformers 5.17)", 3476),
-    Peer("W1", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF continuous batching, paged|sdpa, defaults", 1310),
-    Peer("W1", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF continuous batching, CUDA graphs, 8192 tokens", 2087),
-    Peer("W2", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF generate, static batches of 256", 1222),
-    Peer("W2", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF continuous batching, paged|sdpa", 784),
-    Peer("W2", "qwen2.5-0.5b", "NVIDIA H100 80GB HBM3", "HF continuous batching, CUDA graphs", 1258),
+    Peer("W1", "qwen2.5-0.5b", H100, "HF generate, static batches of 64, sdpa (transformers 5.17)", 2088),
+    Peer("W1", "qwen2.5-0.5b", H100, "HF generate, static batches of 128 (transformers 5.17)", 3476),
+    Peer("W1", "qwen2.5-0.5b", H100, "HF continuous batching, paged|sdpa, defaults", 1310),
+    Peer("W1", "qwen2.5-0.5b", H100, "HF continuous batching, CUDA graphs, 8192 tokens", 2087),
+    Peer("W2", "qwen2.5-0.5b", H100, "HF generate, static batches of 256", 1222),
+    Peer("W2", "qwen2.5-0.5b", H100, "HF continuous batching, paged|sdpa", 784),
+    Peer("W2", "qwen2.5-0.5b", H100, "HF continuous batching, CUDA graphs", 1258),
     Peer("W1", "qwen2.5-0.5b", "NVIDIA H200", "HF generate, static batches of 128 (transformers 5.17)", 2692),
     Peer("W1", "qwen2.5-0.5b", "NVIDIA H200", "HF continuous batching (transformers 5.17)", 1995),
     Peer("W2", "qwen2.5-0.5b", "NVIDIA H200", "HF generate, static batches of 256 (transformers 5.17)", 1396),

@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 
 import common  # noqa: E402
 import workloads  # noqa: E402
-from benchmark_throughput import ideal_decode_steps, main, speedup_line, timeline_segments, to_json_text  # noqa: E402
+from benchmark_throughput import ideal_decode_steps, main, speedup_line, timeline_segments  # noqa: E402
+from common import to_json_text  # noqa: E402
 
 
 def test_static_batches_last_as_long_as_their_longest_request():
