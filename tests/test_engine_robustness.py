@@ -142,3 +142,32 @@ def test_step_streams_cumulative_outputs_and_abort_frees_blocks(llm, reference):
     assert seen[kept].outputs[0].token_ids == reference[0]
     assert len(seen[dropped].outputs[0].token_ids) == 3
     assert_idle(llm)
+
+
+def test_overlapped_decode_steps_change_no_output(reference):
+    """Decode step t + 1 launched before step t's tokens reach the host (its inputs are step t's tokens on the
+    device) gives what strictly alternating steps give: greedy and seeded tokens, EOS / stop-token / stop-string
+    ends seen one step late, preemption in a small cache."""
+    eos = 257  # the tiny model's EOS: some requests end on it, in mid-batch
+    params = [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0.9, seed=3, max_tokens=33),
+              SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, stop=["zz"]),
+              SamplingParams(temperature=1.2, seed=9, max_tokens=40, stop_token_ids=[7, 100, 300]),
+              SamplingParams(temperature=0, max_tokens=25, ignore_eos=True), SamplingParams(temperature=0.7, seed=1)]
+
+    def run(overlap: bool):
+        engine = LLM(device="cpu", num_kv_blocks=12, block_size=8, max_model_len=96, max_num_seqs=4)
+        launches = []
+        launch = engine._launch
+        engine._launch = lambda batch, previous: launches.append(previous is not None) or launch(batch, previous)
+        if not overlap:
+            engine._can_overlap = lambda batch: False
+        outputs = engine.generate(PROMPTS, params, use_tqdm=False)
+        assert_idle(engine)
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].text) for o in outputs], \
+            sum(launches), engine.num_preemptions
+    overlapped, num_overlapped, preempted = run(True)
+    plain, none, _ = run(False)
+    assert overlapped == plain
+    assert num_overlapped > 10 and none == 0 and preempted > 0
+    # some request ended on a token the host learns of one step late (EOS or a stop token)
+    assert any(reason == "stop" and tokens[-1] in (eos, 7, 100, 300) for tokens, reason, _ in plain)

@@ -144,3 +144,5 @@ class CudaGraphs:
             self.static[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
         self.static["block_tables"][:s, :width].copy_(
             self.host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
+        if x.input_ids_device is not None:  # an overlapped step: its tokens come from the last, on the device
+            self.static["input_ids"][:n].copy_(x.input_ids_device)

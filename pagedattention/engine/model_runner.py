@@ -34,6 +34,7 @@ class StepInputs:
     logit_rows: np.ndarray     # int64: the token rows whose logits are computed (each sampling sequence's last)
     max_q_len: int
     max_context_len: int
+    input_ids_device: torch.Tensor | None = None  # overlapped decode: the tokens, still on the device
 
     @property
     def num_tokens(self) -> int:
@@ -63,17 +64,24 @@ class ModelRunner:
 
     # --- host: a batch into arrays ------------------------------------------------------------------
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None) -> StepInputs:
+        """``pending_tokens``: a decode step overlapped with the one before it; each sequence's input token was
+        sampled by that step and is still on the device, one past ``seq.token_ids`` (int64 [len(batch.seqs)])."""
         seqs = batch.seqs
         block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
         if not batch.is_prefill:
             n = len(seqs)
-            input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
-            positions = np.fromiter((len(s.token_ids) - 1 for s in seqs), dtype=np.int64, count=n)
+            if pending_tokens is None:
+                input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+                positions = np.fromiter((len(s.token_ids) - 1 for s in seqs), dtype=np.int64, count=n)
+            else:
+                input_ids = np.zeros(n, dtype=np.int64)  # placeholders: the device copy replaces them
+                positions = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
             rows = np.arange(n)
             context_lens = (positions + 1).astype(np.int32)
             return StepInputs(False, input_ids, positions, self._slots(block_tables, rows, positions), block_tables,
-                              context_lens, np.arange(n + 1, dtype=np.int32), rows, 1, int(context_lens.max()))
+                              context_lens, np.arange(n + 1, dtype=np.int32), rows, 1, int(context_lens.max()),
+                              pending_tokens)
         starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
         q_lens = np.array([s.num_scheduled_tokens for s in seqs], dtype=np.int64)
         ends = starts + q_lens
@@ -112,7 +120,8 @@ class ModelRunner:
             is_prefill=x.is_prefill, slot_mapping=to(x.slot_mapping), block_tables=to(x.block_tables),
             context_lens=to(x.context_lens), cu_seqlens_q=to(x.cu_seqlens_q) if x.is_prefill else None,
             max_q_len=x.max_q_len, max_context_len=x.max_context_len)
-        return to(x.input_ids), to(x.positions), attn
+        input_ids = x.input_ids_device if x.input_ids_device is not None else to(x.input_ids)
+        return input_ids, to(x.positions), attn
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """Through (cached) page-locked memory on CUDA: a copy from pageable memory would wait for the GPU

@@ -42,6 +42,33 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
+@dataclass
+class PendingSample:
+    """A step's sampling, queued on the device: ``tokens`` (int64, on the device) now, the host's copy at
+    ``result()``."""
+    tokens: torch.Tensor
+    host: torch.Tensor           # the packed copy (tokens, logprobs, top-N) on the host, maybe not arrived yet
+    event: object                # CUDA event after the copy, or None
+    seqs: list
+    params: list
+    top_rows: list[int]
+
+    def result(self) -> SamplerOutput:
+        """Wait for the copy; raises SamplingError when rows' logits were not finite."""
+        if self.event is not None:
+            self.event.synchronize()
+        host, n, seqs, params = self.host, len(self.seqs), self.seqs, self.params
+        token_ids, chosen_logprobs = host[:n].long().tolist(), host[n:2 * n].tolist()
+        top_logprobs = Sampler._top_logprobs(params, token_ids, chosen_logprobs, self.top_rows, host[2 * n:])
+        bad = [row for row, lp in enumerate(chosen_logprobs) if not math.isfinite(lp)]
+        for row in bad:
+            token_ids[row], chosen_logprobs[row], top_logprobs[row] = -1, math.nan, None
+        output = SamplerOutput(token_ids, chosen_logprobs, top_logprobs)
+        if bad:
+            raise SamplingError(list(dict.fromkeys(seqs[row].request_id for row in bad)), bad, output)
+        return output
+
+
 class SamplingError(RuntimeError):
     """Some rows' logits were not finite (NaN or +inf, or every token -inf): no token was drawn for them.
 
@@ -79,6 +106,14 @@ class Sampler:
 
         Raises SamplingError when rows' logits are not finite.
         """
+        return self.launch(logits, seqs, eos_token_ids).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
+               num_pending: int = 0) -> "PendingSample":
+        """Queue the sampling of one token per row on the device; ``result()`` waits for it. The tokens stay on
+        the device too (``PendingSample.tokens``), so the next step can read them before the host has.
+        ``num_pending``: tokens each sequence has sampled that it does not hold yet (an overlapped step)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [len(seqs)={len(seqs)}, vocab], got {list(logits.shape)}")
         params = [s.sampling_params for s in seqs]
@@ -86,7 +121,7 @@ class Sampler:
         vocab = logits.shape[1]
         if self.use_kernel and all(p.logprobs is None and not p.has_penalties and p.top_p == 1.0
                                    and not 0 < p.top_k < vocab for p in params):
-            tokens, chosen = self._sample_in_one_pass(logits, seqs, params)
+            tokens, chosen = self._sample_in_one_pass(logits, seqs, params, num_pending)
         else:
             logprobs = torch.log_softmax(logits, dim=-1)
             if any(p.has_penalties for p in params):
@@ -106,19 +141,18 @@ class Sampler:
                 logprobs[self._to_device(top_rows, torch.int64, logprobs.device)]
             top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
             parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
-        host = torch.cat(parts).cpu()
-        n = len(seqs)
-        token_ids, chosen_logprobs = host[:n].long().tolist(), host[n:2 * n].tolist()
-        top_logprobs = self._top_logprobs(params, token_ids, chosen_logprobs, top_rows, host[2 * n:])
-        bad = [row for row, lp in enumerate(chosen_logprobs) if not math.isfinite(lp)]
-        for row in bad:
-            token_ids[row], chosen_logprobs[row], top_logprobs[row] = -1, math.nan, None
-        output = SamplerOutput(token_ids, chosen_logprobs, top_logprobs)
-        if bad:
-            raise SamplingError(list(dict.fromkeys(seqs[row].request_id for row in bad)), bad, output)
-        return output
+        packed = torch.cat(parts)
+        event = None
+        if packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = packed
+        return PendingSample(tokens, host, event, seqs, params, top_rows)
 
-    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params):
+    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending: int):
         """Greedy or Gumbel-max in one kernel. Noise keys: a seeded request's seed + completion index, counted by
         its generated tokens (independent of the batch); the other rows share a fresh key per step."""
         from pagedattention.kernels.sampling import sample_tokens  # numba.cuda loads on first use only
@@ -131,7 +165,7 @@ class Sampler:
                 counters.append(row)
             else:
                 keys.append((p.seed + seq.index) % (1 << 63))
-                counters.append(seq.num_output_tokens)
+                counters.append(seq.num_output_tokens + num_pending)
         device = logits.device
         temperatures = self._to_device([p.temperature for p in params], torch.float32, device)
         keys_counters = self._to_device([keys, counters], torch.int64, device)

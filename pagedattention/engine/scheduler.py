@@ -165,6 +165,32 @@ class Scheduler:
         self.running.extend(scheduled)
         return self._decode_batch(scheduled)
 
+    def schedule_next_decode(self) -> ScheduledBatch | None:
+        """The decode step after one whose sampled tokens have not reached the host yet (overlapped steps):
+        every running sequence takes one more token, the one sampled last step being *pending* (on the
+        device). None when the step needs those tokens first: a request could be admitted, blocks would run
+        out, or a beam search is running. Sequences whose pending token ends them by length (max_tokens,
+        max_model_len) sit this step out; those the pending token ends otherwise (EOS, a stop token or string)
+        run one wasted row and are dropped when the tokens arrive."""
+        config = self.config
+        if self.beam_groups or (self.waiting and self._admission_possible()):
+            return None
+        max_model_len = config.max_model_len
+        seqs = [seq for seq in self.running
+                if seq.num_output_tokens + 1 < seq.sampling_params.max_tokens and len(seq.token_ids) + 1 < max_model_len]
+        if not seqs:
+            return None
+        try:
+            self.manager.append_token_batch([seq.seq_id for seq in seqs])
+        except OutOfBlocksError:  # nothing was appended: the step waits for the tokens, then preempts
+            return None
+        return self._decode_batch(seqs)
+
+    def _admission_possible(self) -> bool:
+        if self.config.scheduling == "static":
+            return not self.running or self.batch_quota > 0
+        return self._num_seats() + self.waiting[0].num_seats <= self.config.max_num_seqs
+
     def _num_seats(self) -> int:
         """Sequences running, plus the children that admitted requests will fork when their prefill ends and
         the beams that running searches may still grow to."""
@@ -217,13 +243,17 @@ class Scheduler:
         """Advance each sequence by its scheduled tokens; append each sampled token (``token_ids`` and
         ``logprobs``: one per ``batch.sample_seqs``) and stop what ends; advance the beam searches
         (``beam_candidates``: each beam's best log-probabilities and tokens, as ``Sampler.beam_candidates``)."""
-        is_prefill = batch.is_prefill
-        for seq in batch.seqs:
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            if is_prefill:
+        if batch.is_prefill:
+            for seq in batch.seqs:
+                seq.num_computed_tokens += seq.num_scheduled_tokens
+                seq.num_scheduled_tokens = 0
                 self._cache_blocks(seq)
+        else:  # one token each; num_scheduled_tokens may already be the next overlapped step's
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
         for seq, token_id, logprob in zip(batch.sample_seqs, token_ids, logprobs):
+            if seq.is_finished:  # ended while this (overlapped) step ran: its row was wasted
+                continue
             seq.append_token(token_id, logprob)
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
