@@ -1,23 +1,25 @@
-"""Online serving: a request stream sent over HTTP at several Poisson request rates, and as a burst.
+"""Online serving: W3 sent over HTTP at several Poisson request rates, and as a burst.
 
-    python benchmarks/benchmark_serving.py --launch-server                       # GPU: W3 against a new server
-    python benchmarks/benchmark_serving.py --launch-server --scheduling continuous,static --rates 2,8,inf
+    python benchmarks/benchmark_serving.py --launch-server                       # GPU: Qwen2.5-0.5B shape
+    python benchmarks/benchmark_serving.py --launch-server --scheduling continuous,static --rates 8,32,inf
+    python benchmarks/benchmark_serving.py --launch-server --model ~/models/Qwen2.5-0.5B-Instruct
     python benchmarks/benchmark_serving.py --base-url http://127.0.0.1:8000      # a server already running
     python benchmarks/benchmark_serving.py --tiny --launch-server                # CPU: tiny model, short stream
 
-W3 (``w3_requests``): prompt and output lengths drawn from seeded lognormals close to ShareGPT's (means ~220
-prompt and ~190 output tokens, long tails clipped to 2048), prompts of random token ids, EOS ignored (the
-``ignore_eos`` body field) so each request generates exactly its output length. Arrival times are Poisson
-(exponential gaps) at each rate; "inf" sends everything at t=0.
+The requests are W3 (benchmarks/workloads.py: ShareGPT-like lognormal lengths, means ~220 prompt and ~190
+output tokens, clipped to 2048), the first --num-requests of them, sent as token ids with the ``ignore_eos``
+body field so each generates exactly its output length. ``request_stream`` adds the send times: Poisson
+arrivals (exponential gaps, seeded) at each rate; "inf" sends everything at t=0.
 
 Measured at the client, per streamed request: TTFT (send to first chunk), TPOT ((last chunk - first chunk) /
 (output tokens - 1)) and the inter-token latencies (gaps between chunks; the server sends one chunk per step
 that gave the request tokens). Per rate: throughput (completed requests and output tokens over the time from
-the first send to the last answer) and mean/p50/p99 of each latency. JSON (device, command, date, server
-flags) and a PNG of latency vs rate go to benchmarks/results/serving_<device>[_tiny].{json,png}.
+the first send to the last answer) and mean/p50/p99 of each latency. JSON (card, command, date, server flags)
+and a PNG of throughput and latency vs rate go to benchmarks/results/serving_<card>[_<shape>][_tiny].{json,png}.
 
-``--scheduling static,continuous`` with ``--launch-server`` runs the same stream against a server of each
-kind; without ``--launch-server`` it only labels the results with what the running server was started with.
+With --launch-server and no --model the server runs random weights of --model-shape (``--load-format dummy``);
+``--scheduling static,continuous`` runs the same stream against a server of each kind. Without
+--launch-server, --scheduling only labels the results with what the running server was started with.
 """
 from __future__ import annotations
 
@@ -30,63 +32,33 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-RESULTS = Path(__file__).parent / "results"
-SERVER_FLAGS = ("model", "device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                "num_kv_blocks", "gpu_memory_utilization", "block_size")
+from common import DEFAULT_SHAPE, MODEL_SHAPES, RESULTS, model_shape, result_tag, run_info, summary, write_json
+from workloads import make_workload
+
+SERVER_FLAGS = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+                "gpu_memory_utilization", "block_size")
 
 
 # --- the request stream ---------------------------------------------------------------------------------------
 
 @dataclass
-class ServingRequest:
+class TimedRequest:
+    send_time: float  # seconds after the start
     prompt_token_ids: list[int]
     output_len: int
 
 
-def _clipped_lognormal_mu(mean: float, sigma: float, clip: float) -> float:
-    """mu such that E[min(X, clip)] = mean for X ~ lognormal(mu, sigma) (bisection on the closed form)."""
-    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
-
-    def clipped_mean(mu):
-        return (math.exp(mu + sigma ** 2 / 2) * phi((math.log(clip) - mu - sigma ** 2) / sigma)
-                + clip * (1 - phi((math.log(clip) - mu) / sigma)))
-    lo, hi = -10.0, math.log(clip) + 10
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if clipped_mean(mid) < mean else (lo, mid)
-    return lo
-
-
-def w3_requests(num_requests: int, seed: int = 0, mean_prompt_len: float = 220, mean_output_len: float = 190,
-                max_len: int = 2048, scale: int = 1, token_id_range: tuple[int, int] = (10, 250),
-                prompt_sigma: float = 1.0, output_sigma: float = 0.9) -> list[ServingRequest]:
-    """W3: ShareGPT-like lengths from seeded lognormals (heavy right tail, clipped at ``max_len``).
-
-    ``scale`` divides every length (and the clip) for small CPU runs. Token ids are uniform in
-    ``token_id_range`` (inclusive), a range of ordinary tokens in every vocabulary this engine runs.
-    """
-    if num_requests < 1 or scale < 1:
-        raise ValueError(f"num_requests and scale must be >= 1, got {num_requests}, {scale}")
-    rng = random.Random(seed)
-    clip = max_len / scale
-    mu_prompt = _clipped_lognormal_mu(mean_prompt_len / scale, prompt_sigma, clip)
-    mu_output = _clipped_lognormal_mu(mean_output_len / scale, output_sigma, clip)
-    requests = []
-    for _ in range(num_requests):
-        prompt_len = max(1, min(int(clip), round(rng.lognormvariate(mu_prompt, prompt_sigma))))
-        output_len = max(1, min(int(clip), round(rng.lognormvariate(mu_output, output_sigma))))
-        requests.append(ServingRequest([rng.randint(*token_id_range) for _ in range(prompt_len)], output_len))
-    return requests
-
-
 def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[float]:
     """Send times in seconds from the start: exponential gaps at ``rate`` requests/s; all 0 for rate inf."""
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 (inf: a burst), got {rate}")
     if math.isinf(rate):
         return [0.0] * num_requests
     rng, t, times = random.Random(seed), 0.0, []
@@ -94,6 +66,25 @@ def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[floa
         times.append(t)
         t += rng.expovariate(rate)
     return times
+
+
+def request_stream(num_requests: int, rate: float, *, tiny: bool = False, seed: int = 0,
+                   max_model_len: int | None = None) -> list[TimedRequest]:
+    """The first ``num_requests`` of W3 (``tiny``: its CPU-sized version), sent at Poisson times at ``rate``.
+
+    max_model_len: a request's prompt and then its output shrink to fit it (W3 itself fits 2048).
+    """
+    workload = make_workload("W3", tiny=tiny)
+    if not 1 <= num_requests <= workload.num_requests:
+        raise ValueError(f"num_requests must be in [1, {workload.num_requests}], got {num_requests}")
+    requests = []
+    for t, prompt, output_len in zip(poisson_arrivals(num_requests, rate, seed), workload.prompts,
+                                     workload.output_lens):
+        if max_model_len is not None:
+            prompt = prompt[:max_model_len - 1]
+            output_len = min(output_len, max_model_len - len(prompt))
+        requests.append(TimedRequest(t, prompt, output_len))
+    return requests
 
 
 # --- sending ----------------------------------------------------------------------------------------------------
@@ -107,9 +98,9 @@ class Result:
     error: str = ""
 
 
-async def send_one(http: httpx.AsyncClient, model: str, req: ServingRequest, delay: float, start: float,
+async def send_one(http: httpx.AsyncClient, model: str, req: TimedRequest, start: float,
                    temperature: float) -> Result:
-    await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
+    await asyncio.sleep(max(0.0, start + req.send_time - time.perf_counter()))
     body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     send, chunks, tokens = time.perf_counter(), [], 0
@@ -134,32 +125,24 @@ async def send_one(http: httpx.AsyncClient, model: str, req: ServingRequest, del
     return Result(True, send, tokens, chunks)
 
 
-def percentiles(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    values = sorted(values)
-    pick = lambda q: values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]  # noqa: E731
-    return {"mean": statistics.fmean(values), "p50": pick(50), "p99": pick(99)}
-
-
 def summarize(results: list[Result], start: float) -> dict:
     done = [r for r in results if r.ok]
     end = max((r.chunk_times[-1] for r in done if r.chunk_times), default=start)
     duration = max(end - start, 1e-9)
-    ttft = [r.chunk_times[0] - r.send for r in done if r.chunk_times]
-    tpot = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
-    itl = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     output_tokens = sum(r.output_tokens for r in done)
     return {"completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
             "requests_per_s": len(done) / duration, "output_tok_per_s": output_tokens / duration,
-            "output_tokens": output_tokens, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
-            "itl_s": percentiles(itl),
+            "output_tokens": output_tokens,
+            "ttft_s": summary(r.chunk_times[0] - r.send for r in done if r.chunk_times),
+            "tpot_s": summary((r.chunk_times[-1] - r.chunk_times[0]) / (r.output_tokens - 1)
+                              for r in done if r.output_tokens > 1),
+            "itl_s": summary(b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:])),
             "errors": sorted({r.error for r in results if not r.ok})[:5]}
 
 
-def server_counter(http_url: str, name: str) -> float | None:
+def server_counter(url: str, name: str) -> float | None:
     try:
-        for line in httpx.get(f"{http_url}/metrics", timeout=10).text.splitlines():
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
             if line.startswith(f"pagedattention_{name} "):
                 return float(line.split()[-1])
     except httpx.HTTPError:
@@ -167,30 +150,49 @@ def server_counter(http_url: str, name: str) -> float | None:
     return None
 
 
-async def run_rate(url: str, model: str, requests: list[ServingRequest], rate: float, seed: int,
-                   temperature: float) -> dict:
-    arrivals = poisson_arrivals(len(requests), rate, seed)
+async def run_stream(url: str, model: str, requests: list[TimedRequest], temperature: float) -> dict:
     preemptions = server_counter(url, "num_preemptions_total")
     limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None), limits=limits) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(*(send_one(http, model, r, t, start, temperature)
-                                         for r, t in zip(requests, arrivals)))
-    row = {"rate": "inf" if math.isinf(rate) else rate, **summarize(results, start)}
+        results = await asyncio.gather(*(send_one(http, model, r, start, temperature) for r in requests))
+    row = summarize(results, start)
     after = server_counter(url, "num_preemptions_total")
     row["preemptions"] = None if preemptions is None or after is None else int(after - preemptions)
     return row
 
 
+def bench_server(args, url: str, scheduling: str) -> tuple[str, list[dict]]:
+    """The served model's name and one row per rate."""
+    served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    model, max_model_len = served["id"], served.get("max_model_len")
+    warmup = request_stream(4, math.inf, tiny=args.tiny, max_model_len=max_model_len)
+    asyncio.run(run_stream(url, model, warmup, args.temperature))  # CUDA graphs, allocator, connections
+    rows = []
+    for rate in args.rates:
+        requests = request_stream(args.num_requests, rate, tiny=args.tiny, seed=args.seed,
+                                  max_model_len=max_model_len)
+        row = {"scheduling": scheduling, "rate": "inf" if math.isinf(rate) else rate,
+               **asyncio.run(run_stream(url, model, requests, args.temperature))}
+        rows.append(row)
+        print(f"{scheduling:>10} rate {row['rate']!s:>5}: {row['requests_per_s']:.2f} req/s, "
+              f"{row['output_tok_per_s']:.0f} output tok/s, {row['failed']} failed", flush=True)
+    return model, rows
+
+
 # --- a server of our own ---------------------------------------------------------------------------------------
 
-def launch_server(args, scheduling: str) -> tuple[subprocess.Popen, str]:
+def launch_server(args, scheduling: str, shape_dir: Path | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "pagedattention.serve", "--host", "127.0.0.1", "--port", str(port),
            "--scheduling", scheduling, "--no-access-log", "--log-level", "warning",
            "--max-queue-len", str(args.num_requests + 16)]
+    if shape_dir is not None:  # random weights of a named shape
+        cmd += ["--model", str(shape_dir), "--load-format", "dummy"]
+    elif args.model is not None:
+        cmd += ["--model", args.model]
     for flag in SERVER_FLAGS:
         value = getattr(args, flag)
         if value is not None:
@@ -219,34 +221,12 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def device_name(args) -> str:
-    if args.tiny or args.device == "cpu":
-        return "cpu"
-    try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "unknown"
-
-
-def bench_server(args, url: str, scheduling: str, requests: list[ServingRequest]) -> tuple[str, list[dict]]:
-    """The served model's name and one row per rate."""
-    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
-    model, max_model_len = models[0]["id"], models[0].get("max_model_len")
-    if max_model_len:  # a request must fit: its output shrinks to what the server's context leaves
-        requests = [ServingRequest(r.prompt_token_ids[:max_model_len - 1],
-                                   min(r.output_len, max_model_len - min(len(r.prompt_token_ids), max_model_len - 1)))
-                    for r in requests]
-    asyncio.run(run_rate(url, model, w3_requests(4, seed=args.seed + 1, scale=args.scale), math.inf, 0,
-                         args.temperature))  # warm-up
-    rows = []
-    for rate in args.rates:
-        row = {"scheduling": scheduling, **asyncio.run(run_rate(url, model, requests, rate, args.seed,
-                                                                args.temperature))}
-        rows.append(row)
-        print(f"{scheduling:>10} rate {row['rate']!s:>5}: {row['requests_per_s']:.2f} req/s, "
-              f"{row['output_tok_per_s']:.0f} output tok/s, {row['failed']} failed", flush=True)
-    return model, rows
+def write_shape(name: str, root: Path) -> Path:
+    """A directory whose config.json is the named shape, for ``--load-format dummy``."""
+    path = root / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(model_shape(name).to_dict()))
+    return path
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -267,7 +247,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rates = sorted({r["rate"] for r in report["results"]}, key=lambda r: math.inf if r == "inf" else r)
-    xs = {rate: i for i, rate in enumerate(rates)}  # evenly spaced, "burst" last
+    xs = {rate: i for i, rate in enumerate(rates)}  # evenly spaced, the burst last
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     panels = [("output_tok_per_s", "output tokens/s", None), ("ttft_s", "TTFT (s)", 1),
               ("tpot_s", "TPOT (ms)", 1e3), ("itl_s", "inter-token latency (ms)", 1e3)]
@@ -286,7 +266,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"serving W3 ({report['num_requests']} requests), {report['device']}, {report['model']}")
+    fig.suptitle(f"serving W3 ({report['num_requests']} requests), {report['card']}, {report['model']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -300,58 +280,59 @@ def main(argv=None) -> int:
     parser.add_argument("--scheduling", default="continuous",
                         help="continuous, static or both comma-separated (several need --launch-server)")
     parser.add_argument("--rates", default=None, help="requests/s, comma-separated; inf = a burst at t=0 "
-                                                      "(default: 1,2,4,8,16,inf; --tiny: 10,40,inf)")
-    parser.add_argument("--num-requests", type=int, default=None, help="default: 200 (--tiny: 48)")
-    parser.add_argument("--scale", type=int, default=None, help="divide W3's lengths by this (default 1, --tiny 8)")
-    parser.add_argument("--seed", type=int, default=0)
+                                                      "(default: 4,16,32,64,inf; --tiny: 10,40,inf)")
+    parser.add_argument("--num-requests", type=int, default=None, help="the first N of W3 (default: 256; --tiny: 48)")
+    parser.add_argument("--seed", type=int, default=0, help="of the arrival times")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--tiny", action="store_true",
-                        help="the embedded tiny model on the CPU, a short stream, --max-num-seqs 8")
+                        help="W3's CPU-sized version; launches the embedded tiny model on the CPU, --max-num-seqs 8")
     parser.add_argument("--out", type=Path, default=RESULTS)
     server = parser.add_argument_group("server flags (with --launch-server)")
+    server.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --model-shape)")
+    server.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default=DEFAULT_SHAPE)
     for flag in SERVER_FLAGS:
         server.add_argument(f"--{flag.replace('_', '-')}", default=None,
-                            type=str if flag in ("model", "device", "dtype") else
+                            type=str if flag in ("device", "dtype") else
                             float if flag == "gpu_memory_utilization" else int)
     server.add_argument("--enable-prefix-caching", action="store_true")
     server.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:  # a batch cap below the burst, so static and continuous batching differ
-        args.model, args.device = None, "cpu"
+        args.device = args.device or "cpu"
         args.max_num_seqs = args.max_num_seqs or 8
-    args.num_requests = args.num_requests or (48 if args.tiny else 200)
-    args.scale = args.scale or (8 if args.tiny else 1)
-    args.rates = [float(r) for r in (args.rates or ("10,40,inf" if args.tiny else "1,2,4,8,16,inf")).split(",")]
+    args.num_requests = args.num_requests or (48 if args.tiny else 256)
+    args.rates = [float(r) for r in (args.rates or ("10,40,inf" if args.tiny else "4,16,32,64,inf")).split(",")]
     schedulings = [s.strip() for s in args.scheduling.split(",")]
     if any(s not in ("continuous", "static") for s in schedulings):
         parser.error(f"--scheduling takes continuous and/or static, got {args.scheduling!r}")
     if len(schedulings) > 1 and not args.launch_server:
         parser.error("several --scheduling values need --launch-server (one server per value)")
+    shape = None if args.tiny or args.model else args.model_shape
 
-    requests = w3_requests(args.num_requests, seed=args.seed, scale=args.scale)
-    device = device_name(args)
-    rows = []
-    for scheduling in schedulings:
-        proc, url = launch_server(args, scheduling) if args.launch_server else (None, args.base_url.rstrip("/"))
-        try:
-            model, new_rows = bench_server(args, url, scheduling, requests)
-            rows += new_rows
-        finally:
-            if proc is not None:
-                stop_server(proc)
+    rows, model = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        shape_dir = write_shape(shape, Path(tmp)) if args.launch_server and shape else None
+        for scheduling in schedulings:
+            proc, url = (launch_server(args, scheduling, shape_dir) if args.launch_server
+                         else (None, args.base_url.rstrip("/")))
+            try:
+                model, new_rows = bench_server(args, url, scheduling)
+                rows += new_rows
+            finally:
+                if proc is not None:
+                    stop_server(proc)
+    device = args.device if args.device not in (None, "auto") else ("cuda" if _cuda_available() else "cpu")
+    stream = request_stream(args.num_requests, math.inf, tiny=args.tiny)
     report = {
-        "device": device, "model": model, "workload": "W3", "num_requests": args.num_requests, "scale": args.scale,
-        "mean_prompt_len": statistics.fmean(len(r.prompt_token_ids) for r in requests),
-        "mean_output_len": statistics.fmean(r.output_len for r in requests),
+        **run_info(device), "model": model, "workload": "W3" + (" (tiny)" if args.tiny else ""),
+        "num_requests": args.num_requests,
+        "mean_prompt_len": statistics.fmean(len(r.prompt_token_ids) for r in stream),
+        "mean_output_len": statistics.fmean(r.output_len for r in stream),
         "temperature": args.temperature, "launched_server": args.launch_server,
         "server_flags": {f: getattr(args, f) for f in SERVER_FLAGS if getattr(args, f) is not None},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv), "results": rows,
+        "results": rows,
     }
-    tag = device.replace(" ", "_").replace("/", "_") + ("_tiny" if args.tiny else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serving_{tag}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_json(args.out / f"serving_{result_tag(report['card'], args.tiny, shape)}.json", report)
     print_table(rows)
     print(f"\nW3: {args.num_requests} requests, mean prompt {report['mean_prompt_len']:.0f} / output "
           f"{report['mean_output_len']:.0f} tokens; wrote {path}")
@@ -361,6 +342,11 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"no plot ({e})")
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ References are independent of the server: ``LLM.generate`` in this process with 
 """
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -317,6 +318,7 @@ BAD_BODIES = [
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
     (json.dumps({"prompt": "x", "max_tokens": "16"}).encode(), "max_tokens"),
     (json.dumps({"prompt": "x", "n": True}).encode(), "n"),
+    (json.dumps({"prompt": "x", "n": MAX_NUM_SEQS + 1}).encode(), "n"),
     (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), "top_p"),
     (json.dumps({"prompt": "x", "logprobs": 99}).encode(), "logprobs"),
     (json.dumps({"prompt": "x", "presence_penalty": 3.0}).encode(), "presence_penalty"),
@@ -434,34 +436,38 @@ def import_benchmark():
     return benchmark_serving
 
 
-def test_w3_stream_is_sharegpt_like_and_seeded():
+def test_request_stream_is_w3_at_poisson_times():
     bench = import_benchmark()
-    seed = random.getrandbits(31)
-    requests = bench.w3_requests(4000, seed=seed)
-    prompt_lens = [len(r.prompt_token_ids) for r in requests]
-    output_lens = [r.output_len for r in requests]
-    # the means ShareGPT has, a long tail (mean well above the median), clipped at 2048
-    assert 200 < sum(prompt_lens) / 4000 < 240 and 170 < sum(output_lens) / 4000 < 210, f"seed {seed}"
-    assert sorted(prompt_lens)[2000] < 0.8 * sum(prompt_lens) / 4000
-    assert max(prompt_lens + output_lens) <= 2048 and min(prompt_lens + output_lens) >= 1
-    again = bench.w3_requests(4000, seed=seed)
-    assert [(r.prompt_token_ids, r.output_len) for r in again] == [(r.prompt_token_ids, r.output_len)
-                                                                   for r in requests]
-    arrivals = bench.poisson_arrivals(4000, rate=20.0, seed=seed)
-    assert arrivals == sorted(arrivals) and 4000 / arrivals[-1] == pytest.approx(20.0, rel=0.1)
+    from workloads import make_workload
+
+    w3, seed, rate = make_workload("W3"), random.getrandbits(31), random.uniform(5, 50)
+    stream = bench.request_stream(2000, rate, seed=seed)
+    assert [(r.prompt_token_ids, r.output_len) for r in stream] == list(zip(w3.prompts, w3.output_lens))[:2000]
+    times = [r.send_time for r in stream]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # exponential gaps: mean 1 / rate and standard deviation equal to the mean
+    assert times[0] == 0 and min(gaps) >= 0, f"seed {seed}"
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / rate, rel=0.1), f"seed {seed}"
+    assert (sum(g * g for g in gaps) / len(gaps) - (sum(gaps) / len(gaps)) ** 2) ** 0.5 == pytest.approx(
+        1 / rate, rel=0.15), f"seed {seed}"
+    assert [r.send_time for r in bench.request_stream(10, math.inf)] == [0.0] * 10
+    short = bench.request_stream(50, rate, max_model_len=64)
+    assert all(len(r.prompt_token_ids) + r.output_len <= 64 and r.output_len >= 1 for r in short)
 
 
 def test_serving_benchmark_runs_against_the_server(server, tmp_path):
     bench = import_benchmark()
-    assert bench.main(["--base-url", server.url, "--num-requests", "6", "--scale", "16", "--rates", "50,inf",
-                       "--device", "cpu", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "serving_cpu.json").read_text())
+    assert bench.main(["--base-url", server.url, "--tiny", "--num-requests", "6", "--rates", "50,inf",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serving_cpu_tiny.json").read_text())
     assert [r["rate"] for r in report["results"]] == [50.0, "inf"]
+    expected_tokens = sum(r.output_len for r in bench.request_stream(6, math.inf, tiny=True))
     for row in report["results"]:
         assert row["completed"] == 6 and row["failed"] == 0, row
-        assert row["output_tokens"] == sum(r.output_len for r in bench.w3_requests(6, scale=16))
+        assert row["output_tokens"] == expected_tokens
         assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p99"]
-    assert report["command"] and report["date"] and report["device"] == "cpu"
+    assert report["command"] and report["date"] and report["card"] == "cpu"
+    assert (tmp_path / "serving_cpu_tiny.png").stat().st_size > 0
 
 
 # --- shutdown (last: it stops the module's server) ----------------------------------------------------------------

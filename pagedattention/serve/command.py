@@ -26,6 +26,8 @@ SIGTERM drains: running requests finish, new ones get 503, then the server exits
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="Hugging Face checkpoint directory (default: the embedded tiny model)")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights of the checkpoint's config.json, no tokenizer (benchmarks)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model's name in the API (default: the checkpoint directory's name, or 'tiny')")
     http = parser.add_argument_group("server")
@@ -94,11 +96,18 @@ def run_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     model = os.path.expanduser(args.model) if args.model else None
     try:  # bad options are refused with the engine's own message, before the port opens
-        llm = LLM(model, **engine_kwargs(args))
+        if args.load_format == "dummy":
+            if model is None:
+                raise ValueError("--load-format dummy needs --model (a directory with a config.json)")
+            from ..models.loader import read_model_config
+            llm = LLM(read_model_config(model), **engine_kwargs(args))
+        else:
+            llm = LLM(model, **engine_kwargs(args))
         engine = AsyncEngine(llm, max_queue_len=args.max_queue_len)
     except (TypeError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"pagedattention serve: {e}")
-    serving = OpenAIServing(engine, model_name(args), ChatTemplate.load(model))
+    chat_template = ChatTemplate.load(model) if args.load_format == "auto" else None
+    serving = OpenAIServing(engine, model_name(args), chat_template)
     serve(engine, serving, args.host, args.port, log_level=args.log_level, access_log=not args.no_access_log)
     return 0
 

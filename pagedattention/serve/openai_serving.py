@@ -114,6 +114,7 @@ class OpenAIServing:
         except (TypeError, ValueError) as e:  # the engine's prompt checks name "prompts[0]": say which it was
             index = getattr(e, "prompt_index", 0)
             message = str(e).replace("prompts[0]", f"prompt[{index}]" if len(prompts) > 1 else "prompt", 1)
+            message = message.replace("sampling_params.", "")  # the body's fields are the params
             raise bad_request(message, param=call.prompt_field if message.startswith("prompt") else
                               error_param(message, SAMPLING_FIELDS)) from None
         if stream:
