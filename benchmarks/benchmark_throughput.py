@@ -86,22 +86,27 @@ def timeline_summary(steps, wall: float) -> dict:
     }
 
 
-def run_engine(llm: LLM, w: workloads.Workload, temperature: float) -> dict:
-    """Every request of ``w`` added at t=0, then ``llm.step()`` until all are done; metrics and the steps."""
+def run_engine(llm: LLM, w: workloads.Workload, temperature: float, loop: str = "step") -> dict:
+    """Every request of ``w`` at t=0, run to the end; its metrics. ``loop="step"``: ``add_request`` each, then
+    ``llm.step()`` until all are done, recording every step (``llm.last_step``); ``"generate"``: one
+    ``llm.generate`` call, which builds no per-step outputs (``step()`` returns every running request's output
+    each step, a host cost of its own), and records no steps."""
     llm.generate(w.prompts[:4], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)  # warm-up
     preemptions = llm.num_preemptions
     steps, done = [], {}
     start = time.perf_counter()
-    for prompt, params in zip(w.prompts, w.sampling_params(temperature)):
-        llm.add_request(prompt, params)
+    if loop == "generate":
+        done = dict(enumerate(llm.generate(w.prompts, w.sampling_params(temperature), use_tqdm=False)))
+    else:
+        for prompt, params in zip(w.prompts, w.sampling_params(temperature)):
+            llm.add_request(prompt, params)
     while llm.has_unfinished_requests():
         t = time.perf_counter() - start
-        outputs = llm.step()
-        finished = [o for o in outputs if o.finished]
-        done.update((o.request_id, o) for o in finished)
+        done.update((o.request_id, o) for o in llm.step() if o.finished)
         info = llm.last_step
-        if info.num_seqs:  # the sequences that finished in this step ran in it
-            steps.append((t, info.is_prefill, llm.num_running_seqs + len(finished), info.num_tokens))
+        if info.num_seqs:  # occupancy: a decode step's batch; after a prefill step, every sequence holding a slot
+            steps.append((t, info.is_prefill, llm.num_running_seqs if info.is_prefill else info.num_seqs,
+                          info.num_tokens))
     wall = time.perf_counter() - start
     outputs = list(done.values())
     bad = [o for o in outputs if o.outputs[0].finish_reason != "length"]
@@ -110,13 +115,13 @@ def run_engine(llm: LLM, w: workloads.Workload, temperature: float) -> dict:
                            + (f" (first: {bad[0].outputs[0].finish_reason}, {bad[0].outputs[0].error})" if bad else ""))
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
-        "wall_s": wall, "num_requests": len(outputs), "prompt_tokens": w.prompt_tokens, "output_tokens": num_output,
-        "requests_per_s": len(outputs) / wall, "output_tok_per_s": num_output / wall,
+        "loop": loop, "wall_s": wall, "num_requests": len(outputs), "prompt_tokens": w.prompt_tokens,
+        "output_tokens": num_output, "requests_per_s": len(outputs) / wall, "output_tok_per_s": num_output / wall,
         "total_tok_per_s": (w.prompt_tokens + num_output) / wall,
         "ttft_s": summary(o.metrics.first_token_time - start for o in outputs),
         "tpot_s": summary(o.metrics.time_per_output_token for o in outputs),
         "preemptions": llm.num_preemptions - preemptions,
-        **timeline_summary(steps, wall),
+        **(timeline_summary(steps, wall) if steps else {}),
         "timeline": timeline_segments(steps),
     }
 
@@ -212,10 +217,11 @@ def print_results(results: list[dict], card: str) -> None:
     for (name, cap, scheduling), r in by_key.items():
         static = by_key.get((name, cap, "static"))
         if scheduling == "continuous" and static:
+            steps = (f"; decode steps {static['decode_steps']} vs {r['decode_steps']}, prefill steps "
+                     f"{static['prefill_steps']} vs {r['prefill_steps']} ({static['prefill_s']:.2f} s vs "
+                     f"{r['prefill_s']:.2f} s)") if "decode_steps" in r and "decode_steps" in static else ""
             print(f"{name} max_num_seqs={cap}: {r['output_tok_per_s'] / static['output_tok_per_s']:.2f}x measured, "
-                  f"{static['ideal_decode_steps'] / r['ideal_decode_steps']:.2f}x ceiling; decode steps "
-                  f"{static['decode_steps']} vs {r['decode_steps']}, prefill steps {static['prefill_steps']} vs "
-                  f"{r['prefill_steps']} ({static['prefill_s']:.2f} s vs {r['prefill_s']:.2f} s)")
+                  f"{static['ideal_decode_steps'] / r['ideal_decode_steps']:.2f}x ceiling" + steps)
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------
@@ -244,6 +250,9 @@ def parse_args(argv):
     parser.add_argument("--hf", choices=["auto", "off"], default="auto",
                         help="auto: also run Hugging Face transformers on the --hf-workloads when it is installed")
     parser.add_argument("--hf-workloads", default="W1,W2")
+    parser.add_argument("--loop", choices=["step", "generate"], default="step",
+                        help="step: add_request + step(), recording every step (the timeline); generate: one "
+                             "generate() call per run, without step() building every request's output each step")
     parser.add_argument("--profile", action="store_true", help="then profile decode steps (profile_step.py)")
     parser.add_argument("--no-plots", action="store_true", help="only the JSON (plot_throughput.py draws it later)")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of the JSON and plots")
@@ -307,7 +316,7 @@ def main(argv=None) -> int:
                 llm.set_scheduling(scheduling, max_num_seqs=cap)
                 row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap, "card": card,
                        "ideal_decode_steps": ideal_decode_steps(w.output_lens, cap, scheduling),
-                       **run_engine(llm, w, args.temperature)}
+                       **run_engine(llm, w, args.temperature, args.loop)}
                 results.append(row)
                 write_report(results)
                 print(f"{name} {scheduling:>10} max_num_seqs={cap}: {row['requests_per_s']:.2f} req/s, "

@@ -81,13 +81,16 @@ def load_trace(prof) -> list[dict]:
 
 
 def step_windows(events: list[dict]) -> list[tuple[float, float]]:
-    """(start, end) in µs of every traced step: the GPU-side span of its annotation when the trace has one per
-    step, else the CPU-side one (a step ends with the sampled tokens on the host, so its kernels end inside it)."""
-    def spans(cat):
-        return sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                      if e.get("cat") == cat and e.get("name") == STEP_LABEL)
-    cpu, gpu = spans("user_annotation"), spans("gpu_user_annotation")
-    return gpu if gpu and len(gpu) == len(cpu) else cpu
+    """(start, end) in µs of every traced ``llm.step()`` call, as the host saw it."""
+    return sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                  if e.get("cat") == "user_annotation" and e.get("name") == STEP_LABEL)
+
+
+def launch_times(events: list[dict]) -> dict[int, float]:
+    """When the host launched the work of each correlation id: a kernel, copy or graph launch (every kernel of a
+    replayed CUDA graph carries its cudaGraphLaunch's id)."""
+    return {e["args"]["correlation"]: e["ts"] for e in events
+            if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
 
 
 def device_events(events: list[dict]) -> list[dict]:
@@ -109,11 +112,15 @@ def device_events(events: list[dict]) -> list[dict]:
     return [{**e, "dur": max(e["self"], 0.0)} for e in ops]
 
 
-def split_steps(windows, events) -> tuple[list[list[dict]], int]:
-    """Each window's events in time order, and how many events fell in no window."""
+def split_steps(windows, events, launched: dict[int, float] | None = None) -> tuple[list[list[dict]], int]:
+    """Each window's events in time order, and how many events fell in no window. An event belongs to the step
+    that launched it (``launched``: correlation id -> launch time), else to the one it ran in: a step may end
+    before the GPU does (an engine that launches the next step before processing the last one)."""
+    launched = launched or {}
     steps, outside = [[] for _ in windows], 0
     for e in sorted(events, key=lambda e: e["ts"]):
-        i = next((i for i, (a, b) in enumerate(windows) if a <= e["ts"] <= b), None)
+        when = launched.get(e.get("args", {}).get("correlation"), e["ts"])
+        i = next((i for i, (a, b) in enumerate(windows) if a <= when <= b), None)
         if i is None:
             outside += 1
         else:
@@ -238,7 +245,7 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
     ran_whole = llm.last_step.num_seqs == batch and not llm.last_step.is_prefill
     for request_id in ids:
         llm.abort_request(request_id)
-    per_step, outside = split_steps(step_windows(trace), device_events(trace))
+    per_step, outside = split_steps(step_windows(trace), device_events(trace), launch_times(trace))
     parts, others = mean_parts(per_step)
     wall, busy = statistics.median(walls), sum(parts.values())
     if busy == 0:

@@ -144,3 +144,13 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     assert out[-1] == (f"Static Batching Throughput: {x:.2f} req/s. Continuous Batching (with PagedAttention) "
                        f"Throughput: {y:.2f} req/s. Achieved {y / x:.2f}x speedup!")
     assert (tmp_path / "throughput_cpu_tiny.png").exists()
+
+
+def test_generate_loop_measures_the_same_requests_without_a_timeline(tmp_path):
+    assert main(["--tiny", "--hf", "off", "--workloads", "W2", "--scheduling", "continuous", "--loop", "generate",
+                 "--out", str(tmp_path), "--no-plots"]) == 0
+    row, = json.loads((tmp_path / "throughput_cpu_tiny.json").read_text())["results"]
+    w = workloads.make_workload("W2", tiny=True)
+    assert row["loop"] == "generate" and row["output_tokens"] == w.output_tokens
+    assert "decode_steps" not in row and row["timeline"]["t_s"] == []
+    assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p99"] <= row["wall_s"]

@@ -45,45 +45,54 @@ def test_kernel_names_go_to_their_part(name):
     assert ps.part_of(name) == NAMES[name]
 
 
-def kernel(name, ts, dur, cat="kernel"):
-    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+def kernel(name, ts, dur, cat="kernel", correlation=None):
+    event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    if correlation is not None:
+        event["args"] = {"correlation": correlation}
+    return event
 
 
-def fake_step(t0, rng):
-    """One decode step as the GPU runs it: the inputs' copy, the graph's kernels, then the LM head and sampling."""
+def fake_step(t0, rng, correlations):
+    """One decode step as the host launches it and the GPU runs it: the inputs' copy, one graph launch for the
+    layers' kernels, then the LM head and sampling launched one by one. The GPU runs behind the host, so the
+    last kernels end after the host's step has returned. Returns (events, ms per part, host window)."""
     layer = [("_ZN6cudapy14pagedattention7kernels9layer_ops21_add_rms_norm_kernel", "layer_ops"),
              ("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", "gemm"),
              ("_ZN6cudapy14pagedattention7kernels9layer_ops21_rope_write_kv_kernel", "layer_ops"),
              ("_ZN6cudapy14pagedattention7kernels18paged_attention_v215build_v2_kernel", "attention"),
              ("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", "gemm"),
              ("void at::native::elementwise_kernel<128, 2, MulFunctor<float>>", "other")]
-    plan = ([("Memcpy HtoD (Pinned -> Device)", "copies")] + layer * 3
-            + [("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "lm_head"),
-               ("void at::native::vectorized_elementwise_kernel<4, BFloat16 to float copy>", "sampling"),
-               ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "sampling"),
-               ("Memcpy DtoH (Device -> Pinned)", "copies")])
-    events, expected, t = [], dict.fromkeys(ps.PARTS, 0.0), t0
-    for name, part in plan:
-        dur = rng.uniform(1, 20)
-        events.append(kernel(name, t, dur, "gpu_memcpy" if name.startswith("Memcpy") else "kernel"))
-        expected[part] += dur
-        t += dur + rng.uniform(0, 3)
-    return events, expected, t
+    launches = ([("cudaMemcpyAsync", [("Memcpy HtoD (Pinned -> Device)", "copies")]), ("cudaGraphLaunch", layer * 3)]
+                + [("cudaLaunchKernel", [k]) for k in [("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "lm_head"),
+                                                      ("void at::native::vectorized_elementwise_kernel<4, copy>", "sampling"),
+                                                      ("void at::native::cunn_SoftMaxForward<4, float>", "sampling")]]
+                + [("cudaMemcpyAsync", [("Memcpy DtoH (Device -> Pinned)", "copies")])])
+    events, expected, host, gpu = [], dict.fromkeys(ps.PARTS, 0.0), t0, t0 + 5
+    for api, kernels in launches:
+        correlation = next(correlations)
+        events.append(kernel(api, host, 2.0, "cuda_runtime", correlation))
+        gpu = max(gpu, host + 3)
+        for name, part in kernels:
+            dur = rng.uniform(1, 20)
+            events.append(kernel(name, gpu, dur, "gpu_memcpy" if name.startswith("Memcpy") else "kernel", correlation))
+            expected[part] += dur
+            gpu += dur + rng.uniform(0, 3)
+        host += 4
+    return events, expected, (t0, host + 1)
 
 
 def test_a_traced_step_splits_into_its_parts():
-    rng = random.Random(7)
+    rng, correlations = random.Random(7), iter(range(1000, 2000))
     trace, expected, t = [], [], 100.0
     for _ in range(3):
-        events, parts, end = fake_step(t, rng)
-        trace += [*events, {"ph": "X", "cat": "gpu_user_annotation", "name": ps.STEP_LABEL, "ts": t, "dur": end - t},
-                  {"ph": "X", "cat": "user_annotation", "name": ps.STEP_LABEL, "ts": t - 5, "dur": end - t + 10}]
+        events, parts, (start, end) = fake_step(t, rng, correlations)
+        trace += [*events, {"ph": "X", "cat": "user_annotation", "name": ps.STEP_LABEL, "ts": start, "dur": end - start}]
         expected.append(parts)
-        t = end + 50
-    trace.append(kernel("stray kernel between steps", t - 20, 1.0))
+        t = max(e["ts"] + e["dur"] for e in events) + rng.choice([-30, 20])  # the next step may start first
+    trace.append(kernel("a kernel launched between steps", t - 1, 1.0, correlation=5))
     rng.shuffle(trace)
     windows = ps.step_windows(trace)
-    steps, outside = ps.split_steps(windows, ps.device_events(trace))
+    steps, outside = ps.split_steps(windows, ps.device_events(trace), ps.launch_times(trace))
     assert len(steps) == 3 and outside == 1
     for step, parts in zip(steps, expected):
         got, others = ps.classify_step(step)
