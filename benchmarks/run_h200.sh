@@ -8,7 +8,8 @@
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
 # prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
-# throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2    570 s   json png png log
+# throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2,   570 s   json png png log
+#              each continuous run at 256 once more through generate()
 # shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log
 # serving      benchmark_serving.py --launch-server (W3 over HTTP)               240 s   json png log
@@ -53,7 +54,7 @@ stage() {
         prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
-                        --workloads W1,W2,W3 --max-num-seqs 16,64,256 --out "$out" ;;
+                        --workloads W1,W2,W3 --max-num-seqs 16,64,256 --also-generate --out "$out" ;;
         shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
                     run_stage shapes 200 $py benchmarks/benchmark_throughput.py --model-shape "$shape" \
                         --workloads W1,W2,W3 --max-num-seqs 256 --hf off --no-plots --out "$out"
