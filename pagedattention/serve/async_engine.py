@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .metrics import EngineSnapshot, ServerMetrics
 
@@ -36,35 +36,50 @@ class _Timing:
     num_tokens: int = 0  # the most tokens any completion of the request has
 
 
-@dataclass
 class RequestStream:
-    """The outputs of one HTTP request's engine requests (one per prompt), in arrival order.
+    """The outputs of one HTTP request's engine requests (one per prompt).
 
-    Iterating yields ``(prompt_index, RequestOutput)``; each output holds everything generated so far.
-    Closing it aborts the engine requests that have not finished, which frees their KV blocks.
+    Iterating yields ``(prompt_index, RequestOutput)``; each output holds everything generated so far, so when
+    the reader falls behind the engine only the newest output of each request is kept (a slow client gets
+    fewer, larger chunks and never a backlog). Closing it aborts the engine requests that have not finished,
+    which frees their KV blocks.
     """
-    engine: "AsyncEngine"
-    request_ids: list[str]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    unfinished: set = field(default_factory=set)
 
-    def __post_init__(self):
-        self.unfinished = set(self.request_ids)
-        self.index = {rid: i for i, rid in enumerate(self.request_ids)}
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str]):
+        self.engine = engine
+        self.request_ids = request_ids
+        self.index = {rid: i for i, rid in enumerate(request_ids)}
+        self.unfinished = set(request_ids)
+        self._latest: dict = {}  # request id -> its newest output not yet read, oldest first
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        """An output, or the exception that ended this stream's requests (event loop side)."""
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._latest.pop(item.request_id, None)
+            self._latest[item.request_id] = item
+        self._ready.set()
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        if not self.unfinished:
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.finished:
-            self.unfinished.discard(item.request_id)
-        return self.index[item.request_id], item
+        while True:
+            if self._latest:
+                out = self._latest.pop(next(iter(self._latest)))
+                if out.finished:
+                    self.unfinished.discard(out.request_id)
+                return self.index[out.request_id], out
+            if self._error is not None:
+                self.close()
+                raise self._error
+            if not self.unfinished:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
 
     def close(self) -> None:
         """Abort what has not finished (a client gone, or an error); a no-op once everything finished."""
@@ -185,7 +200,7 @@ class AsyncEngine:
                 timing.last_token, timing.num_tokens = now, num_tokens
             if out.finished:
                 self._finish(out, timing, now)
-            stream.queue.put_nowait(out)
+            stream.put(out)
 
     def _finish(self, out, timing: _Timing, now: float) -> None:
         self._forget(out.request_id)
@@ -200,7 +215,7 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is not None:
                 self._forget(rid)
-                stream.queue.put_nowait(error)
+                stream.put(error)
 
     def _fail_everything(self) -> None:
         """The engine thread died: fail the requests in flight and those it never took from the inbox."""
