@@ -1,10 +1,10 @@
 """Tensor parallelism over processes: rank 0 is the engine, ranks 1..N-1 are workers that run its steps with it.
 
-    rank 0 (the engine's process)                            rank r (a spawned worker)
-    scheduler, block manager, sampler                        its shard of the weights, its KV cache
-    TensorParallelRunner.execute(step) ──── pipe ─────────> (copy-on-write pairs, step)
-      run shard 0 <──────── all-reduce, gather ──────────>   replay the copies, run shard r
-      logits (gathered on rank 0) -> the sampler             wait for the next step
+    rank 0 (the engine's process)                       rank r (a spawned worker)
+    scheduler, block manager, sampler                   its shard of the weights, its KV cache
+    TensorParallelRunner.execute(step) ──── pipe ─────> (copy-on-write pairs, step)
+      run shard 0 <────── all-reduce, gather ───────>   replay the copies, run shard r
+      logits (gathered on rank 0) -> the sampler        wait for the next step
 
 Every rank's cache has the same blocks, each holding num_kv_heads / N heads, so one scheduler and one
 BlockManager (rank 0's) drive them all: the block tables, slots and copy-on-write pairs rank 0 computes hold on
@@ -18,9 +18,11 @@ all take the minimum.
 
 Failure: a worker that dies or raises breaks the next collective (its sockets close); rank 0 then raises
 TensorParallelError("tensor-parallel rank r exited with code c", with the worker's traceback when it raised),
-stops the other ranks, and every later step raises the same. Collectives time out after COLLECTIVE_TIMEOUT.
-Workers stop when rank 0 says so (``shutdown``, the runner garbage-collected, interpreter exit) or when rank 0
-is gone (their pipe closes). They ignore SIGINT: Ctrl-C interrupts rank 0, which then stops them.
+stops the other ranks, and every later step raises the same. NCCL would wait for a dead peer until its timeout
+(COLLECTIVE_TIMEOUT, for every collective), so on GPUs a watchdog thread aborts the group as soon as a worker
+exits unasked. Workers stop when rank 0 says so (``shutdown``, the runner garbage-collected, interpreter exit) or
+when rank 0 is gone (their pipe closes; a thread also notices their parent change). They ignore SIGINT: Ctrl-C
+interrupts rank 0, which then stops them.
 
 Workers start with "spawn": a script that builds such an engine must do so under ``if __name__ == "__main__":``.
 """
@@ -29,14 +31,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing.connection
+import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 import warnings
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -123,6 +128,7 @@ def _new_group(store: dist.Store, rank: int, size: int, device: torch.device):
 
 def _worker_main(rank: int, size: int, port: int, config: EngineConfig, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         _set_cpu_threads(config)
         if config.device.type == "cuda":
@@ -138,8 +144,15 @@ def _worker_main(rank: int, size: int, port: int, config: EngineConfig, conn) ->
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
-        finally:
-            raise SystemExit(1)
+        finally:  # at once: rank 0 is waiting for the exit code, and there is nothing to tidy up
+            os._exit(1)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Rank 0 gone (killed) while this worker waits in a collective that only times out (NCCL): leave now."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 @torch.inference_mode()
@@ -178,8 +191,9 @@ class _Worker:
             pass
 
 
-def _stop_workers(workers: list[_Worker], grace_s: float) -> None:
+def _stop_workers(workers: list[_Worker], stopping: threading.Event, grace_s: float) -> None:
     """Ask every worker to stop, kill those still running after ``grace_s``; no process is left behind."""
+    stopping.set()
     for w in workers:
         try:
             w.conn.send(None)
@@ -195,6 +209,17 @@ def _stop_workers(workers: list[_Worker], grace_s: float) -> None:
         w.conn.close()
 
 
+def _abort_on_worker_exit(workers: list[_Worker], group, stopping: threading.Event) -> None:
+    """NCCL waits for a dead peer until its timeout: abort the group as soon as a worker exits unasked, so that
+    the collective rank 0 waits in fails now (gloo notices the closed socket by itself)."""
+    try:
+        multiprocessing.connection.wait([w.process.sentinel for w in workers])
+    except OSError:  # the sentinels were closed: the runner is gone
+        return
+    if not stopping.is_set():
+        group.abort()
+
+
 class TensorParallelRunner:
     """ModelRunner's interface (``prepare``, ``execute``, ``run``) over ``config.tensor_parallel_size`` processes.
 
@@ -208,7 +233,8 @@ class TensorParallelRunner:
         self.config = config
         self._failure: str | None = None
         self._workers: list[_Worker] = []
-        self._stop = weakref.finalize(self, _stop_workers, self._workers, STOP_GRACE_S)
+        self._stopping = threading.Event()  # set once the workers are being stopped: their exits are expected
+        self._stop = weakref.finalize(self, _stop_workers, self._workers, self._stopping, STOP_GRACE_S)
         worker_config = copy.copy(config)  # as given: each rank resolves the model's limits itself
         try:
             self._store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
@@ -225,6 +251,9 @@ class TensorParallelRunner:
             self.model, self.tokenizer, self.model_config = _load(config, tp)
             self._wait_until_loaded()
             tp.group = _new_group(self._store, 0, size, config.device)
+            if config.device.type == "cuda":
+                threading.Thread(target=_abort_on_worker_exit, args=(self._workers, tp.group, self._stopping),
+                                 name="pagedattention-tp-watchdog", daemon=True).start()
             self.manager, self._copies, capped = _build_cache(config, self.model, self.model_config, tp)
             self.local = ModelRunner(config, self.model, self.manager)
         except BaseException as e:
@@ -240,8 +269,13 @@ class TensorParallelRunner:
     def run(self, batch, eager: bool = False) -> torch.Tensor:
         return self.execute(self.prepare(batch), eager=eager)
 
-    def prepare(self, batch) -> StepInputs:
-        return self.local.prepare(batch)
+    def prepare(self, batch, pending_tokens: torch.Tensor | None = None) -> StepInputs:
+        """As ModelRunner.prepare. ``pending_tokens`` (a decode step's input tokens still on rank 0's device)
+        are brought to the host: every rank needs them."""
+        if pending_tokens is None:
+            return self.local.prepare(batch)
+        x = self.local.prepare(batch, pending_tokens)
+        return dataclasses.replace(x, input_ids=pending_tokens.cpu().numpy(), input_ids_device=None)
 
     def execute(self, x: StepInputs, eager: bool = False) -> torch.Tensor:
         """Send the step (and the copy-on-writes since the last one) to every worker, run shard 0 with them;
@@ -275,17 +309,18 @@ class TensorParallelRunner:
         """Until every worker has loaded its shard; TensorParallelError as soon as one fails or dies."""
         loading = list(self._workers)
         while loading:
-            multiprocessing.connection.wait([x for w in loading for x in (w.conn, w.process.sentinel)])
+            ready = multiprocessing.connection.wait([x for w in loading for x in (w.conn, w.process.sentinel)])
             for w in loading:
                 w.read_messages()
-                if w.error is not None or (not w.loaded and w.process.exitcode is not None):
+                if w.error is not None or (not w.loaded and w.process.sentinel in ready):
                     raise TensorParallelError(f"tensor-parallel rank {w.rank} failed while loading")
             loading = [w for w in loading if not w.loaded]
 
-    def _fail(self, cause: BaseException):
+    def _fail(self, cause: BaseException) -> NoReturn:
         """Stop the group after ``cause`` broke a step (or the start); raise what explains it best: the workers
         that died, else ``cause`` itself."""
         exited = self._exited_workers()
+        self._stopping.set()
         for w in self._workers:  # the others may be waiting in a collective that will never complete
             if w.process.is_alive():
                 w.process.kill()
@@ -297,14 +332,17 @@ class TensorParallelRunner:
         raise cause
 
     def _exited_workers(self) -> list[str]:
-        """'tensor-parallel rank r exited with code c[: traceback]' for each worker that has exited (or does
-        within EXIT_WAIT_S)."""
-        if self._workers and all(w.process.exitcode is None for w in self._workers):  # the culprit may be exiting now
-            multiprocessing.connection.wait([w.process.sentinel for w in self._workers], timeout=EXIT_WAIT_S)
+        """'tensor-parallel rank r exited with code c[:\ntraceback]' for each worker that has exited (or does
+        within EXIT_WAIT_S) or reported an error."""
+        sentinels = [w.process.sentinel for w in self._workers]
+        # the culprit may be exiting right now
+        ready = multiprocessing.connection.wait(sentinels, timeout=EXIT_WAIT_S) if sentinels else []
         exited = []
         for w in self._workers:
-            if w.process.exitcode is not None:
-                w.read_messages()
-                exited.append(f"tensor-parallel rank {w.rank} exited with code {w.process.exitcode}"
-                              + (f":\n{w.error}" if w.error else ""))
+            w.read_messages()
+            if w.process.sentinel in ready or w.error is not None:
+                # its pipes close a moment before its exit code can be read: join waits for that moment
+                w.process.join(EXIT_WAIT_S)
+                how = "failed" if w.process.exitcode is None else f"exited with code {w.process.exitcode}"
+                exited.append(f"tensor-parallel rank {w.rank} {how}" + (f":\n{w.error}" if w.error else ""))
         return exited
