@@ -7,7 +7,9 @@
 One engine (random weights) serves every run: ``set_scheduling`` switches static/continuous batching and the
 batch cap between runs. W1 and W2 run at every cap of --max-num-seqs, W3 (2,048 ShareGPT-like requests) at the
 largest. Each run adds every request at t=0 and steps the engine (``add_request`` / ``step``), recording each
-step from ``llm.last_step``.
+step from ``llm.last_step``; ``--loop generate`` times one ``generate`` call instead (no timeline), and
+``--also-generate`` adds that timing to the continuous runs at the largest cap (``step()`` builds every running
+request's output each step, a host cost ``generate`` does not pay).
 
 Reported per run: requests/s, output tok/s (requested output tokens / wall time; for W2 nano-vllm's figure),
 total tok/s, mean/p50/p99 TTFT (from t=0) and TPOT, preemptions; the steps (prefill/decode counts and times,
@@ -299,6 +301,8 @@ def main(argv=None) -> int:
     init_s = time.perf_counter() - start  # weights, KV sizing warm-up, CUDA graph capture
     llm.set_prefix_caching(args.enable_prefix_caching)
     dtype = str(llm.config.dtype).removeprefix("torch.")
+    sets = {n: workloads.make_workload(n, tiny=args.tiny, vocab_size=llm.model_config.vocab_size)
+            for n in args.workloads}
 
     def write_report(rows):
         report = {**info, "device": card, "model": common.model_description(shape), "model_shape": shape,
@@ -307,13 +311,12 @@ def main(argv=None) -> int:
                   "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": max_model_len,
                   "block_size": args.block_size, "enforce_eager": args.enforce_eager,
                   "prefix_caching": args.enable_prefix_caching,
-                  "workloads": {n: workloads.make_workload(n, tiny=args.tiny).description for n in args.workloads},
+                  "loop": args.loop, "workloads": {n: w.description for n, w in sets.items()},
                   "results": rows}
         common.write_json(path, report)
         return report
 
-    for name in args.workloads:
-        w = workloads.make_workload(name, tiny=args.tiny, vocab_size=llm.model_config.vocab_size)
+    for name, w in sets.items():
         for cap in [max(args.caps)] if name == "W3" else args.caps:
             for scheduling in schedulings:
                 llm.set_scheduling(scheduling, max_num_seqs=cap)

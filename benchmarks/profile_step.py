@@ -59,11 +59,11 @@ NAME_RULES = [
     ("layer_ops", re.compile(r"layer_ops|rope_write_kv|add_rms_norm|silu|norm(?!al)|cos_kernel|sin_kernel"
                              r"|^aten::(cos|sin)$")),
 ]
-# Host phases: (file, function) of the engine's Python frames, as the tracer names them
-# ("pagedattention/engine/scheduler.py(88): schedule").
-HOST_PHASES = {"schedule": ("scheduler", "schedule"), "prepare": ("model_runner", "prepare"),
-               "execute (replay + LM head)": ("model_runner", "execute"), "sample": ("sampler", "__call__"),
-               "postprocess": ("scheduler", "postprocess")}
+# Host phases: the engine's Python frames by file and function name, as the tracer names them
+# ("pagedattention/engine/scheduler.py(88): schedule"); nested calls count once, in the outermost.
+HOST_PHASES = {"schedule": ("scheduler", r"schedule\w*"), "prepare": ("model_runner|distributed", r"prepare"),
+               "execute (replay + LM head)": ("model_runner|distributed", r"execute"),
+               "sample (incl. waiting for tokens)": ("sampler", r"\w+"), "postprocess": ("scheduler", r"postprocess")}
 
 
 # --- reading a trace -----------------------------------------------------------------------------------
@@ -145,19 +145,22 @@ def classify_step(step: list[dict]) -> tuple[dict, dict]:
 
 
 def host_phases(events: list[dict], windows) -> dict:
-    """ms per step spent in each HOST_PHASES function (inclusive; the outermost call where one nests)."""
-    pattern = re.compile(r"(\w+)\.py\(\d+\): (\S+)$")
-    totals = dict.fromkeys(HOST_PHASES, 0.0)
-    wanted = {v: k for k, v in HOST_PHASES.items()}
+    """ms per step spent in each HOST_PHASES function (inclusive; the outermost call where they nest)."""
+    frame = re.compile(r"(\w+)\.py\(\d+\): (\S+)$")
+    rules = {phase: (re.compile(file), re.compile(function)) for phase, (file, function) in HOST_PHASES.items()}
     spans = defaultdict(list)
     for e in events:
-        m = pattern.search(e.get("name", "")) if e.get("cat") == "python_function" else None
-        if m and m.groups() in wanted and any(a <= e["ts"] <= b for a, b in windows):
-            spans[wanted[m.groups()]].append((e["ts"], e["ts"] + e["dur"]))
+        m = frame.search(e.get("name", "")) if e.get("cat") == "python_function" else None
+        if not m or not any(a <= e["ts"] <= b for a, b in windows):
+            continue
+        for phase, (file, function) in rules.items():
+            if file.fullmatch(m.group(1)) and function.fullmatch(m.group(2)):
+                spans[phase].append((e["ts"], e["ts"] + e["dur"]))
+    totals = dict.fromkeys(HOST_PHASES, 0.0)
     for phase, intervals in spans.items():
         end = -1.0
         for a, b in sorted(intervals):
-            if a >= end:  # a recursive or nested call of the same phase is already inside the counted one
+            if a >= end:  # a call inside one already counted (nested, recursive) is part of it
                 totals[phase] += b - a
                 end = b
     n = max(len(windows), 1)
@@ -231,8 +234,8 @@ def traced_steps(llm: LLM, steps: int, on_gpu: bool, with_stack: bool = False) -
 
 def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: float) -> dict:
     on_gpu = llm.config.device.type == "cuda"
-    warmup, timed = 3, max(steps, 5)
-    ids = start_decoding(llm, batch, context, warmup + timed + 2 * steps + 4, temperature, seed=batch)
+    warmup, timed = 3, max(2 * steps, 5)
+    ids = start_decoding(llm, batch, context, warmup + timed + 2 * steps + 4, temperature, seed=batch)  # never ends
     for _ in range(warmup):
         llm.step()
     walls = []

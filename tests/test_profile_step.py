@@ -177,6 +177,9 @@ def test_tiny_profile_end_to_end(tmp_path, capsys):
         assert r["parts_ms"]["lm_head"] > 0 and r["parts_ms"]["sampling"] > 0
         assert set(r["bounds_ms"]) == {"attention", "gemm", "layer_ops", "lm_head", "sampling"}
         assert r["device_idle_fraction"] < 1 and r["wall_ms"] > 0
+        phases = r["host_phases_ms"]  # the engine's phases are found by their functions' names
+        assert all(phases[name] > 0 for name in ps.HOST_PHASES)
+        assert sum(phases[name] for name in ps.HOST_PHASES) <= phases["llm.step (traced)"]
     assert 0 < report["w2_fraction_of_bound"] < 1
     out = capsys.readouterr().out
     assert "unclassified" in out and "W2 bound on cpu" in out
