@@ -110,6 +110,14 @@ class GatedLibrary:
         return getattr(self._lib, name)
 
 
+def refuses_calls(manager: BlockManager) -> bool:
+    try:
+        manager.num_free_blocks
+    except ValueError:
+        return True
+    return False
+
+
 def test_close_waits_for_the_call_in_flight_and_refuses_new_ones():
     manager = BlockManager(8)
     lib = manager._lib = GatedLibrary(manager._lib)
@@ -119,6 +127,9 @@ def test_close_waits_for_the_call_in_flight_and_refuses_new_ones():
     caller.start()
     assert lib.entered.wait(10)
     closer.start()
+    deadline = time.monotonic() + 10
+    while not refuses_calls(manager) and time.monotonic() < deadline:  # close() has begun
+        time.sleep(0.001)
     closer.join(0.2)
     assert closer.is_alive(), "close() returned while allocate() was still inside the C library"
     with pytest.raises(ValueError, match="closed"):  # refused at once, not queued behind the call in flight
