@@ -3,6 +3,7 @@
 #
 #     bash benchmarks/run_h200.sh                                      # every stage into benchmarks/results
 #     RESULTS=/tmp/r bash benchmarks/run_h200.sh throughput profile    # some stages, results elsewhere
+#     QUICK=1 bash benchmarks/run_h200.sh kernels throughput          # kernels: headline shapes; caps 64,256
 #
 # stage        what                                                            limit   files
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
@@ -25,6 +26,8 @@ set -u
 cd "$(dirname "$0")/.."
 out=${RESULTS:-benchmarks/results}
 py=${PYTHON:-python3}
+caps=16,64,256
+[ -n "${QUICK:-}" ] && caps=64,256
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -50,11 +53,11 @@ run_stage() {  # run_stage NAME SECONDS COMMAND...: output to $out/NAME.log, its
 stage() {
     : > "$out/$1.log"
     case $1 in
-        kernels) run_stage kernels 240 $py benchmarks/bench_kernels.py --out "$out" ;;
+        kernels) run_stage kernels 240 $py benchmarks/bench_kernels.py --out "$out" ${QUICK:+--quick} ;;
         prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
-                        --workloads W1,W2,W3 --max-num-seqs 16,64,256 --also-generate --out "$out" ;;
+                        --workloads W1,W2,W3 --max-num-seqs "$caps" --also-generate --out "$out" ;;
         shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
                     run_stage shapes 200 $py benchmarks/benchmark_throughput.py --model-shape "$shape" \
                         --workloads W1,W2,W3 --max-num-seqs 256 --hf off --no-plots --out "$out"
