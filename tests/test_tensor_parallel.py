@@ -20,8 +20,9 @@ from torch import nn
 
 from pagedattention import LLM, BeamSearchParams, SamplingParams
 from pagedattention.engine.distributed import TensorParallelError
-from pagedattention.models import CheckpointError, load, load_model
+from pagedattention.models import CheckpointError, ModelConfig, load, load_model
 from pagedattention.models.parallel import TensorParallel
+from pagedattention.models.tiny import TINY_CONFIG
 
 transformers = pytest.importorskip("transformers")
 
@@ -185,6 +186,22 @@ def test_each_rank_loads_its_heads_features_and_vocabulary_rows(checkpoints):
             assert not ours[owned:].any()  # the padding row of the last rank
 
 
+@pytest.mark.parametrize("source", [None, ModelConfig(**{**TINY_CONFIG, "num_attention_heads": 8, "vocab_size": 301})])
+def test_every_rank_draws_the_same_random_weights_and_keeps_its_slice(source):
+    """The tiny model and a ModelConfig: each rank draws the whole model under the seed, then keeps its slices."""
+    seed = random.randrange(2**31)
+    whole, _, config = load(source, seed=seed)
+    tensors = {name: param[rows] for name, (param, rows) in whole.hf_weight_slots().items()}
+    for rank in range(2):
+        shard, _, _ = load(source, seed=seed, tp=TensorParallel(rank, 2))
+        attn = shard.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (config.num_attention_heads // 2, config.num_key_value_heads // 2)
+        for name, (param, rows, *split) in shard.hf_weight_slots().items():
+            expected = split[0].take(tensors[name]) if split else tensors[name]
+            assert torch.equal(param[rows], expected), name
+        assert sum(p.numel() for p in shard.parameters()) < sum(p.numel() for p in whole.parameters())
+
+
 def test_a_shard_is_checked_against_the_whole_tensor(checkpoints, tmp_path):
     """Rank 0's rows are intact, but the file's q_proj has a head too many: refused with the whole shape."""
     _, path = checkpoints["llama_mha"]
@@ -243,7 +260,9 @@ def test_a_rank_killed_mid_step_fails_generate_at_once_and_leaves_no_process():
     llm = LLM(device="cpu", tensor_parallel_size=2, num_kv_blocks=64, max_model_len=1024)
     runner, pids = llm.runner, llm.runner.worker_pids
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    assert llm.generate(["warm up"], params, use_tqdm=False)[0].outputs[0].token_ids
+    warm = llm.generate(["warm up"], params, use_tqdm=False)[0].outputs[0].token_ids
+    alone = LLM(device="cpu", num_kv_blocks=64, max_model_len=1024)
+    assert warm == alone.generate(["warm up"], params, use_tqdm=False)[0].outputs[0].token_ids
     execute, calls = runner.local.execute, []
 
     def kill_rank_1_then_execute(x, eager=False):  # rank 1 has the step: it dies while running it
