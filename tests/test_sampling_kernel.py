@@ -13,7 +13,7 @@ from pagedattention.kernels.runtime import kernels_available
 if not kernels_available("cpu" if not torch.cuda.is_available() else "cuda"):
     pytest.skip("the Numba kernels cannot run here", allow_module_level=True)
 
-from pagedattention.kernels.sampling import sample_tokens  # noqa: E402
+from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M32 = np.uint64(0xFFFFFFFF)
@@ -41,12 +41,10 @@ def gumbel_noise(key: int, counter: int, vocab: int) -> np.ndarray:
 
 
 def run(logits, temperatures, keys, counters):
-    t = lambda values, dtype: torch.tensor(values, dtype=dtype, device=DEVICE)  # noqa: E731
-    tokens = torch.full((len(logits),), -7, dtype=torch.int64)  # poisoned: the kernel must write every row
-    out = sample_tokens(logits.to(DEVICE), t(temperatures, torch.float32), t(keys, torch.int64),
-                        t(counters, torch.int64))
-    tokens[:] = out[0].cpu()
-    return tokens, out[1].cpu()
+    params = torch.tensor([keys, counters, temperature_bits(temperatures)], dtype=torch.int64, device=DEVICE)
+    out = sample_tokens(logits.to(DEVICE), params).cpu()
+    assert out.dtype == torch.float32 and out.shape == (2, len(logits))
+    return out[0].long(), out[1]
 
 
 def test_greedy_rows_are_torch_argmax_with_log_softmax_logprobs():
@@ -108,8 +106,8 @@ def test_non_finite_rows_get_nan_logprobs_and_masked_tokens_are_never_drawn():
 
 def test_bad_arguments_are_rejected():
     logits = torch.randn(2, 8, device=DEVICE)
-    ok = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    ok = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="logits"):
-        sample_tokens(logits.half(), torch.zeros(2, device=DEVICE), ok, ok)
-    with pytest.raises(ValueError, match="temperatures"):
-        sample_tokens(logits, torch.zeros(3, device=DEVICE), ok, ok)
+        sample_tokens(logits.half(), ok)
+    with pytest.raises(ValueError, match="params"):
+        sample_tokens(logits, ok[:, :1])

@@ -381,6 +381,7 @@ class LLM:
                 row_of = {id(seq): row for row, seq in enumerate(before)}
                 rows = torch.tensor([row_of[id(seq)] for seq in batch.seqs], dtype=torch.int64)
                 pending_tokens = tokens.index_select(0, rows.to(tokens.device, non_blocking=True))
+            pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
         logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
         sample = None
         if batch.sample_seqs:

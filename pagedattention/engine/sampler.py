@@ -46,7 +46,7 @@ class SamplerOutput:
 class PendingSample:
     """A step's sampling, queued on the device: ``tokens`` (int64, on the device) now, the host's copy at
     ``result()``."""
-    tokens: torch.Tensor
+    tokens: torch.Tensor         # the token ids, on the device (int64, or float32 from the one-pass kernel)
     host: torch.Tensor           # the packed copy (tokens, logprobs, top-N) on the host, maybe not arrived yet
     event: object                # CUDA event after the copy, or None
     seqs: list
@@ -121,7 +121,8 @@ class Sampler:
         vocab = logits.shape[1]
         if self.use_kernel and all(p.logprobs is None and not p.has_penalties and p.top_p == 1.0
                                    and not 0 < p.top_k < vocab for p in params):
-            tokens, chosen = self._sample_in_one_pass(logits, seqs, params, num_pending)
+            packed = self._sample_in_one_pass(logits, seqs, params, num_pending)  # already packed
+            tokens, top_rows = packed[:len(seqs)], []
         else:
             logprobs = torch.log_softmax(logits, dim=-1)
             if any(p.has_penalties for p in params):
@@ -132,16 +133,16 @@ class Sampler:
             else:
                 tokens = self._sample(logits, params, temperatures, seqs)
             chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        # one device->host copy per step: token ids (< 2**53) and float32 logprobs are exact in float64
-        parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
-        top_rows = [row for row, p in enumerate(params) if p.logprobs]
-        num_top = max((params[row].logprobs for row in top_rows), default=0)
-        if num_top:
-            wanted = logprobs if len(top_rows) == len(seqs) else \
-                logprobs[self._to_device(top_rows, torch.int64, logprobs.device)]
-            top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
-            parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
-        packed = torch.cat(parts)
+            # one device->host copy per step: token ids (< 2**53) and float32 logprobs are exact in float64
+            parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
+            top_rows = [row for row, p in enumerate(params) if p.logprobs]
+            num_top = max((params[row].logprobs for row in top_rows), default=0)
+            if num_top:
+                wanted = logprobs if len(top_rows) == len(seqs) else \
+                    logprobs[self._to_device(top_rows, torch.int64, logprobs.device)]
+                top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
+                parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
+            packed = torch.cat(parts)
         event = None
         if packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -155,7 +156,7 @@ class Sampler:
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending: int):
         """Greedy or Gumbel-max in one kernel. Noise keys: a seeded request's seed + completion index, counted by
         its generated tokens (independent of the batch); the other rows share a fresh key per step."""
-        from pagedattention.kernels.sampling import sample_tokens  # numba.cuda loads on first use only
+        from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # numba.cuda: on first use
 
         step_key = self._step_keys.getrandbits(62)
         keys, counters = [], []
@@ -166,10 +167,9 @@ class Sampler:
             else:
                 keys.append((p.seed + seq.index) % (1 << 63))
                 counters.append(seq.num_output_tokens + num_pending)
-        device = logits.device
-        temperatures = self._to_device([p.temperature for p in params], torch.float32, device)
-        keys_counters = self._to_device([keys, counters], torch.int64, device)
-        return sample_tokens(logits.contiguous(), temperatures, keys_counters[0], keys_counters[1])
+        params_tensor = self._to_device([keys, counters, temperature_bits([p.temperature for p in params])],
+                                        torch.int64, logits.device)
+        return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
 
     @torch.inference_mode()
     def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,8 +33,8 @@ import torch
 from numba import cuda, float32, int64, uint64
 
 from .common import num_sms
-from .ptx import f32_bits
-from .runtime import as_kernel_array, current_stream, simulator_enabled
+from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, st_u32_at
+from .runtime import launch, simulator_enabled
 
 SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -42,7 +42,7 @@ _C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)   # murmur3's 32-bit fin
 _S13, _S16, _S32, _S8 = np.uint64(13), np.uint64(16), np.uint64(32), np.uint64(8)
 _TWO_M24 = np.float32(2.0 ** -24)
 NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
-BAD_COL = 1 << 40              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
+BAD_COL = 1 << 30              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
 
 
 @cuda.jit(device=True, inline=True)
@@ -87,21 +87,24 @@ def _classify(x):
 
 @functools.lru_cache(maxsize=None)
 def _kernels(threads: int):
+    # Raw addresses (``runtime.launch``: no per-array wrapping on the host). logits: float32 [rows, vocab];
+    # params: int64 [3, rows] = keys, counters, float32 bits of the temperatures; part: 32-bit words [4, rows,
+    # splits] = m, s, best (float32), best column (int32); out: float32 [2, rows] = token ids, log-probabilities.
     @cuda.jit(fastmath=True)
-    def partial(logits, temperatures, keys, counters, chunk, part_m, part_s, part_best, part_col):
+    def partial(logits, params, rows, vocab, chunk, splits, part):
         """Block (row, split) reads columns [split * chunk, (split + 1) * chunk) of its row."""
         row, split = cuda.blockIdx.x, cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        vocab = logits.shape[1]
-        t = temperatures[row]
+        t = as_f32(ld_i32_at(params + (2 * rows + row) * 8))
         greedy = t == float32(0.0)
         inv_t = float32(1.0) / t if not greedy else float32(0.0)
-        h = row_hash(keys[row], counters[row])
+        h = row_hash(ld_i64_at(params + row * 8), ld_i64_at(params + (rows + row) * 8))
         m, s = NEG_BIG, float32(0.0)
         best, best_col = NEG_BIG, int64(BAD_COL)
         start = split * chunk
+        base = logits + row * vocab * 4
         for col in range(start + tid, min(start + chunk, vocab), threads):
-            x = logits[row, col]
+            x = as_f32(ld_i32_at(base + col * 4))
             kind = _classify(x)
             if kind == 2:
                 best_col = int64(BAD_COL) + 1  # marks the row: no token from it
@@ -131,25 +134,32 @@ def _kernels(threads: int):
             cuda.syncthreads()
             stride //= 2
         if tid == 0:
-            part_m[row, split], part_s[row, split] = sm[0], ss[0]
-            part_best[row, split], part_col[row, split] = sb[0], sc[0]
+            plane = rows * splits * 4
+            at = part + (row * splits + split) * 4
+            st_u32_at(at, f32_bits(sm[0]))
+            st_u32_at(at + plane, f32_bits(ss[0]))
+            st_u32_at(at + 2 * plane, f32_bits(sb[0]))
+            st_u32_at(at + 3 * plane, sc[0])
 
     @cuda.jit(fastmath=True)
-    def finish(logits, part_m, part_s, part_best, part_col, tokens, logprobs):
+    def finish(logits, part, rows, vocab, splits, out):
         """Thread ``row`` merges its row's splits and writes the token and its log-probability."""
         row = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if row >= logits.shape[0]:
+        if row >= rows:
             return
-        m, s, best, col = part_m[row, 0], part_s[row, 0], part_best[row, 0], part_col[row, 0]
-        for split in range(1, part_m.shape[1]):
-            m, s, best, col = _merge(m, s, best, col, part_m[row, split], part_s[row, split],
-                                     part_best[row, split], part_col[row, split])
+        plane = rows * splits * 4
+        m, s, best, col = NEG_BIG, float32(0.0), NEG_BIG, int64(BAD_COL)
+        for split in range(splits):
+            at = part + (row * splits + split) * 4
+            m, s, best, col = _merge(m, s, best, col, as_f32(ld_i32_at(at)), as_f32(ld_i32_at(at + plane)),
+                                     as_f32(ld_i32_at(at + 2 * plane)), int64(ld_i32_at(at + 3 * plane)))
         if col >= BAD_COL or s == float32(0.0):  # NaN/+inf seen, or every token masked
-            tokens[row] = 0
-            logprobs[row] = float32(math.nan)
+            st_u32_at(out + row * 4, f32_bits(float32(0.0)))
+            st_u32_at(out + (rows + row) * 4, f32_bits(float32(math.nan)))
         else:
-            tokens[row] = col
-            logprobs[row] = logits[row, col] - (m + math.log(s))
+            x = as_f32(ld_i32_at(logits + (row * vocab + col) * 4))
+            st_u32_at(out + row * 4, f32_bits(float32(col)))
+            st_u32_at(out + (rows + row) * 4, f32_bits(x - (m + math.log(s))))
     return partial, finish
 
 
@@ -171,34 +181,35 @@ def num_splits(rows: int, vocab: int, sms: int) -> int:
     return max(1, min(-(-4 * sms // rows), vocab // 4096))
 
 
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
-                  counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of float32 ``logits [rows, vocab]``: argmax where ``temperatures`` (float32 [rows]) is 0,
-    else a draw from softmax(logits / T) with noise keyed by ``keys`` and ``counters`` (int64 [rows], >= 0).
-    Returns (token ids int64 [rows], their log-probabilities float32 [rows], NaN for a non-finite row)."""
-    rows, vocab = logits.shape if logits.dim() == 2 else (0, 0)
+def sample_tokens(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """One token per row of float32 ``logits [rows, vocab]``. ``params`` int64 [3, rows]: each row's noise key
+    and counter (>= 0) and, in the low 32 bits of the third, its temperature's float32 bits (``temperature_bits``):
+    0 is greedy argmax, else a draw from softmax(logits / T). Returns float32 [2, rows]: the token ids (exact:
+    a vocabulary is far below 2**24) and their log-probabilities (NaN for a row with NaN or +inf)."""
     if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
         raise ValueError(f"logits must be contiguous float32 [rows, vocab], got {logits.dtype} {list(logits.shape)}")
-    for name, t, dtype in (("temperatures", temperatures, torch.float32), ("keys", keys, torch.int64),
-                           ("counters", counters, torch.int64)):
-        if t.dtype != dtype or tuple(t.shape) != (rows,) or t.device != logits.device:
-            raise ValueError(f"{name} must be {dtype} [{rows}] on {logits.device}, got {t.dtype} "
-                             f"{list(t.shape)} on {t.device}")
-    device = logits.device
-    tokens = torch.empty(rows, dtype=torch.int64, device=device)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=device)
+    rows, vocab = logits.shape
+    if vocab >= BAD_COL:
+        raise ValueError(f"logits has {vocab} columns; at most {BAD_COL - 1}")
+    if params.dtype != torch.int64 or tuple(params.shape) != (3, rows) or params.device != logits.device \
+            or not params.is_contiguous():
+        raise ValueError(f"params must be contiguous int64 [3, {rows}] on {logits.device}, got {params.dtype} "
+                         f"{list(params.shape)} on {params.device}")
+    out = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
-        return tokens, logprobs
+        return out
     splits = 2 if simulator_enabled() else num_splits(rows, vocab, num_sms())
     threads = 32 if simulator_enabled() else SAMPLE_THREADS  # the simulator runs a Python thread per CUDA thread
     chunk = -(-vocab // splits)
-    part_f = torch.empty(3, rows, splits, dtype=torch.float32, device=device)
-    part_col = torch.empty(rows, splits, dtype=torch.int64, device=device)
+    part = torch.empty(4, rows, splits, dtype=torch.float32, device=logits.device)
     partial, finish = _kernels(threads)
-    a = as_kernel_array
-    stream = current_stream()
-    partial[(rows, splits), threads, stream](a(logits), a(temperatures), a(keys), a(counters), chunk,
-                                             a(part_f[0]), a(part_f[1]), a(part_f[2]), a(part_col))
-    finish[-(-rows // 128), 128, stream](a(logits), a(part_f[0]), a(part_f[1]), a(part_f[2]), a(part_col),
-                                         a(tokens), a(logprobs))
-    return tokens, logprobs
+    launch(partial, (rows, splits), threads, logits.data_ptr(), params.data_ptr(), rows, vocab, chunk, splits,
+           part.data_ptr())
+    launch(finish, (-(-rows // 128),), 128, logits.data_ptr(), part.data_ptr(), rows, vocab, splits,
+           out.data_ptr())
+    return out
+
+
+def temperature_bits(temperatures) -> list[int]:
+    """The float32 bits of each temperature, as the ints ``sample_tokens`` reads from ``params[2]``."""
+    return np.asarray(temperatures, dtype=np.float32).view(np.int32).astype(np.int64).tolist()
