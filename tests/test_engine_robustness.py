@@ -171,3 +171,20 @@ def test_overlapped_decode_steps_change_no_output(reference):
     assert num_overlapped > 10 and none == 0 and preempted > 0
     # some request ended on a token the host learns of one step late (EOS or a stop token)
     assert any(reason == "stop" and tokens[-1] in (eos, 7, 100, 300) for tokens, reason, _ in plain)
+
+
+def test_output_kinds_report_everything_deltas_or_only_the_end(llm, reference):
+    kinds = {"cumulative": [], "delta": [], "final_only": []}
+    ids = {llm.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                      output_kind=kind)): kind for kind in kinds}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            kinds[ids[out.request_id]].append(out)
+    cumulative, delta, final = kinds["cumulative"], kinds["delta"], kinds["final_only"]
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == list(range(1, 11))
+    assert [t for o in delta for t in o.outputs[0].token_ids] == reference[0]
+    assert "".join(o.outputs[0].text for o in delta) == cumulative[-1].outputs[0].text
+    assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == reference[0]
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="streaming")
+    assert_idle(llm)

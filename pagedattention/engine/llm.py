@@ -183,15 +183,19 @@ class LLM:
             return self._add(text, ids, params, request_id).request_id
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the (cumulative) output of every request that got tokens or ended in it."""
+        """Run one step; returns the output of every request that got tokens or ended in it, as its
+        ``SamplingParams.output_kind`` asks (everything so far, what is new, or only once it has ended)."""
         with self._lock:
             touched = self._step()
             outputs = []
             for first in {id(s.group[0]): s.group[0] for s in touched}.values():
-                if self._requests.get(first.request_id) is first and first.beam_group is None:
-                    outputs.append(request_output(first, self.tokenizer))
-                    if outputs[-1].finished:
-                        del self._requests[first.request_id]
+                if self._requests.get(first.request_id) is not first or first.beam_group is not None:
+                    continue
+                kind, finished = first.sampling_params.output_kind, first.request_finished
+                if kind != "final_only" or finished:
+                    outputs.append(request_output(first, self.tokenizer, delta=kind == "delta"))
+                if finished:
+                    del self._requests[first.request_id]
             return outputs
 
     def abort_request(self, request_id: str) -> bool:

@@ -55,18 +55,27 @@ class RequestOutput:
 
 
 
-def request_output(seq, tokenizer) -> RequestOutput:
-    """The request of ``seq`` (its first sequence) so far: one CompletionOutput per sequence of its group."""
+def request_output(seq, tokenizer, delta: bool = False) -> RequestOutput:
+    """The request of ``seq`` (its first sequence) so far: one CompletionOutput per sequence of its group.
+    ``delta``: only the tokens, text and logprobs new since the last delta report."""
     group = sorted(seq.group, key=lambda s: s.index)
     if len(group) < seq.sampling_params.n:  # it ended before forking: every completion carries its end
         group = [group[0]] * seq.sampling_params.n
-    outputs = [CompletionOutput(index=index, text=completion_text(s, tokenizer), token_ids=s.output_token_ids,
-                                cumulative_logprob=s.cumulative_logprob, finish_reason=s.finish_reason,
-                                error=s.error, logprobs=s.top_logprobs)
-               for index, s in enumerate(group)]
+    outputs = [completion_output(index, s, tokenizer, delta) for index, s in enumerate(group)]
     return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
                          prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], outputs=outputs,
                          finished=seq.request_finished, metrics=request_metrics(group))
+
+
+def completion_output(index: int, seq, tokenizer, delta: bool) -> CompletionOutput:
+    text, token_ids, logprobs = completion_text(seq, tokenizer), seq.output_token_ids, seq.top_logprobs
+    if delta:
+        tokens_before, text_before = seq.reported
+        seq.reported = (len(token_ids), len(text))
+        text, token_ids = text[text_before:], token_ids[tokens_before:]
+        logprobs = None if logprobs is None else logprobs[tokens_before:]
+    return CompletionOutput(index=index, text=text, token_ids=token_ids, cumulative_logprob=seq.cumulative_logprob,
+                            finish_reason=seq.finish_reason, error=seq.error, logprobs=logprobs)
 
 
 def completion_text(seq, tokenizer) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 # for any logit below 3e33 and the distribution is already a point mass in practice.
 GREEDY_TEMPERATURE_BELOW = 1e-5
 MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI allows
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI allows
 # torch.Generator.manual_seed takes any int in [-2**63, 2**64 - 1]; completion i of a request uses seed + i.
 MIN_SEED, MAX_SEED = -(2 ** 63), 2 ** 64 - 1
@@ -56,6 +57,9 @@ class SamplingParams:
     most likely tokens and of the chosen one.
     presence_penalty, frequency_penalty: in [-2, 2], OpenAI's definitions over the tokens generated so far:
     logits[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t], before temperature.
+    output_kind: what ``LLM.step`` reports of the request, as vLLM's RequestOutputKind: "cumulative" (every step,
+    all tokens and text so far), "delta" (every step, only what is new since the last report) or "final_only"
+    (once, when it ends; the cheapest for batch jobs). ``generate`` always returns the whole output.
     """
 
     temperature: float = 1.0
@@ -71,6 +75,7 @@ class SamplingParams:
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         set_ = object.__setattr__  # the dataclass is frozen: normalised values are stored this way, here only
@@ -107,6 +112,8 @@ class SamplingParams:
             if not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
             set_(self, name, value)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
     @staticmethod
     def _token_ids(ids) -> tuple[int, ...]:

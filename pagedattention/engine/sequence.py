@@ -42,6 +42,7 @@ class Sequence:
         # SamplingParams.logprobs: {token id: logprob} per generated token; stop strings: where the text ends
         self.top_logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.stop_text_end: int | None = None
+        self.reported = (0, 0)  # output tokens and characters of text a "delta" report has given out
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
