@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = gen.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object per prompt (JSON lines)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model over N processes (GPUs; on a CPU, gloo ranks) (default: 1)")
     gen.set_defaults(func=run_generate, parser=gen)
 
     bench = commands.add_parser(
@@ -147,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("demo", choices=sorted(DEMOS), metavar="DEMO", help="which demo (above)")
     demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the demo")
     demo.set_defaults(func=run_demo)
+
+    from .serve import add_serve_parser  # argparse only: FastAPI and the model load when the server starts
+    add_serve_parser(commands)
     return parser
 
 
@@ -178,7 +183,7 @@ FLAG_OF = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k
            "seed": "--seed", "n": "--n", "stop": "--stop", "ignore_eos": "--ignore-eos",
            "beam_width": "--beam-width", "length_penalty": "--length-penalty", "model": "--model",
            "device": "--device", "dtype": "--dtype", "block_size": "--block-size", "max_model_len": "--max-model-len",
-           "enable_prefix_caching": "--enable-prefix-caching"}
+           "enable_prefix_caching": "--enable-prefix-caching", "tensor_parallel_size": "--tensor-parallel-size"}
 # An API name where a message uses it as the name of a value: "max_tokens must be", "max_model_len=9000",
 # "stop strings must be"; not inside other words or paths.
 _API_NAME = re.compile(r"(?<![\w./-])(" + "|".join(sorted(FLAG_OF, key=len, reverse=True)) +
@@ -214,6 +219,8 @@ def engine_kwargs(args) -> dict:
         kwargs["max_model_len"] = args.max_model_len
     if args.enable_prefix_caching:
         kwargs["enable_prefix_caching"] = True
+    if args.tensor_parallel_size != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 

@@ -208,6 +208,13 @@ class LLM:
                 self.scheduler.finish(seq, "abort")
             return True
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when the engine is collected or Python
+        exits); the engine takes no more steps after it."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished() or self._inflight is not None
