@@ -4,13 +4,13 @@
 #     bash benchmarks/run_h200.sh                                      # every stage into benchmarks/results
 #     RESULTS=/tmp/r bash benchmarks/run_h200.sh throughput profile    # some stages, results elsewhere
 #     QUICK=1 bash benchmarks/run_h200.sh kernels throughput          # kernels: headline shapes; caps 64,256
+#     HF=off SHAPE_WORKLOADS=W2 bash benchmarks/run_h200.sh throughput shapes  # no HF baselines; shapes on W2 only
 #
 # stage        what                                                            limit   files
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
 # prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
-# throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2,   570 s   json png png log
-#              each continuous run at 256 once more through generate()
+# throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2     570 s   json png png log
 # shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log
 # serving      benchmark_serving.py --launch-server (W3 over HTTP)               240 s   json png log
@@ -57,10 +57,10 @@ stage() {
         prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
-                        --workloads W1,W2,W3 --max-num-seqs "$caps" --also-generate --out "$out" ;;
+                        --workloads W1,W2,W3 --max-num-seqs "$caps" --hf "${HF:-auto}" --out "$out" ;;
         shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
                     run_stage shapes 200 $py benchmarks/benchmark_throughput.py --model-shape "$shape" \
-                        --workloads W1,W2,W3 --max-num-seqs 256 --hf off --no-plots --out "$out"
+                        --workloads "${SHAPE_WORKLOADS:-W1,W2,W3}" --max-num-seqs 256 --hf off --no-plots --out "$out"
                 done ;;
         sharing) run_stage sharing 120 $py benchmarks/bench_sharing.py --num-requests 128 --out "$out" ;;
         serving) if [ -f benchmarks/benchmark_serving.py ]; then

@@ -41,7 +41,9 @@ class Workload:
     description: str
 
     def sampling_params(self, temperature: float) -> list[SamplingParams]:
-        return [SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True) for m in self.output_lens]
+        # final_only: the engine builds each request's output once, when it ends (no per-step cost)
+        return [SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True, output_kind="final_only")
+                for m in self.output_lens]
 
     @property
     def num_requests(self) -> int:
