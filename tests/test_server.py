@@ -45,7 +45,7 @@ def start_server(*args: str) -> subprocess.Popen:
     """``python -m pagedattention.serve`` on a free loopback port, once /health answers; ``.url`` is its address."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pagedattention.serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--no-access-log", "--log-level", "warning", *args],
+                             "--device", "cpu", "--no-access-log", "--log-level", "warning", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc.url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -84,7 +84,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()
+    return LLM(device="cpu")
 
 
 @pytest.fixture
@@ -399,7 +399,7 @@ def chat_model(tmp_path_factory):
 def test_chat_completions_follow_the_template(chat_model, rng):
     messages = [{"role": "system", "content": random_prompt(rng)}, {"role": "user", "content": random_prompt(rng)}]
     rendered = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
-    ref_llm = LLM(str(chat_model))
+    ref_llm = LLM(str(chat_model), device="cpu")
     ref = ref_llm.generate([ref_llm.tokenizer.encode(rendered)], SamplingParams(temperature=0, max_tokens=12,
                                                                                 logprobs=2), use_tqdm=False)[0]
     proc = start_server("--model", str(chat_model))
