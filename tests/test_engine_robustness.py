@@ -157,10 +157,11 @@ def test_overlapped_decode_steps_change_no_output(reference):
     def run(overlap: bool):
         engine = LLM(device="cpu", num_kv_blocks=12, block_size=8, max_model_len=96, max_num_seqs=4)
         launches = []
-        launch = engine._launch
-        engine._launch = lambda batch, previous: launches.append(previous is not None) or launch(batch, previous)
+        stepper = engine.stepper
+        launch = stepper.launch
+        stepper.launch = lambda batch, previous: launches.append(previous is not None) or launch(batch, previous)
         if not overlap:
-            engine._can_overlap = lambda batch: False
+            stepper.can_overlap = lambda batch: False
         outputs = engine.generate(PROMPTS, params, use_tqdm=False)
         assert_idle(engine)
         return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].text) for o in outputs], \

@@ -2,10 +2,10 @@
 
 Built once: the config (config.py) is checked, the model loaded (``models.load``) and bound to its attention
 backend, the KV cache sized (kv_cache.py) and allocated (``PagedAttentionManager``) and bound to the model,
-then the runner captures its CUDA graphs. Each step: the scheduler picks the sequences (a prefill or a decode
-batch) and which of them sample, the model runner turns them into tensors and returns logits, the sampler picks
-tokens (beam searches rank theirs), and the scheduler appends them, stops finished requests and frees their
-blocks.
+then the runner captures its CUDA graphs. Each step (stepper.py): the scheduler picks the sequences (a prefill
+or a decode batch) and which of them sample, the model runner turns them into tensors and returns logits, the
+sampler picks tokens (beam searches rank theirs), and the scheduler appends them, stops finished requests and
+frees their blocks; consecutive decode steps overlap (the host prepares step t + 1 while the GPU runs step t).
 
 Requests: ``generate`` and ``beam_search`` run their prompts to the end; ``add_request`` / ``step`` /
 ``abort_request`` drive the same loop one step at a time (a server). Every public method takes one lock, so
@@ -21,7 +21,6 @@ import itertools
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -36,26 +35,12 @@ from .inputs import parse_prompts, parse_sampling_params
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, request_output
 from .prefix_cache import PrefixCache
-from .sampler import PendingSample, Sampler, SamplerOutput, SamplingError
+from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, cdiv
 from .sequence import Sequence
 from .stats import EngineStats
-
-
-@dataclass
-class _Launched:
-    batch: object                 # ScheduledBatch
-    sample: PendingSample | None  # the sampler's queued work
-    beams: tuple | None           # beam candidates (on the host)
-
-
-@dataclass
-class StepInfo:
-    is_prefill: bool
-    num_seqs: int      # sequences the model ran
-    num_tokens: int    # tokens it read
-    num_sampled: int   # tokens sampled (beams not counted)
+from .stepper import StepInfo, Stepper
 
 
 class LLM:
@@ -108,14 +93,17 @@ class LLM:
         self._stats = EngineStats(self.manager.bytes_per_block)
         self._request_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}  # live requests: id -> first sequence
-        self.last_step: StepInfo | None = None
-        self._finished_beam_groups: list[BeamGroup] = []
-        self._inflight: _Launched | None = None  # a decode step launched but not processed (overlapped)
-        self._num_sampled = 0
+        self.stepper = Stepper(self.scheduler, self.runner, self.sampler, self.tokenizer, self.eos_token_ids,
+                               lambda: self._record_step_stats())
 
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    @property
+    def last_step(self) -> StepInfo | None:
+        """What the last step launched (prefill or decode, sequences, tokens) and how many tokens it appended."""
+        return self.stepper.last_step
 
     # --- offline API ---------------------------------------------------------------------------------
 
@@ -217,7 +205,7 @@ class LLM:
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
-            return self.scheduler.has_unfinished() or self._inflight is not None
+            return self.scheduler.has_unfinished() or self.stepper.inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -257,7 +245,7 @@ class LLM:
             self.config.enable_prefix_caching = enabled
 
     def _check_idle(self, what: str) -> None:
-        self._flush()
+        self.stepper.flush()
         if self.scheduler.has_unfinished():
             raise RuntimeError(f"{what} needs an idle engine: {len(self._requests)} requests are in flight")
 
@@ -313,16 +301,16 @@ class LLM:
         try:
             while pending:
                 touched = self._step()
-                num_output_tokens += self.last_step.num_sampled
+                num_output_tokens += self.stepper.last_step.num_sampled
                 ended = {id(s.group[0]) for s in touched if s.is_finished and s.request_finished}
-                ended.update(id(g) for g in self._finished_beam_groups)
+                ended.update(id(g) for g in self.stepper.finished_beam_groups)
                 if ended & pending:
                     bar.update(len(ended & pending))
                     pending -= ended
                 bar.set_postfix_str(f"output {num_output_tokens / (time.perf_counter() - start):.0f} tok/s",
                                     refresh=False)
             if not self.scheduler.has_unfinished():
-                self._flush()  # a last, wasted step of requests that had ended
+                self.stepper.flush()  # a last, wasted step of requests that had ended
         except BaseException:
             self._abort_all()
             raise
@@ -330,145 +318,10 @@ class LLM:
             bar.close()
 
     def _step(self) -> list[Sequence]:
-        """One scheduled step; returns the sequences that got a token or ended in it (``last_step`` says what
-        it launched and how many tokens it took in)."""
-        self._num_sampled = 0
-        touched = self._launch_next()
-        if self.last_step is not None:
-            self.last_step.num_sampled = self._num_sampled
-        return touched
-
-    def _launch_next(self) -> list[Sequence]:
-        """Launch the next step and process the one before it.
-
-        Overlapped decode: while the GPU runs decode step t, the host schedules and launches step t + 1,
-        whose input tokens are step t's, still on the device; only then does it wait for step t's tokens and
-        process them (append, stop, free). A request that ends is therefore seen one step late (its row in step
-        t + 1 is wasted), and the host's work hides behind the GPU's instead of adding to it.
-        """
-        inflight, self._inflight = self._inflight, None
-        batch = self.scheduler.schedule_next_decode() if inflight is not None else None
-        if batch is not None:
-            launched = self._launch(batch, inflight)
-            touched = self._finish(inflight)
-            self._inflight = launched
-            return touched
-        touched = self._finish(inflight) if inflight is not None else []
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            self.last_step = StepInfo(False, 0, 0, 0)
-            finished = self._drain_finished()
-            if not finished and not touched and self.scheduler.has_unfinished():
-                raise RuntimeError(f"the scheduler made no progress (waiting={len(self.scheduler.waiting)}, "
-                                   f"running={len(self.scheduler.running)}, free blocks="
-                                   f"{self.manager.num_free_blocks})")
-            return touched + finished
-        launched = self._launch(batch, None)
-        if self._can_overlap(batch):
-            self._inflight = launched
-            return touched + self._drain_finished()
-        return touched + self._finish(launched)
-
-    def _can_overlap(self, batch) -> bool:
-        """Whether the next step may start before this one's tokens reach the host: a decode step of the
-        single-process runner whose sequences need none of their tokens on the host to sample the next
-        (no beams, penalties or min_tokens still to reach)."""
-        if batch.is_prefill or batch.beam_seqs or not isinstance(self.runner, ModelRunner):
-            return False
-        return all(not s.sampling_params.has_penalties and s.num_output_tokens >= s.sampling_params.min_tokens
-                   for s in batch.sample_seqs)
-
-    def _launch(self, batch, previous: "_Launched | None") -> "_Launched":
-        """Queue a step on the device: the model, then the sampler. ``previous``: the step still in flight whose
-        sampled tokens are this (decode) step's inputs."""
-        self._record_step_stats()
-        pending_tokens = None
-        if previous is not None:
-            tokens, before = previous.sample.tokens, previous.batch.sample_seqs
-            n = len(batch.seqs)
-            if batch.seqs == before[:n]:  # the usual case: the same sequences, the newest maybe gone
-                pending_tokens = tokens[:n]
-            else:
-                row_of = {id(seq): row for row, seq in enumerate(before)}
-                rows = torch.tensor([row_of[id(seq)] for seq in batch.seqs], dtype=torch.int64)
-                pending_tokens = tokens.index_select(0, rows.to(tokens.device, non_blocking=True))
-            pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
-        logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
-        sample = None
-        if batch.sample_seqs:
-            rows = logits if batch.sample_rows is None else logits[batch.sample_rows]
-            sample = self.sampler.launch(rows, batch.sample_seqs, self.eos_token_ids,
-                                         num_pending=0 if previous is None else 1)
-        beams = None
-        if batch.beam_seqs:
-            k = max(s.beam_group.search.num_candidates for s in batch.beam_seqs)
-            beams = self.sampler.beam_candidates(logits[batch.beam_rows], k)
-        num_tokens = len(batch.seqs) if not batch.is_prefill else sum(s.num_scheduled_tokens for s in batch.seqs)
-        self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0)
-        return _Launched(batch, sample, beams)
-
-    def _finish(self, launched: "_Launched") -> list[Sequence]:
-        """Wait for a launched step's tokens and process them."""
-        batch = launched.batch
-        out = self._sample_result(launched)
-        live = [not s.is_finished for s in batch.sample_seqs]  # those ended meanwhile get no token
-        self.scheduler.postprocess(batch, out.token_ids, out.logprobs, launched.beams)
-        for seq, top, alive in zip(batch.sample_seqs, out.top_logprobs, live):
-            if top is not None and alive:
-                seq.top_logprobs.append(top)
-        self._check_stop_strings(batch.sample_seqs)
-        self._num_sampled += sum(live)
-        return [*batch.sample_seqs, *self._drain_finished()]
-
-    def _sample_result(self, launched: "_Launched"):
-        """The sampler's choice for ``batch.sample_seqs``; a request whose logits are not finite ends with an
-        error (naming why), and the others keep their tokens, drawn as usual."""
-        batch = launched.batch
-        seqs = batch.sample_seqs
-        if launched.sample is None:
-            return SamplerOutput([], [], [])
-        try:
-            return launched.sample.result()
-        except SamplingError as e:
-            bad = set(e.request_ids)
-            for seq in seqs:
-                if seq.request_id in bad:
-                    self.scheduler.finish(seq, "error", str(e))
-            keep = [i for i, s in enumerate(seqs) if s.request_id not in bad]
-            batch.sample_seqs = [seqs[i] for i in keep]
-            o = e.output
-            return SamplerOutput([o.token_ids[i] for i in keep], [o.logprobs[i] for i in keep],
-                                 [o.top_logprobs[i] for i in keep])
-
-    def _flush(self) -> list[Sequence]:
-        """Process the step in flight, if any."""
-        inflight, self._inflight = self._inflight, None
-        return self._finish(inflight) if inflight is not None else []
-
-    def _check_stop_strings(self, seqs: list[Sequence]) -> None:
-        """End a request whose text now contains one of its stop strings; its text ends before it."""
-        for seq in seqs:
-            stops = seq.sampling_params.stop
-            if not stops or self.tokenizer is None or seq.finish_reason == "error" or seq.stop_text_end is not None:
-                continue
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            found = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if found:
-                seq.stop_text_end = min(found)
-                if seq.is_finished:
-                    seq.finish_reason = "stop"
-                else:
-                    self.scheduler.finish(seq, "stop")
-
-    def _drain_finished(self) -> list[Sequence]:
-        finished, self.scheduler.finished = self.scheduler.finished, []
-        self._finished_beam_groups, self.scheduler.finished_beam_groups = self.scheduler.finished_beam_groups, []
-        return finished
+        return self.stepper.step()
 
     def _abort_all(self) -> None:
-        self._inflight = None
-        self.scheduler.abort_all()
-        self.scheduler.finished = []
+        self.stepper.abort_all()
         self._requests.clear()
 
     def _parse_prompts(self, prompts):

@@ -1,0 +1,180 @@
+"""The engine loop: one scheduled step at a time, the next decode step overlapped with the last.
+
+A step is *launched* (the scheduler's batch turned into tensors, the model and the sampler queued on the
+device) and later *finished* (its tokens read back, appended, stopped, freed). Usually the two follow each
+other. Between two decode steps they overlap: while the GPU runs decode step t, the host schedules and launches
+step t + 1, whose input tokens are step t's, still on the device; only then does it wait for step t's tokens and
+process them. A request that ends is therefore seen one step late (its row in step t + 1 is wasted), and the
+host's work hides behind the GPU's instead of adding to it. Whatever needs the tokens on the host first
+(admitting a request, preempting one, beam search, penalties, min_tokens) waits for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model_runner import ModelRunner
+from .sampler import PendingSample, SamplerOutput, SamplingError
+from .sequence import Sequence
+
+
+@dataclass
+class Launched:
+    batch: object                 # ScheduledBatch
+    sample: PendingSample | None  # the sampler's queued work
+    beams: tuple | None           # beam candidates (on the host)
+
+
+@dataclass
+class StepInfo:
+    is_prefill: bool
+    num_seqs: int      # sequences the model ran
+    num_tokens: int    # tokens it read
+    num_sampled: int   # tokens appended by this call (of the step before, when overlapped; beams not counted)
+
+
+class Stepper:
+    def __init__(self, scheduler, runner, sampler, tokenizer, eos_token_ids: set[int], record_step_stats):
+        self.scheduler, self.runner, self.sampler = scheduler, runner, sampler
+        self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
+        self.record_step_stats = record_step_stats  # called once per launched step
+        self.inflight: Launched | None = None       # a decode step launched but not finished (overlapped)
+        self.last_step: StepInfo | None = None
+        self.finished_beam_groups: list = []
+        self._num_sampled = 0
+
+    def step(self) -> list[Sequence]:
+        """One scheduled step; returns the sequences that got a token or ended in it (``last_step`` says what
+        it launched and how many tokens it took in)."""
+        self._num_sampled = 0
+        touched = self._launch_next()
+        if self.last_step is not None:
+            self.last_step.num_sampled = self._num_sampled
+        return touched
+
+    def _launch_next(self) -> list[Sequence]:
+        """Launch the next step and finish the one before it (see the module's docstring)."""
+        inflight, self.inflight = self.inflight, None
+        batch = self.scheduler.schedule_next_decode() if inflight is not None else None
+        if batch is not None:
+            launched = self.launch(batch, inflight)
+            touched = self.finish(inflight)
+            self.inflight = launched
+            return touched
+        touched = self.finish(inflight) if inflight is not None else []
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            self.last_step = StepInfo(False, 0, 0, 0)
+            finished = self.drain_finished()
+            if not finished and not touched and self.scheduler.has_unfinished():
+                raise RuntimeError(f"the scheduler made no progress (waiting={len(self.scheduler.waiting)}, "
+                                   f"running={len(self.scheduler.running)}, free blocks="
+                                   f"{self.manager.num_free_blocks})")
+            return touched + finished
+        launched = self.launch(batch, None)
+        if self.can_overlap(batch):
+            self.inflight = launched
+            return touched + self.drain_finished()
+        return touched + self.finish(launched)
+
+    def can_overlap(self, batch) -> bool:
+        """Whether the next step may start before this one's tokens reach the host: a decode step of the
+        single-process runner whose sequences need none of their tokens on the host to sample the next
+        (no beams, penalties or min_tokens still to reach)."""
+        if batch.is_prefill or batch.beam_seqs or not isinstance(self.runner, ModelRunner):
+            return False
+        return all(not s.sampling_params.has_penalties and s.num_output_tokens >= s.sampling_params.min_tokens
+                   for s in batch.sample_seqs)
+
+    def launch(self, batch, previous: "Launched | None") -> "Launched":
+        """Queue a step on the device: the model, then the sampler. ``previous``: the step still in flight whose
+        sampled tokens are this (decode) step's inputs."""
+        self.record_step_stats()
+        pending_tokens = None
+        if previous is not None:
+            tokens, before = previous.sample.tokens, previous.batch.sample_seqs
+            n = len(batch.seqs)
+            if batch.seqs == before[:n]:  # the usual case: the same sequences, the newest maybe gone
+                pending_tokens = tokens[:n]
+            else:
+                row_of = {id(seq): row for row, seq in enumerate(before)}
+                rows = torch.tensor([row_of[id(seq)] for seq in batch.seqs], dtype=torch.int64)
+                pending_tokens = tokens.index_select(0, rows.to(tokens.device, non_blocking=True))
+            pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
+        logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
+        sample = None
+        if batch.sample_seqs:
+            rows = logits if batch.sample_rows is None else logits[batch.sample_rows]
+            sample = self.sampler.launch(rows, batch.sample_seqs, self.eos_token_ids,
+                                         num_pending=0 if previous is None else 1)
+        beams = None
+        if batch.beam_seqs:
+            k = max(s.beam_group.search.num_candidates for s in batch.beam_seqs)
+            beams = self.sampler.beam_candidates(logits[batch.beam_rows], k)
+        num_tokens = len(batch.seqs) if not batch.is_prefill else sum(s.num_scheduled_tokens for s in batch.seqs)
+        self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0)
+        return Launched(batch, sample, beams)
+
+    def finish(self, launched: "Launched") -> list[Sequence]:
+        """Wait for a launched step's tokens and process them."""
+        batch = launched.batch
+        out = self._sample_result(launched)
+        live = [not s.is_finished for s in batch.sample_seqs]  # those ended meanwhile get no token
+        self.scheduler.postprocess(batch, out.token_ids, out.logprobs, launched.beams)
+        for seq, top, alive in zip(batch.sample_seqs, out.top_logprobs, live):
+            if top is not None and alive:
+                seq.top_logprobs.append(top)
+        self._check_stop_strings(batch.sample_seqs)
+        self._num_sampled += sum(live)
+        return [*batch.sample_seqs, *self.drain_finished()]
+
+    def _sample_result(self, launched: "Launched"):
+        """The sampler's choice for ``batch.sample_seqs``; a request whose logits are not finite ends with an
+        error (naming why), and the others keep their tokens, drawn as usual."""
+        batch = launched.batch
+        seqs = batch.sample_seqs
+        if launched.sample is None:
+            return SamplerOutput([], [], [])
+        try:
+            return launched.sample.result()
+        except SamplingError as e:
+            bad = set(e.request_ids)
+            for seq in seqs:
+                if seq.request_id in bad:
+                    self.scheduler.finish(seq, "error", str(e))
+            keep = [i for i, s in enumerate(seqs) if s.request_id not in bad]
+            batch.sample_seqs = [seqs[i] for i in keep]
+            o = e.output
+            return SamplerOutput([o.token_ids[i] for i in keep], [o.logprobs[i] for i in keep],
+                                 [o.top_logprobs[i] for i in keep])
+
+    def flush(self) -> list[Sequence]:
+        """Process the step in flight, if any."""
+        inflight, self.inflight = self.inflight, None
+        return self.finish(inflight) if inflight is not None else []
+
+    def _check_stop_strings(self, seqs: list[Sequence]) -> None:
+        """End a request whose text now contains one of its stop strings; its text ends before it."""
+        for seq in seqs:
+            stops = seq.sampling_params.stop
+            if not stops or self.tokenizer is None or seq.finish_reason == "error" or seq.stop_text_end is not None:
+                continue
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            found = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if found:
+                seq.stop_text_end = min(found)
+                if seq.is_finished:
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
+
+    def drain_finished(self) -> list[Sequence]:
+        finished, self.scheduler.finished = self.scheduler.finished, []
+        self.finished_beam_groups, self.scheduler.finished_beam_groups = self.scheduler.finished_beam_groups, []
+        return finished
+
+    def abort_all(self) -> None:
+        self.inflight = None
+        self.scheduler.abort_all()
+        self.scheduler.finished = []
