@@ -130,6 +130,7 @@ class AsyncEngine:
             self._wake.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self.llm.shutdown()  # tensor-parallel workers, if any
 
     async def generate(self, prompts: list, params, arrival: float | None = None) -> RequestStream:
         """Queue one engine request per prompt (same SamplingParams); the stream of their outputs.

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument("--attention-backend", choices=["auto", "numba", "torch"], default="auto")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument("--seed", type=int, default=0, help="the engine's seed (default: 0)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model over N processes (GPUs; on a CPU, gloo ranks) (default: 1)")
     return parser
 
 
@@ -75,7 +77,8 @@ def engine_kwargs(args) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 scheduling=args.scheduling, enable_prefix_caching=args.enable_prefix_caching,
-                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed)
+                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def model_name(args) -> str:
