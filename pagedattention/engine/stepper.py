@@ -48,6 +48,7 @@ class Stepper:
         """One scheduled step; returns the sequences that got a token or ended in it (``last_step`` says what
         it launched and how many tokens it took in)."""
         self._num_sampled = 0
+        self.finished_beam_groups = []
         touched = self._launch_next()
         if self.last_step is not None:
             self.last_step.num_sampled = self._num_sampled
@@ -70,7 +71,7 @@ class Stepper:
             if not finished and not touched and self.scheduler.has_unfinished():
                 raise RuntimeError(f"the scheduler made no progress (waiting={len(self.scheduler.waiting)}, "
                                    f"running={len(self.scheduler.running)}, free blocks="
-                                   f"{self.manager.num_free_blocks})")
+                                   f"{self.scheduler.manager.num_free_blocks})")
             return touched + finished
         launched = self.launch(batch, None)
         if self.can_overlap(batch):
@@ -170,8 +171,10 @@ class Stepper:
                     self.scheduler.finish(seq, "stop")
 
     def drain_finished(self) -> list[Sequence]:
+        """The sequences (and beam searches, into ``finished_beam_groups``) that ended since the last call."""
         finished, self.scheduler.finished = self.scheduler.finished, []
-        self.finished_beam_groups, self.scheduler.finished_beam_groups = self.scheduler.finished_beam_groups, []
+        self.finished_beam_groups += self.scheduler.finished_beam_groups
+        self.scheduler.finished_beam_groups = []
         return finished
 
     def abort_all(self) -> None:
