@@ -189,3 +189,17 @@ def test_output_kinds_report_everything_deltas_or_only_the_end(llm, reference):
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="streaming")
     assert_idle(llm)
+
+
+def test_generated_request_ids_never_take_a_callers_id_and_generate_loses_no_step_output(reference):
+    engine = LLM(device="cpu")
+    mine = [engine.add_request(PROMPTS[0], GREEDY, request_id=str(i)) for i in range(3)]
+    auto = engine.add_request(PROMPTS[1], GREEDY)
+    assert auto not in mine
+    # generate steps the queued requests too (one batch); step() still reports them afterwards
+    assert engine.generate(PROMPTS[2], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == reference[2]
+    finished = {}
+    while engine.has_unfinished_requests() or not finished:
+        finished.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert finished == dict(zip([*mine, auto], [reference[0]] * 3 + [reference[1]]))
+    assert engine.num_unfinished_requests == 0

@@ -93,6 +93,7 @@ class LLM:
         self._stats = EngineStats(self.manager.bytes_per_block)
         self._request_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}  # live requests: id -> first sequence
+        self._touched_meanwhile: list[Sequence] = []  # add_request sequences stepped by generate/beam_search
         self.stepper = Stepper(self.scheduler, self.runner, self.sampler, self.tokenizer, self.eos_token_ids,
                                lambda: self._record_step_stats())
 
@@ -118,7 +119,7 @@ class LLM:
             requests = self._parse_prompts(prompts)
             params = parse_sampling_params(sampling_params, len(requests), self.config.max_num_seqs)
             seqs = [self._add(text, ids, p, None) for (text, ids), p in zip(requests, params)]
-            self._run(set(seqs), "Processed prompts", use_tqdm)
+            self._run(set(seqs), "Processed prompts", use_tqdm, num_registered=len(seqs))
             for seq in seqs:
                 self._requests.pop(seq.request_id, None)
             return [request_output(seq, self.tokenizer) for seq in seqs]
@@ -141,7 +142,7 @@ class LLM:
                                request_id=group.request_id, prompt=group.prompt, device=self.config.device)
                 seq.beam_group, group.seqs = group, [seq]
                 self.scheduler.add(seq)
-            self._run(set(groups), "Beam search", use_tqdm)
+            self._run(set(groups), "Beam search", use_tqdm, num_registered=0)
             return [group.output(self.tokenizer) for group in groups]
 
     def _beam_group(self, i: int, text, ids: list[int], params: BeamSearchParams) -> BeamGroup:
@@ -174,7 +175,7 @@ class LLM:
         """Run one step; returns the output of every request that got tokens or ended in it, as its
         ``SamplingParams.output_kind`` asks (everything so far, what is new, or only once it has ended)."""
         with self._lock:
-            touched = self._step()
+            touched, self._touched_meanwhile = self._touched_meanwhile + self._step(), []
             outputs = []
             for first in {id(s.group[0]): s.group[0] for s in touched}.values():
                 if self._requests.get(first.request_id) is not first or first.beam_group is not None:
@@ -286,21 +287,25 @@ class LLM:
     # --- the loop ------------------------------------------------------------------------------------
 
     def _add(self, text, ids: list[int], params: SamplingParams, request_id: str | None) -> Sequence:
-        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        while request_id is None or request_id in self._requests:  # never an id a caller chose
+            request_id = str(next(self._request_counter))
         seq = Sequence(ids, params, request_id=request_id, prompt=text, device=self.config.device)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
 
-    def _run(self, pending: set, desc: str, use_tqdm: bool) -> None:
+    def _run(self, pending: set, desc: str, use_tqdm: bool, num_registered: int) -> None:
         """Step until every request in ``pending`` (first sequences, or beam groups) has ended; on any error,
-        abort every request so that the engine stays usable."""
+        abort every request so that the engine stays usable. ``num_registered``: how many of ``_requests`` are
+        this call's; beyond them, add_request ones share the steps and ``step()`` reports them later."""
         bar = tqdm(total=len(pending), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
         start, num_output_tokens = time.perf_counter(), 0
         pending = {id(r) for r in pending}
         try:
             while pending:
                 touched = self._step()
+                if len(self._requests) > num_registered:  # add_request ones ran too: step() reports them
+                    self._touched_meanwhile += touched
                 num_output_tokens += self.stepper.last_step.num_sampled
                 ended = {id(s.group[0]) for s in touched if s.is_finished and s.request_finished}
                 ended.update(id(g) for g in self.stepper.finished_beam_groups)
