@@ -7,9 +7,8 @@
 One engine (random weights) serves every run: ``set_scheduling`` switches static/continuous batching and the
 batch cap between runs. W1 and W2 run at every cap of --max-num-seqs, W3 (2,048 ShareGPT-like requests) at the
 largest. Each run adds every request at t=0 and steps the engine (``add_request`` / ``step``), recording each
-step from ``llm.last_step``; ``--loop generate`` times one ``generate`` call instead (no timeline), and
-``--also-generate`` adds that timing to the continuous runs at the largest cap (``step()`` builds every running
-request's output each step, a host cost ``generate`` does not pay).
+step from ``llm.last_step`` (the requests ask for ``output_kind="final_only"``, so ``step()`` builds an output only
+when a request ends); ``--loop generate`` times one ``generate`` call instead (no timeline).
 
 Reported per run: requests/s, output tok/s (requested output tokens / wall time; for W2 nano-vllm's figure),
 total tok/s, mean/p50/p99 TTFT (from t=0) and TPOT, preemptions; the steps (prefill/decode counts and times,
@@ -254,10 +253,7 @@ def parse_args(argv):
     parser.add_argument("--hf-workloads", default="W1,W2")
     parser.add_argument("--loop", choices=["step", "generate"], default="step",
                         help="step: add_request + step(), recording every step (the timeline); generate: one "
-                             "generate() call per run, without step() building every request's output each step")
-    parser.add_argument("--also-generate", action="store_true",
-                        help="with --loop step: run each workload's continuous run at the largest cap once more "
-                             "through generate(), to show what step()'s per-step outputs cost")
+                             "generate() call per run (no timeline)")
     parser.add_argument("--profile", action="store_true", help="then profile decode steps (profile_step.py)")
     parser.add_argument("--no-plots", action="store_true", help="only the JSON (plot_throughput.py draws it later)")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of the JSON and plots")
@@ -323,15 +319,11 @@ def main(argv=None) -> int:
                 row = {"workload": name, "scheduling": scheduling, "max_num_seqs": cap, "card": card,
                        "ideal_decode_steps": ideal_decode_steps(w.output_lens, cap, scheduling),
                        **run_engine(llm, w, args.temperature, args.loop)}
-                if args.also_generate and args.loop == "step" and scheduling == "continuous" and cap == max(args.caps):
-                    again = run_engine(llm, w, args.temperature, "generate")
-                    row.update(generate_output_tok_per_s=again["output_tok_per_s"], generate_wall_s=again["wall_s"])
                 results.append(row)
                 write_report(results)
                 print(f"{name} {scheduling:>10} max_num_seqs={cap}: {row['requests_per_s']:.2f} req/s, "
                       f"{row['output_tok_per_s']:.0f} output tok/s, {row['total_tok_per_s']:.0f} total tok/s "
-                      f"[{row['wall_s']:.1f} s]" + (f"; generate(): {row['generate_output_tok_per_s']:.0f} output "
-                                                     "tok/s" if "generate_output_tok_per_s" in row else ""), flush=True)
+                      f"[{row['wall_s']:.1f} s]", flush=True)
     report = write_report(results)
     try:
         from plot_throughput import plot_throughput
@@ -343,11 +335,6 @@ def main(argv=None) -> int:
     print(f"\n{card}, {report['model']}, {dtype}, {llm.manager.num_blocks} KV blocks of {args.block_size}, "
           f"engine start {init_s:.1f} s" + (f", {threads} CPU threads" if threads else ""))
     print_results(results, card)
-    for r in results:
-        if "generate_output_tok_per_s" in r:
-            print(f"{r['workload']} continuous max_num_seqs={r['max_num_seqs']}: step() loop "
-                  f"{r['output_tok_per_s']:,.0f} tok/s, generate() {r['generate_output_tok_per_s']:,.0f} tok/s: the "
-                  f"per-step outputs cost {100 * (1 - r['output_tok_per_s'] / r['generate_output_tok_per_s']):.1f}%")
     for line in comparisons(results, card, shape):
         print(line)
     print(f"wrote {path}")
