@@ -28,13 +28,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagedattention.kernels import paged_attention  # noqa: E402
 from pagedattention.kernels.decode import decode_v2, tc_config  # noqa: E402
 
-# vLLM's Triton paged decode kernel on the same card type (measured 2026-11-27, page 16, best split count):
-# (B, ctx) -> (ms, fraction of copy bandwidth)
-VLLM_TRITON = {(64, 4096): (0.392, 0.912), (4, 32768): (0.201, 0.888), (256, 128): (0.081, 0.572)}
+# Peers measured on an H200 (2026-12-02, page 16; ../shared workloads notes): vLLM 0.33's Triton paged decode
+# kernel (best split count) and FlashInfer 0.7.4's best decode variant (L2 flushed, median), in ms.
+# Key: (batch, ctx, num_heads, num_kv_heads, head_dim, dtype).
+PEERS_H200 = {
+    (64, 4096, 32, 8, 128, "float16"): {"vllm_triton": 0.358, "flashinfer": 0.248},
+    (4, 32768, 32, 8, 128, "float16"): {"vllm_triton": 0.259, "flashinfer": 0.132},
+    (256, 128, 32, 8, 128, "float16"): {"vllm_triton": 0.156, "flashinfer": 0.048},
+    (64, 2048, 14, 2, 64, "bfloat16"): {"vllm_triton": 0.155, "flashinfer": 0.0294},
+}
 HEADLINE = [(64, 4096), (4, 32768), (256, 128)]
 GRID_B = (1, 4, 16, 64, 256)
 GRID_CTX = (128, 512, 2048, 8192, 32768)
 MAX_KV_BYTES = 3 << 30
+CARD = [""]  # the card this run measures (peers are compared only on their own card)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -230,19 +237,37 @@ def host_overhead_us(reps=200) -> float:
 def print_table(rows, copy_bw):
     print(f"\ncopy roofline {copy_bw / 1e12:.3f} TB/s (read+write)")
     print(f"{'shape':34s} {'V2 ms':>8s} {'TB/s':>6s} {'%copy':>6s} {'V1 ms':>8s} {'gath ms':>8s} {'sdpa ms':>8s} "
-          f"{'V2/V1':>6s} {'vs gath':>7s} {'vs sdpa':>7s} {'vs vLLM':>7s} {'err':>8s}")
+          f"{'V2/V1':>6s} {'vs gath':>7s} {'vs sdpa':>7s} {'vs vLLM':>7s} {'vs FI':>7s} {'err':>8s}")
     for r in rows:
         shape = (f"B{r['batch']} ctx{r['ctx']} {r['num_heads']}/{r['num_kv_heads']} d{r['head_dim']} "
                  f"bs{r['block_size']} {r['dtype'][5:] if r['dtype'].startswith('float') else r['dtype']}")
         v2, v1 = r["v2"]["ms"], r["v1"]["ms"]
-        vllm = VLLM_TRITON.get((r["batch"], r["ctx"])) if (r["num_heads"], r["num_kv_heads"], r["head_dim"],
-                                                              r["block_size"]) == (32, 8, 128, 16) else None
+        peers = peer_times(r)
         print(f"{shape:34s} {v2:8.3f} {r['v2']['tbps']:6.2f} {r['v2']['pct_copy']:6.1f} {v1:8.3f} "
               f"{r['torch_gather_sdpa']['ms']:8.3f} {r['torch_sdpa_contiguous']['ms']:8.3f} {v1 / v2:6.2f} "
               f"{r['torch_gather_sdpa']['ms'] / v2:7.2f} {r['torch_sdpa_contiguous']['ms'] / v2:7.2f} "
-              f"{(vllm[0] / v2) if vllm else float('nan'):7.2f} {max(r['max_abs_err'].values()):8.1e}")
+              f"{peers.get('vllm_triton', math.nan) / v2:7.2f} {peers.get('flashinfer', math.nan) / v2:7.2f} "
+              f"{max(r['max_abs_err'].values()):8.1e}")
         if "v2_partitions" in r:
             print("    partition sweep (tokens: ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in r["v2_partitions"].items()))
+
+
+def peer_times(row) -> dict:
+    """The H200 peers' ms at this row's shape (on an H200 only; empty elsewhere or at other shapes)."""
+    key = (row["batch"], row["ctx"], row["num_heads"], row["num_kv_heads"], row["head_dim"], row["dtype"])
+    return PEERS_H200.get(key, {}) if "H200" in CARD[0] and row["block_size"] == 16 else {}
+
+
+def print_peers(rows):
+    """V2 against FlashInfer at the peer shapes: time ratio, and both as ratios to torch SDPA on contiguous KV."""
+    print(f"\n{'peer shape':34s} {'V2 ms':>8s} {'FI ms':>8s} {'FI/V2':>6s} {'sdpa/V2':>8s} {'sdpa/FI':>8s}")
+    for r in rows:
+        fi = peer_times(r).get("flashinfer")
+        if fi is None:
+            continue
+        v2, sdpa = r["v2"]["ms"], r["torch_sdpa_contiguous"]["ms"]
+        shape = f"B{r['batch']} ctx{r['ctx']} {r['num_heads']}/{r['num_kv_heads']} d{r['head_dim']} {r['dtype']}"
+        print(f"{shape:34s} {v2:8.4f} {fi:8.4f} {fi / v2:6.2f} {sdpa / v2:8.2f} {sdpa / fi:8.2f}")
 
 
 def plot(rows, path, card):
@@ -279,14 +304,16 @@ def replot(path, copy_tbps=None):
         json.dump(result, f, indent=1)
     plot(result["rows"], path.replace(".json", ".png"), result["card"])
     print(result["card"])
+    CARD[0] = result["card"]
     print_table(result["rows"], copy_bw)
+    print_peers(result["rows"])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=RESULTS, help="directory of the JSON and PNG (default: benchmarks/results)")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="headline shapes only")
+    parser.add_argument("--quick", action="store_true", help="headline shapes (and the Qwen2.5-0.5B shape) only")
     parser.add_argument("--tune", action="store_true", help="sweep V2 variants and split sizes, then exit")
     parser.add_argument("--replot", metavar="JSON", help="re-print the table and plot of a saved run (no GPU)")
     parser.add_argument("--copy-tbps", type=float, help="with --replot: the roofline to use")
@@ -297,6 +324,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (torch sees none); --replot JSON reprints a saved run")
     card = torch.cuda.get_device_name()
+    CARD[0] = card
     timer = Timer(args.reps)
     copy_bw = copy_bandwidth()
     slug = card.replace(" ", "_").replace("/", "_")
@@ -307,6 +335,7 @@ def main():
         tune(timer, copy_bw, os.path.join(args.out, f"kernels_tune_{slug}.json"))
         return
     shapes = [dict(batch=b, ctx=c, sweep=True) for b, c in HEADLINE]
+    shapes.append(dict(batch=64, ctx=2048, num_heads=14, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, sweep=True))
     if not args.quick:
         for b in GRID_B:
             for c in GRID_CTX:
@@ -318,7 +347,6 @@ def main():
             dict(batch=64, ctx=2048, num_heads=32, num_kv_heads=8, block_size=32),
             dict(batch=64, ctx=2048, num_heads=64, num_kv_heads=8),
             dict(batch=64, ctx=2048, num_heads=28, num_kv_heads=4),
-            dict(batch=64, ctx=2048, num_heads=14, num_kv_heads=2, head_dim=64),
             dict(batch=256, ctx=512, num_heads=14, num_kv_heads=2, head_dim=64),
             dict(batch=64, ctx=2048, dtype=torch.bfloat16),
             dict(batch=64, ctx=2048, dtype=torch.float32),
@@ -341,6 +369,7 @@ def main():
         plot(rows, os.path.join(args.out, f"kernels_{slug}.png"), card)
     print(f"\n{card}; V2 eager host time per call {overhead:.0f} us")
     print_table(rows, copy_bw)
+    print_peers(rows)
 
 
 if __name__ == "__main__":

@@ -59,28 +59,33 @@ def ideal_decode_steps(max_tokens: list[int], cap: int, scheduling: str) -> int:
 
 def timeline_segments(steps) -> dict:
     """Columns of the timeline with runs of steps of one kind and one occupancy merged (a decode stretch of
-    hundreds of steps is one entry): ``t_s`` where the run starts, ``steps`` and ``tokens`` in it. ``steps``:
-    (start time, is_prefill, sequences running, tokens computed) per engine step."""
+    hundreds of steps is one entry): ``t_s`` where the run starts, ``steps`` and ``tokens`` in it, ``prefill``
+    1 for a run of prefill steps (mixed steps count as decode steps here: the batch keeps decoding). ``steps``:
+    (start time, kind, sequences running, tokens computed) per engine step."""
     columns = {"t_s": [], "prefill": [], "running": [], "steps": [], "tokens": []}
-    for t, is_prefill, running, tokens in steps:
-        if columns["t_s"] and (columns["prefill"][-1], columns["running"][-1]) == (int(is_prefill), running):
+    for t, kind, running, tokens in steps:
+        is_prefill = int(kind == "prefill")
+        if columns["t_s"] and (columns["prefill"][-1], columns["running"][-1]) == (is_prefill, running):
             columns["steps"][-1] += 1
             columns["tokens"][-1] += tokens
             continue
-        for name, value in zip(columns, (round(t, 5), int(is_prefill), running, 1, tokens)):
+        for name, value in zip(columns, (round(t, 5), is_prefill, running, 1, tokens)):
             columns[name].append(value)
     return columns
 
 
 def timeline_summary(steps, wall: float) -> dict:
     """Step counts and times by kind (a step lasts until the next begins: scheduling and sampling included),
-    and the time-weighted mean number of running sequences."""
+    and the time-weighted mean number of running sequences. Mixed steps (decodes and admitted prompts) are
+    counted apart and also among the decode steps, since every running sequence decodes in them."""
     ends = [t for t, *_ in steps[1:]] + [wall]
     durations = [end - t for (t, *_), end in zip(steps, ends)]
-    prefill = [d for d, (_, is_prefill, *_) in zip(durations, steps) if is_prefill]
-    decode = [d for d, (_, is_prefill, *_) in zip(durations, steps) if not is_prefill]
+    by_kind = {kind: [d for d, (_, k, *_) in zip(durations, steps) if k == kind] for kind in ("prefill", "mixed", "decode")}
+    prefill, mixed = by_kind["prefill"], by_kind["mixed"]
+    decode = by_kind["decode"] + mixed
     return {
         "prefill_steps": len(prefill), "prefill_s": sum(prefill),
+        "mixed_steps": len(mixed), "mixed_s": sum(mixed),
         "decode_steps": len(decode), "decode_s": sum(decode),
         "decode_step_ms": 1e3 * statistics.fmean(decode) if decode else None,
         "mean_running": sum(d * n for d, (_, _, n, _) in zip(durations, steps)) / wall,
@@ -106,8 +111,7 @@ def run_engine(llm: LLM, w: workloads.Workload, temperature: float, loop: str = 
         done.update((o.request_id, o) for o in llm.step() if o.finished)
         info = llm.last_step
         if info.num_seqs:  # occupancy: a decode step's batch; after a prefill step, every sequence holding a slot
-            steps.append((t, info.is_prefill, llm.num_running_seqs if info.is_prefill else info.num_seqs,
-                          info.num_tokens))
+            steps.append((t, info.kind, llm.num_running_seqs if info.is_prefill else info.num_seqs, info.num_tokens))
     wall = time.perf_counter() - start
     outputs = list(done.values())
     bad = [o for o in outputs if o.outputs[0].finish_reason != "length"]
@@ -218,9 +222,10 @@ def print_results(results: list[dict], card: str) -> None:
     for (name, cap, scheduling), r in by_key.items():
         static = by_key.get((name, cap, "static"))
         if scheduling == "continuous" and static:
-            steps = (f"; decode steps {static['decode_steps']} vs {r['decode_steps']}, prefill steps "
-                     f"{static['prefill_steps']} vs {r['prefill_steps']} ({static['prefill_s']:.2f} s vs "
-                     f"{r['prefill_s']:.2f} s)") if "decode_steps" in r and "decode_steps" in static else ""
+            steps = (f"; decode steps {static['decode_steps']} vs {r['decode_steps']} (mixed {static['mixed_steps']} "
+                     f"vs {r['mixed_steps']}), prefill steps {static['prefill_steps']} vs {r['prefill_steps']} "
+                     f"({static['prefill_s']:.2f} s vs {r['prefill_s']:.2f} s)") \
+                if "decode_steps" in r and "decode_steps" in static else ""
             print(f"{name} max_num_seqs={cap}: {r['output_tok_per_s'] / static['output_tok_per_s']:.2f}x measured, "
                   f"{static['ideal_decode_steps'] / r['ideal_decode_steps']:.2f}x ceiling" + steps)
 

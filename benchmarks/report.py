@@ -104,7 +104,8 @@ def throughput_rows(data: dict) -> list[dict]:
                      "total tok/s": r["total_tok_per_s"], "TTFT mean s": ttft.get("mean"), "TTFT p99 s": ttft.get("p99"),
                      "TPOT mean ms": 1e3 * tpot["mean"] if tpot else None,
                      "TPOT p99 ms": 1e3 * tpot["p99"] if tpot else None, "mean running": r.get("mean_running"),
-                     "decode steps": r.get("decode_steps"), "prefill steps": r.get("prefill_steps"),
+                     "decode steps": r.get("decode_steps"), "mixed steps": r.get("mixed_steps"),
+                     "prefill steps": r.get("prefill_steps"),
                      "preemptions": r.get("preemptions")})
     return rows
 

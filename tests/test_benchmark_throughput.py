@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 import common  # noqa: E402
 import workloads  # noqa: E402
-from benchmark_throughput import ideal_decode_steps, main, speedup_line, timeline_segments  # noqa: E402
+from benchmark_throughput import ideal_decode_steps, main, speedup_line, timeline_segments, timeline_summary  # noqa: E402
 from common import to_json_text  # noqa: E402
 
 
@@ -29,9 +29,15 @@ def test_continuous_batching_refills_a_slot_the_step_after_it_frees():
 
 
 def test_timeline_merges_runs_of_steps_of_one_kind_and_occupancy():
-    steps = [(0.0, True, 2, 10), (0.1, False, 2, 2), (0.2, False, 2, 2), (0.3, False, 1, 1), (0.4, True, 2, 7)]
-    assert timeline_segments(steps) == {"t_s": [0.0, 0.1, 0.3, 0.4], "prefill": [1, 0, 0, 1],
-                                        "running": [2, 2, 1, 2], "steps": [1, 2, 1, 1], "tokens": [10, 4, 1, 7]}
+    steps = [(0.0, "prefill", 2, 10), (0.1, "decode", 2, 2), (0.2, "decode", 2, 2), (0.3, "decode", 1, 1),
+             (0.4, "prefill", 2, 7), (0.5, "mixed", 3, 9), (0.6, "decode", 3, 3)]
+    assert timeline_segments(steps) == {"t_s": [0.0, 0.1, 0.3, 0.4, 0.5], "prefill": [1, 0, 0, 1, 0],
+                                        "running": [2, 2, 1, 2, 3], "steps": [1, 2, 1, 1, 2],
+                                        "tokens": [10, 4, 1, 7, 12]}
+    summary = timeline_summary(steps, wall=1.0)
+    assert (summary["prefill_steps"], summary["mixed_steps"], summary["decode_steps"]) == (2, 1, 5)
+    assert summary["prefill_s"] == pytest.approx(0.2) and summary["mixed_s"] == pytest.approx(0.1)
+    assert summary["decode_s"] == pytest.approx(0.8)
 
 
 def test_report_text_keeps_number_lists_on_one_line_and_reads_back_the_same():

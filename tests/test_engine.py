@@ -275,11 +275,12 @@ def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_compu
         for prompt in PROMPTS[:n]:
             engine.add_request(prompt, GREEDY)
         engine.step()  # prefill
+        engine.stepper.flush()  # its tokens, which an overlapped step would leave on the device
         for _ in range(2):
             batch = engine.scheduler.schedule()
             assert not batch.is_prefill and len(batch.seqs) == n
             x = runner.prepare(batch)
-            assert graphs.bucket(x) == (bucket, bucket, False)
+            assert graphs.bucket(x) == (bucket, bucket, False, bucket)
             graphs.output.fill_(float("nan"))
             with torch.inference_mode():
                 graphs.stage(graphs.bucket(x), x)
@@ -298,7 +299,7 @@ def test_staged_prefill_inputs_padded_to_a_bucket_compute_what_eager_prefill_com
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=512, max_num_batched_tokens=256)
     runner = engine.runner
     graphs = CudaGraphs(engine.model, engine.config)
-    assert graphs.prefill_buckets[0] == (128, 1, True) and graphs.prefill_buckets[-1] == (256, 8, True)
+    assert graphs.prefill_buckets[0] == (128, 1, True, 0) and graphs.prefill_buckets[-1] == (256, 8, True, 0)
     # (prompts added, expected bucket): one short prompt; three; two of 177 tokens; a 361-token prompt, whose
     # second chunk (105 tokens from position 256) is the step after its first
     steps = (([PROMPTS[0]], (128, 1)), (PROMPTS[1:4:2] + PROMPTS[4:], (128, 4)),
@@ -309,7 +310,7 @@ def test_staged_prefill_inputs_padded_to_a_bucket_compute_what_eager_prefill_com
         batch = engine.scheduler.schedule()
         assert batch.is_prefill and len(batch.seqs) == max(1, len(prompts))
         x = runner.prepare(batch)
-        assert graphs.bucket(x) == (*bucket, True)
+        assert graphs.bucket(x) == (*bucket, True, 0)
         graphs.output.fill_(float("nan"))
         with torch.inference_mode():
             graphs.stage(graphs.bucket(x), x)
@@ -323,7 +324,7 @@ def test_staged_prefill_inputs_padded_to_a_bucket_compute_what_eager_prefill_com
         engine.scheduler.postprocess(batch, out.token_ids, out.logprobs)
         if len(x.logit_rows):  # not a chunk in mid-prompt: on to the next step's fresh prompts
             engine._abort_all()
-    too_many_tokens = SimpleNamespace(is_prefill=True, num_tokens=257, num_seqs=1)
+    too_many_tokens = SimpleNamespace(is_prefill=True, num_tokens=257, num_seqs=1, num_decode=0)
     assert graphs.bucket(too_many_tokens) is None
     assert_idle(engine)
 

@@ -6,14 +6,18 @@ buffers (their first rows) and share one memory pool; each step's inputs are sta
 buffers and copied in with one asynchronous copy per input.
 
 Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, ..., max_num_seqs; prefill steps of
-<= 4,096 tokens and <= 8 sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS. Bigger prefill
-steps run eagerly: their GPU time hides their launches, and a graph's attention grid, sized for its bound on
-every sequence's length, would grow with tokens x sequences.
+<= 4,096 tokens and <= 8 sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS; mixed steps at
+each decode batch size with a prompt part from MIXED_PROMPTS. Bigger steps run eagerly: their GPU time hides
+their launches, and a graph's attention grid, sized for its bound on every sequence's length, would grow with
+tokens x sequences.
+
+Layout of a bucket's rows (tokens and sequences alike): its ``num_decode`` decode rows first, then the
+prompt part. A step's decode rows go to the top, its prompt rows right after the bucket's decode rows.
 
 Padding: padding tokens belong to no sequence (``cu_seqlens_q`` ends before them, their slot is -1: nothing is
-stored) and padding sequences have no tokens (prefill) or attend to one never-written slot (decode), so
-neither touches the real ones. Attention is told ``max_context_len = max_model_len``: one capture serves every
-context length; the real lengths arrive through ``context_lens`` at replay.
+stored) and padding sequences have no tokens (prompt part) or attend to one never-written slot (decode part),
+so neither touches the real ones. Attention is told ``max_context_len = max_model_len``: one capture serves
+every context length; the real lengths arrive through ``context_lens`` at replay.
 """
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ from pagedattention.models.attention import AttentionMetadata
 
 PREFILL_TOKENS = (128, 256, 512, 1024, 2048, 4096)
 PREFILL_SEQS = (1, 2, 4, 8)
+MIXED_PROMPTS = ((256, 2), (1024, 4), (2048, 8))  # a mixed step's prompt part: (tokens, sequences)
 
 
 class Bucket(NamedTuple):
     num_tokens: int
     num_seqs: int
-    is_prefill: bool
+    is_prefill: bool  # it has a prompt part
+    num_decode: int   # decode rows (all of a decode bucket's)
 
 
 def decode_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -42,11 +48,14 @@ def decode_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 def graph_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[Bucket]:
-    """Every captured bucket: decode ones, then prefill ones, each smallest first."""
-    decode = [Bucket(bs, bs, False) for bs in decode_batch_sizes(max_num_seqs)]
-    prefill = [Bucket(t, s, True) for t in PREFILL_TOKENS if t <= max_num_batched_tokens
+    """Every captured bucket: decode ones, prefill ones, then mixed ones, each smallest first."""
+    sizes = decode_batch_sizes(max_num_seqs)
+    decode = [Bucket(bs, bs, False, bs) for bs in sizes]
+    prefill = [Bucket(t, s, True, 0) for t in PREFILL_TOKENS if t <= max_num_batched_tokens
                for s in PREFILL_SEQS if s <= max_num_seqs and s <= t]
-    return decode + prefill
+    mixed = sorted(Bucket(bs + t, bs + s, True, bs) for bs in sizes for t, s in MIXED_PROMPTS
+                   if bs + t <= max_num_batched_tokens and bs + s <= max_num_seqs)
+    return decode + prefill + mixed
 
 
 class CudaGraphs:
@@ -56,7 +65,8 @@ class CudaGraphs:
         self.max_model_len = config.max_model_len
         self.buckets = graph_buckets(config.max_num_seqs, config.max_num_batched_tokens)
         self.decode_buckets = [b for b in self.buckets if not b.is_prefill]
-        self.prefill_buckets = [b for b in self.buckets if b.is_prefill]
+        self.prefill_buckets = [b for b in self.buckets if b.is_prefill and not b.num_decode]
+        self.mixed_buckets = [b for b in self.buckets if b.is_prefill and b.num_decode]
         max_tokens = max(b.num_tokens for b in self.buckets)
         max_seqs = max(b.num_seqs for b in self.buckets)
         width = -(-config.max_model_len // config.block_size)
@@ -73,6 +83,7 @@ class CudaGraphs:
         self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+        self.copied: torch.cuda.Event | None = None  # after the last step's copies out of the host buffers
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -92,12 +103,12 @@ class CudaGraphs:
 
     def body(self, bucket: Bucket):
         """What a bucket's graph runs: the model over the first rows of the static buffers."""
-        t, s, is_prefill = bucket
+        t, s, is_prefill, d = bucket
         b = self.static
         attn = AttentionMetadata(
             is_prefill=is_prefill, slot_mapping=b["slot_mapping"][:t], block_tables=b["block_tables"][:s],
-            context_lens=b["context_lens"][:s], cu_seqlens_q=b["cu_seqlens_q"][:s + 1] if is_prefill else None,
-            max_q_len=t if is_prefill else 1, max_context_len=self.max_model_len)
+            context_lens=b["context_lens"][:s], cu_seqlens_q=b["cu_seqlens_q"][:s - d + 1] if is_prefill else None,
+            max_q_len=t - d if is_prefill else 1, max_context_len=self.max_model_len, num_decode_tokens=d)
 
         def run():
             self.output[:t] = self.model(b["input_ids"][:t], b["positions"][:t], attn)
@@ -105,9 +116,19 @@ class CudaGraphs:
 
     def bucket(self, x) -> Bucket | None:
         """The smallest bucket that holds step ``x`` (StepInputs), or None."""
-        buckets = self.prefill_buckets if x.is_prefill else self.decode_buckets
-        n, m = x.num_tokens, x.num_seqs
-        return next((b for b in buckets if b.num_tokens >= n and b.num_seqs >= m), None)
+        d = x.num_decode
+        if not x.is_prefill:
+            return next((b for b in self.decode_buckets if b.num_seqs >= d), None)
+        buckets = self.mixed_buckets if d else self.prefill_buckets
+        n, m = x.num_tokens - d, x.num_seqs - d  # the prompt part
+        return next((b for b in buckets if b.num_decode >= d and b.num_tokens - b.num_decode >= n
+                     and b.num_seqs - b.num_decode >= m), None)
+
+    @staticmethod
+    def output_rows(bucket: Bucket, x, rows):
+        """Where step ``x``'s token rows ``rows`` lie in the output of ``bucket``'s graph."""
+        shift = bucket.num_decode - x.num_decode
+        return rows + shift * (rows >= x.num_decode) if shift and x.is_prefill else rows
 
     def replay(self, bucket: Bucket, x) -> torch.Tensor:
         """Run step ``x`` through its bucket's graph; returns the hidden states of its tokens."""
@@ -116,33 +137,48 @@ class CudaGraphs:
         return self.output[:x.num_tokens]
 
     def stage(self, bucket: Bucket, x) -> None:
-        """Write step ``x`` into the static buffers, padded up to ``bucket``.
+        """Write step ``x`` into the static buffers, padded up to ``bucket``: its decode rows at the top, padding
+        to the bucket's decode rows, its prompt rows, padding to the bucket's size.
 
         Block tables travel packed: ``width`` = this step's widest table, rows of ``width`` entries at the start
         of the host buffer, copied into the first ``width`` columns of the static ``[max_seqs, max_blocks]`` table
         (a few KB instead of the whole max_model_len-wide table every step). The columns beyond are stale but
         never read: every context fits in ``width`` blocks.
         """
-        t, s, is_prefill = bucket
-        n, m = x.num_tokens, x.num_seqs
+        t, s, is_prefill, d = bucket
+        n, m, xd = x.num_tokens, x.num_seqs, x.num_decode
         h = self.host_np
+        if self.copied is not None:  # the last step's copies may still be queued (overlapped steps): let them read
+            self.copied.synchronize()
         for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            h[name][:n] = getattr(x, name)
-            h[name][n:t] = pad
-        h["context_lens"][:m] = x.context_lens
-        h["context_lens"][m:s] = 1
+            values, buf = getattr(x, name), h[name]
+            buf[:xd] = values[:xd]
+            buf[xd:d] = pad
+            buf[d:d + n - xd] = values[xd:]
+            buf[d + n - xd:t] = pad
+        lens = h["context_lens"]
+        lens[:xd] = x.context_lens[:xd]
+        lens[xd:d] = 1
+        lens[d:d + m - xd] = x.context_lens[xd:]
+        lens[d + m - xd:s] = 1
         width = x.block_tables.shape[1]
         tables = h["block_tables"].reshape(-1)[:s * width].reshape(s, width)
-        tables[:m] = x.block_tables
-        tables[m:] = 0
+        tables[:xd] = x.block_tables[:xd]
+        tables[xd:d] = 0
+        tables[d:d + m - xd] = x.block_tables[xd:]
+        tables[d + m - xd:] = 0
         copies = [("input_ids", t), ("positions", t), ("slot_mapping", t), ("context_lens", s)]
         if is_prefill:
-            h["cu_seqlens_q"][:m + 1] = x.cu_seqlens_q
-            h["cu_seqlens_q"][m + 1:s + 1] = n
-            copies.append(("cu_seqlens_q", s + 1))
+            cu = h["cu_seqlens_q"]
+            cu[:m - xd + 1] = x.prompt_cu_seqlens_q
+            cu[m - xd + 1:s - d + 1] = n - xd
+            copies.append(("cu_seqlens_q", s - d + 1))
         for name, rows in copies:
             self.static[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
         self.static["block_tables"][:s, :width].copy_(
             self.host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
-        if x.input_ids_device is not None:  # an overlapped step: its tokens come from the last, on the device
-            self.static["input_ids"][:n].copy_(x.input_ids_device)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        if x.input_ids_device is not None:  # an overlapped step: its decode tokens come from the last, on the device
+            self.static["input_ids"][:xd].copy_(x.input_ids_device)

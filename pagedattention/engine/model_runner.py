@@ -22,9 +22,9 @@ from .scheduler import ScheduledBatch
 
 @dataclass
 class StepInputs:
-    """One step's model inputs. Tokens are packed sequence after sequence (``cu_seqlens_q``); a decode step
-    has one token per sequence."""
-    is_prefill: bool
+    """One step's model inputs. Tokens are packed sequence after sequence (``cu_seqlens_q``): first the
+    ``num_decode`` decoding sequences' one token each (all of a decode step's), then the prompt tokens."""
+    is_prefill: bool           # any prompt tokens
     input_ids: np.ndarray      # int64 [num_tokens]
     positions: np.ndarray      # int64 [num_tokens]
     slot_mapping: np.ndarray   # int64 [num_tokens]: cache slot each token's K/V is written to
@@ -32,9 +32,10 @@ class StepInputs:
     context_lens: np.ndarray   # int32 [num_seqs]: tokens in the cache after this step's writes
     cu_seqlens_q: np.ndarray   # int32 [num_seqs + 1]
     logit_rows: np.ndarray     # int64: the token rows whose logits are computed (each sampling sequence's last)
-    max_q_len: int
+    max_q_len: int             # the longest prompt part (1 in a decode step)
     max_context_len: int
-    input_ids_device: torch.Tensor | None = None  # overlapped decode: the tokens, still on the device
+    num_decode: int            # the decoding sequences, first in line
+    input_ids_device: torch.Tensor | None = None  # overlapped steps: the decoding tokens, still on the device
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +44,11 @@ class StepInputs:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    @property
+    def prompt_cu_seqlens_q(self) -> np.ndarray:
+        """Where each prompt part starts among the prompt tokens (int32 [num_seqs - num_decode + 1])."""
+        return self.cu_seqlens_q[self.num_decode:] - self.num_decode
 
 
 class ModelRunner:
@@ -65,36 +71,42 @@ class ModelRunner:
     # --- host: a batch into arrays ------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None) -> StepInputs:
-        """``pending_tokens``: a decode step overlapped with the one before it; each sequence's input token was
-        sampled by that step and is still on the device, one past ``seq.token_ids`` (int64 [len(batch.seqs)])."""
-        seqs = batch.seqs
+        """``pending_tokens``: a step overlapped with the one before it; each decoding sequence's input token was
+        sampled by that step and is still on the device, one past ``seq.token_ids`` (int64 [batch.num_decode])."""
+        seqs, d = batch.seqs, batch.num_decode
         block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
+        decoding = seqs[:d]
+        if pending_tokens is None:
+            input_ids = np.fromiter((s.token_ids[-1] for s in decoding), dtype=np.int64, count=d)
+            positions = np.fromiter((len(s.token_ids) - 1 for s in decoding), dtype=np.int64, count=d)
+        else:
+            input_ids = np.zeros(d, dtype=np.int64)  # placeholders: the device copy replaces them
+            positions = np.fromiter((len(s.token_ids) for s in decoding), dtype=np.int64, count=d)
+        rows = np.arange(d)
+        context_lens = (positions + 1).astype(np.int32)
         if not batch.is_prefill:
-            n = len(seqs)
-            if pending_tokens is None:
-                input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
-                positions = np.fromiter((len(s.token_ids) - 1 for s in seqs), dtype=np.int64, count=n)
-            else:
-                input_ids = np.zeros(n, dtype=np.int64)  # placeholders: the device copy replaces them
-                positions = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
-            rows = np.arange(n)
-            context_lens = (positions + 1).astype(np.int32)
             return StepInputs(False, input_ids, positions, self._slots(block_tables, rows, positions), block_tables,
-                              context_lens, np.arange(n + 1, dtype=np.int32), rows, 1, int(context_lens.max()),
+                              context_lens, np.arange(d + 1, dtype=np.int32), rows, 1, int(context_lens.max()), d,
                               pending_tokens)
-        starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
-        q_lens = np.array([s.num_scheduled_tokens for s in seqs], dtype=np.int64)
+        prompts = seqs[d:]
+        starts = np.array([s.num_computed_tokens for s in prompts], dtype=np.int64)
+        q_lens = np.array([s.num_scheduled_tokens for s in prompts], dtype=np.int64)
         ends = starts + q_lens
-        cu_seqlens = np.zeros(len(seqs) + 1, dtype=np.int32)
+        cu_seqlens = np.zeros(len(prompts) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu_seqlens[1:])
-        input_ids = np.concatenate([np.asarray(s.token_ids[a:b], dtype=np.int64)
-                                    for s, a, b in zip(seqs, starts.tolist(), ends.tolist())])
+        prompt_ids = [np.asarray(s.token_ids[a:b], dtype=np.int64) for s, a, b in zip(prompts, starts.tolist(), ends.tolist())]
         # positions: start_i, start_i + 1, ... for each sequence, packed
-        rows = np.repeat(np.arange(len(seqs)), q_lens)
-        positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seqlens[:-1], q_lens) + starts[rows]
+        prompt_rows = np.repeat(np.arange(len(prompts)), q_lens)
+        prompt_positions = np.arange(int(cu_seqlens[-1]), dtype=np.int64) - np.repeat(cu_seqlens[:-1], q_lens) \
+            + starts[prompt_rows]
+        positions = np.concatenate([positions, prompt_positions])
+        rows = np.concatenate([rows, d + prompt_rows])
+        cu_seqlens = np.concatenate([np.arange(d, dtype=np.int32), d + cu_seqlens])
         logit_rows = cu_seqlens[1:][np.array(batch.logit_mask, dtype=bool)].astype(np.int64) - 1
-        return StepInputs(True, input_ids, positions, self._slots(block_tables, rows, positions), block_tables,
-                          ends.astype(np.int32), cu_seqlens, logit_rows, int(q_lens.max()), int(ends.max()))
+        return StepInputs(True, np.concatenate([input_ids, *prompt_ids]), positions,
+                          self._slots(block_tables, rows, positions), block_tables,
+                          np.concatenate([context_lens, ends.astype(np.int32)]), cu_seqlens, logit_rows,
+                          int(q_lens.max()), int(ends.max(initial=context_lens.max(initial=0))), d, pending_tokens)
 
     def _slots(self, block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         bs = self.block_size
@@ -106,21 +118,28 @@ class ModelRunner:
     def execute(self, x: StepInputs, eager: bool = False) -> torch.Tensor:
         """float32 logits ``[len(x.logit_rows), vocab]``."""
         bucket = None if eager or self.graphs is None else self.graphs.bucket(x)
+        rows = x.logit_rows
         if bucket is not None:
             hidden = self.graphs.replay(bucket, x)
+            rows = self.graphs.output_rows(bucket, x, rows)
         else:
             hidden = self.model(*self._to_device(x))
         if not x.is_prefill:  # every decode row samples, in order
             return self.model.compute_logits(hidden[:x.num_seqs])
-        return self.model.compute_logits(hidden[x.logit_rows.tolist()])
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
 
     def _to_device(self, x: StepInputs):
         to = self._tensor
         attn = AttentionMetadata(
             is_prefill=x.is_prefill, slot_mapping=to(x.slot_mapping), block_tables=to(x.block_tables),
-            context_lens=to(x.context_lens), cu_seqlens_q=to(x.cu_seqlens_q) if x.is_prefill else None,
-            max_q_len=x.max_q_len, max_context_len=x.max_context_len)
-        input_ids = x.input_ids_device if x.input_ids_device is not None else to(x.input_ids)
+            context_lens=to(x.context_lens), cu_seqlens_q=to(x.prompt_cu_seqlens_q) if x.is_prefill else None,
+            max_q_len=x.max_q_len, max_context_len=x.max_context_len, num_decode_tokens=x.num_decode)
+        input_ids = to(x.input_ids)
+        if x.input_ids_device is not None:
+            if x.is_prefill:
+                input_ids[:x.num_decode].copy_(x.input_ids_device)
+            else:
+                input_ids = x.input_ids_device
         return input_ids, to(x.positions), attn
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

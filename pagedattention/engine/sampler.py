@@ -110,10 +110,11 @@ class Sampler:
 
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
-               num_pending: int = 0) -> "PendingSample":
+               num_pending_rows: int = 0) -> "PendingSample":
         """Queue the sampling of one token per row on the device; ``result()`` waits for it. The tokens stay on
         the device too (``PendingSample.tokens``), so the next step can read them before the host has.
-        ``num_pending``: tokens each sequence has sampled that it does not hold yet (an overlapped step)."""
+        ``num_pending_rows``: the first rows' sequences each sampled one token they do not hold yet (an overlapped
+        step; it counts for seeded noise)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [len(seqs)={len(seqs)}, vocab], got {list(logits.shape)}")
         params = [s.sampling_params for s in seqs]
@@ -121,7 +122,7 @@ class Sampler:
         vocab = logits.shape[1]
         if self.use_kernel and all(p.logprobs is None and not p.has_penalties and p.top_p == 1.0
                                    and not 0 < p.top_k < vocab for p in params):
-            packed = self._sample_in_one_pass(logits, seqs, params, num_pending)  # already packed
+            packed = self._sample_in_one_pass(logits, seqs, params, num_pending_rows)  # already packed
             tokens, top_rows = packed[:len(seqs)], []
         else:
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -153,7 +154,7 @@ class Sampler:
             host = packed
         return PendingSample(tokens, host, event, seqs, params, top_rows)
 
-    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending: int):
+    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending_rows: int):
         """Greedy or Gumbel-max in one kernel. Noise keys: a seeded request's seed + completion index, counted by
         its generated tokens (independent of the batch); the other rows share a fresh key per step."""
         from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # numba.cuda: on first use
@@ -166,7 +167,7 @@ class Sampler:
                 counters.append(row)
             else:
                 keys.append((p.seed + seq.index) % (1 << 63))
-                counters.append(seq.num_output_tokens + num_pending)
+                counters.append(seq.num_output_tokens + (row < num_pending_rows))
         params_tensor = self._to_device([keys, counters, temperature_bits([p.temperature for p in params])],
                                         torch.int64, logits.device)
         return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs

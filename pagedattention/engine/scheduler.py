@@ -1,8 +1,12 @@
 """Who runs this step: continuous batching with chunked prefill and recompute preemption.
 
-A step is either a prefill step or a decode step (nano-vllm's choice). Decode steps then have exactly one
-token per sequence, so they can be replayed from CUDA graphs, and prefill steps go to the prefill kernel.
-Mixing both kinds in one step (vLLM V1) would need the prefill path for decode tokens and lose the graphs.
+A step is a prefill step, a decode step or a mixed one. ``schedule`` (the synchronous path) makes prefill steps
+while requests can be admitted and decode steps otherwise (nano-vllm's choice): a decode step has exactly one
+token per sequence and is replayed from a CUDA graph. ``schedule_next`` plans the step after one whose tokens
+are still on the device (overlapped steps, stepper.py): every running sequence decodes, and waiting requests
+whose whole prompt fits the token budget are admitted beside them, a mixed step (decode tokens first, then the
+prompts; vLLM V1 mixes every step). A request joins the running batch without the batch pausing for its
+prefill, and the step keeps one pass over the weights and a captured graph (cuda_graphs.py has mixed buckets).
 
 KV blocks: a sequence reserves the blocks of its whole prompt when admitted (``add_sequence``), even when the
 prompt is prefilled in chunks over several steps. A half-prefilled sequence therefore never needs a block
@@ -39,13 +43,19 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]          # the model's input, each with num_scheduled_tokens set for this step
-    is_prefill: bool
-    logit_mask: list[bool] | None  # prefill: which of ``seqs`` end their prompt (their last token's logits)
+    seqs: list[Sequence]          # the model's input: decoding sequences first, then prompts (num_scheduled_tokens)
+    is_prefill: bool              # any prompt tokens (a prefill or a mixed step)
+    logit_mask: list[bool] | None  # prefill: which of ``seqs`` produce logits (they decode or end their prompt)
     sample_seqs: list[Sequence]   # sequences that sample a token (no beams), fork children included
     sample_rows: list[int] | None  # for each, its row among the logits; None: row i for sample_seqs[i]
     beam_seqs: list[Sequence]     # beams, ranked by their search (beam_search.py)
     beam_rows: list[int]
+    num_decode_seqs: int = 0      # a mixed step: its first ``seqs`` decode one token each
+
+    @property
+    def num_decode(self) -> int:
+        """How many of ``seqs`` (the first ones) decode one token: all of a decode step's."""
+        return self.num_decode_seqs if self.is_prefill else len(self.seqs)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -82,7 +92,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        config, bs = self.config, self.manager.block_size
+        config = self.config
         static = config.scheduling == "static"
         # prefill: first the chunked prefill left over from the last step, then new (or preempted) requests
         scheduled: list[Sequence] = []
@@ -95,36 +105,7 @@ class Scheduler:
                 break  # only the last admitted sequence can be part-way through its prefill
         if static and not self.running:  # the last batch is over: open the next
             self.batch_quota = config.max_num_seqs
-        num_seqs = self._num_seats() if self.waiting else 0
-        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0)
-               and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
-            seq = self.waiting[0]
-            if cdiv(len(seq), bs) > self.num_blocks:
-                self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))
-                continue
-            group = seq.beam_group
-            if group is not None and self.beam_reserved_blocks + group.worst_case_blocks > self.num_blocks:
-                break  # the searches running could not all reach their worst case beside it
-            cached = self.prefix_cache.match(seq.token_ids) if self.prefix_cache is not None else []
-            if not self._make_room(cdiv(len(seq), bs) - len(cached), cached):
-                break
-            self.waiting.popleft()
-            self.manager.add_sequence(seq.seq_id, len(seq), shared_blocks=cached)
-            if cached:
-                self.prefix_cache.acquire(cached)
-            if group is not None:
-                self.beam_groups.add(group)
-                self.beam_reserved_blocks += group.worst_case_blocks
-            seq.status = SequenceStatus.RUNNING
-            seq.prefill_end = len(seq)
-            seq.num_computed_tokens = len(cached) * bs
-            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            budget -= seq.num_scheduled_tokens
-            if static:
-                self.batch_quota -= 1
-            self.running.append(seq)
-            scheduled.append(seq)
-            num_seqs += seq.num_seats
+        self._admit(scheduled, budget)
         if scheduled:
             return self._prefill_batch(scheduled)
 
@@ -165,26 +146,82 @@ class Scheduler:
         self.running.extend(scheduled)
         return self._decode_batch(scheduled)
 
-    def schedule_next_decode(self) -> ScheduledBatch | None:
-        """The decode step after one whose sampled tokens have not reached the host yet (overlapped steps):
-        every running sequence takes one more token, the one sampled last step being *pending* (on the
-        device). None when the step needs those tokens first: a request could be admitted, blocks would run
-        out, or a beam search is running. Sequences whose pending token ends them by length (max_tokens,
+    def _admit(self, scheduled: list[Sequence], budget: int, whole_prompts: bool = False) -> None:
+        """Admit waiting requests, oldest first, into ``scheduled`` while seats, KV blocks and ``budget`` tokens
+        last (the last one admitted may get only a first chunk of its prompt). ``whole_prompts`` (an overlapped
+        step): stop at a beam search or a prompt that does not fit whole."""
+        config, bs = self.config, self.manager.block_size
+        static = config.scheduling == "static"
+        num_seqs = self._num_seats() if self.waiting else 0
+        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0)
+               and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
+            seq = self.waiting[0]
+            if cdiv(len(seq), bs) > self.num_blocks:
+                self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))
+                continue
+            group = seq.beam_group
+            if whole_prompts and group is not None:
+                break
+            if group is not None and self.beam_reserved_blocks + group.worst_case_blocks > self.num_blocks:
+                break  # the searches running could not all reach their worst case beside it
+            cached = self.prefix_cache.match(seq.token_ids) if self.prefix_cache is not None else []
+            if whole_prompts and len(seq) - len(cached) * bs > budget:
+                break
+            if not self._make_room(cdiv(len(seq), bs) - len(cached), cached):
+                break
+            self.waiting.popleft()
+            self.manager.add_sequence(seq.seq_id, len(seq), shared_blocks=cached)
+            if cached:
+                self.prefix_cache.acquire(cached)
+            if group is not None:
+                self.beam_groups.add(group)
+                self.beam_reserved_blocks += group.worst_case_blocks
+            seq.status = SequenceStatus.RUNNING
+            seq.prefill_end = len(seq)
+            seq.num_computed_tokens = len(cached) * bs
+            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            if static:
+                self.batch_quota -= 1
+            self.running.append(seq)
+            scheduled.append(seq)
+            num_seqs += seq.num_seats
+
+    def schedule_next(self) -> ScheduledBatch | None:
+        """The step after one whose sampled tokens have not reached the host yet (overlapped steps): every
+        running sequence takes one more token, the one sampled last step being *pending* (on the device), and
+        waiting requests whose whole prompt fits beside them are admitted (a mixed step). None when the step
+        needs those tokens first: the oldest waiting request needs the synchronous path, blocks would run out,
+        or a beam search is running. Sequences whose pending token ends them by length (max_tokens,
         max_model_len) sit this step out; those the pending token ends otherwise (EOS, a stop token or string)
         run one wasted row and are dropped when the tokens arrive."""
         config = self.config
-        if self.beam_groups or (self.waiting and self._admission_possible()):
+        if self.beam_groups:
             return None
         max_model_len = config.max_model_len
         seqs = [seq for seq in self.running
                 if seq.num_output_tokens + 1 < seq.sampling_params.max_tokens and len(seq.token_ids) + 1 < max_model_len]
         if not seqs:
             return None
+        admit = bool(self.waiting) and self._admission_possible()
+        if admit and not self._overlap_admissible(self.waiting[0]):
+            return None  # a beam search or a prompt that needs chunks: the synchronous path admits it
         try:
             self.manager.append_token_batch([seq.seq_id for seq in seqs])
         except OutOfBlocksError:  # nothing was appended: the step waits for the tokens, then preempts
             return None
-        return self._decode_batch(seqs)
+        prompts: list[Sequence] = []
+        if admit:
+            self._admit(prompts, config.max_num_batched_tokens - len(seqs), whole_prompts=True)
+        if not prompts:
+            return self._decode_batch(seqs)
+        return self._prefill_batch(seqs + prompts, num_decode=len(seqs))
+
+    def _overlap_admissible(self, seq: Sequence) -> bool:
+        """Whether an overlapped step may admit ``seq`` first in line: not a beam search, and its whole prompt
+        (without counting cache hits) fits in a step beside the running sequences."""
+        budget = self.config.max_num_batched_tokens - len(self.running)
+        return seq.beam_group is None and len(seq) <= budget
 
     def _admission_possible(self) -> bool:
         if self.config.scheduling == "static":
@@ -206,9 +243,11 @@ class Scheduler:
             return ScheduledBatch(seqs, False, None, seqs, None, [], [])
         return self._split_rows(seqs, False, None, seqs)
 
-    def _prefill_batch(self, seqs: list[Sequence]) -> ScheduledBatch:
-        mask = [samples(s) for s in seqs]
+    def _prefill_batch(self, seqs: list[Sequence], num_decode: int = 0) -> ScheduledBatch:
+        """A prefill step, or a mixed one whose first ``num_decode`` sequences decode (their inputs pending)."""
+        mask = [True] * num_decode + [samples(s) for s in seqs[num_decode:]]
         batch = self._split_rows(seqs, True, mask, [s for s, m in zip(seqs, mask) if m])
+        batch.num_decode_seqs = num_decode
         # parallel sampling: children join now and sample from their parent's row (after every parent, so
         # that the batch order is admission order)
         parent_rows = [(row, seq) for row, seq in zip(batch.sample_rows, batch.sample_seqs) if seq.pending_forks]
@@ -243,14 +282,13 @@ class Scheduler:
         """Advance each sequence by its scheduled tokens; append each sampled token (``token_ids`` and
         ``logprobs``: one per ``batch.sample_seqs``) and stop what ends; advance the beam searches
         (``beam_candidates``: each beam's best log-probabilities and tokens, as ``Sampler.beam_candidates``)."""
-        if batch.is_prefill:
-            for seq in batch.seqs:
-                seq.num_computed_tokens += seq.num_scheduled_tokens
-                seq.num_scheduled_tokens = 0
-                self._cache_blocks(seq)
-        else:  # one token each; num_scheduled_tokens may already be the next overlapped step's
-            for seq in batch.seqs:
-                seq.num_computed_tokens += 1
+        num_decode = batch.num_decode
+        for seq in batch.seqs[:num_decode]:  # one token each (num_scheduled_tokens may be a later step's)
+            seq.num_computed_tokens += 1
+        for seq in batch.seqs[num_decode:]:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self._cache_blocks(seq)
         for seq, token_id, logprob in zip(batch.sample_seqs, token_ids, logprobs):
             if seq.is_finished:  # ended while this (overlapped) step ran: its row was wasted
                 continue

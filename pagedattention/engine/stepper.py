@@ -5,8 +5,9 @@ device) and later *finished* (its tokens read back, appended, stopped, freed). U
 other. Between two decode steps they overlap: while the GPU runs decode step t, the host schedules and launches
 step t + 1, whose input tokens are step t's, still on the device; only then does it wait for step t's tokens and
 process them. A request that ends is therefore seen one step late (its row in step t + 1 is wasted), and the
-host's work hides behind the GPU's instead of adding to it. Whatever needs the tokens on the host first
-(admitting a request, preempting one, beam search, penalties, min_tokens) waits for them.
+host's work hides behind the GPU's instead of adding to it. Step t + 1 may also admit requests (a mixed step,
+scheduler.py), and a prefill step whose prompts all end overlaps the decode step after it. Whatever needs the
+tokens on the host first (preempting, beam search, penalties, min_tokens, a prompt in chunks) waits for them.
 """
 from __future__ import annotations
 
@@ -28,10 +29,18 @@ class Launched:
 
 @dataclass
 class StepInfo:
-    is_prefill: bool
+    is_prefill: bool   # it read prompt tokens (a prefill or a mixed step)
     num_seqs: int      # sequences the model ran
     num_tokens: int    # tokens it read
     num_sampled: int   # tokens appended by this call (of the step before, when overlapped; beams not counted)
+    num_decode_seqs: int = 0  # sequences that decoded one token (all of a decode step's; some of a mixed one's)
+
+    @property
+    def kind(self) -> str:
+        """"prefill", "decode" or "mixed"."""
+        if not self.is_prefill:
+            return "decode"
+        return "mixed" if self.num_decode_seqs else "prefill"
 
 
 class Stepper:
@@ -57,12 +66,14 @@ class Stepper:
     def _launch_next(self) -> list[Sequence]:
         """Launch the next step and finish the one before it (see the module's docstring)."""
         inflight, self.inflight = self.inflight, None
-        batch = self.scheduler.schedule_next_decode() if inflight is not None else None
+        batch = self.scheduler.schedule_next() if inflight is not None else None
         if batch is not None:
             launched = self.launch(batch, inflight)
             touched = self.finish(inflight)
-            self.inflight = launched
-            return touched
+            if self.can_overlap(batch):
+                self.inflight = launched
+                return touched
+            return touched + self.finish(launched)
         touched = self.finish(inflight) if inflight is not None else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
@@ -80,11 +91,16 @@ class Stepper:
         return touched + self.finish(launched)
 
     def can_overlap(self, batch) -> bool:
-        """Whether the next step may start before this one's tokens reach the host: a decode step of the
-        single-process runner whose sequences need none of their tokens on the host to sample the next
-        (no beams, penalties or min_tokens still to reach)."""
-        if batch.is_prefill or batch.beam_seqs or not isinstance(self.runner, ModelRunner):
+        """Whether the next step may start before this one's tokens reach the host: a step of the
+        single-process runner that samples the next input of every running sequence (no prompt is left
+        part-way, no sequence sits it out) and whose sequences need none of their tokens on the host to sample
+        the next (no beams, penalties or min_tokens still to reach)."""
+        if batch.beam_seqs or not isinstance(self.runner, ModelRunner):
             return False
+        if batch.is_prefill and not all(batch.logit_mask):
+            return False
+        if batch.num_decode == 0 and len(batch.sample_seqs) != len(self.scheduler.running):
+            return False  # a prefill step beside sequences whose inputs are on the host already
         return all(not s.sampling_params.has_penalties and s.num_output_tokens >= s.sampling_params.min_tokens
                    for s in batch.sample_seqs)
 
@@ -93,28 +109,30 @@ class Stepper:
         sampled tokens are this (decode) step's inputs."""
         self.record_step_stats()
         pending_tokens = None
-        if previous is not None:
+        num_pending = batch.num_decode if previous is not None else 0  # the decoding sequences' inputs
+        if num_pending:
             tokens, before = previous.sample.tokens, previous.batch.sample_seqs
-            n = len(batch.seqs)
-            if batch.seqs == before[:n]:  # the usual case: the same sequences, the newest maybe gone
-                pending_tokens = tokens[:n]
+            decoding = batch.seqs[:num_pending]
+            if decoding == before[:num_pending]:  # the usual case: the same sequences, the newest maybe gone
+                pending_tokens = tokens[:num_pending]
             else:
                 row_of = {id(seq): row for row, seq in enumerate(before)}
-                rows = torch.tensor([row_of[id(seq)] for seq in batch.seqs], dtype=torch.int64)
+                rows = torch.tensor([row_of[id(seq)] for seq in decoding], dtype=torch.int64)
+                rows = rows.pin_memory() if tokens.is_cuda else rows  # an asynchronous copy
                 pending_tokens = tokens.index_select(0, rows.to(tokens.device, non_blocking=True))
             pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
         logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
         sample = None
         if batch.sample_seqs:
             rows = logits if batch.sample_rows is None else logits[batch.sample_rows]
-            sample = self.sampler.launch(rows, batch.sample_seqs, self.eos_token_ids,
-                                         num_pending=0 if previous is None else 1)
+            sample = self.sampler.launch(rows, batch.sample_seqs, self.eos_token_ids, num_pending_rows=num_pending)
         beams = None
         if batch.beam_seqs:
             k = max(s.beam_group.search.num_candidates for s in batch.beam_seqs)
             beams = self.sampler.beam_candidates(logits[batch.beam_rows], k)
-        num_tokens = len(batch.seqs) if not batch.is_prefill else sum(s.num_scheduled_tokens for s in batch.seqs)
-        self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0)
+        num_decode = batch.num_decode
+        num_tokens = num_decode + sum(s.num_scheduled_tokens for s in batch.seqs[num_decode:])
+        self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0, num_decode)
         return Launched(batch, sample, beams)
 
     def finish(self, launched: "Launched") -> list[Sequence]:

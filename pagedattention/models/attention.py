@@ -3,7 +3,8 @@
 Every step the engine describes where this step's tokens live (AttentionMetadata); each layer then
 1. rotates the new tokens' q and k (RoPE) and stores k and v at their cache slots (``rope_write_kv``), and
 2. attends over the cache: ``paged_prefill_attention`` for packed multi-token queries (prompts, prompt
-   chunks, recomputation) or ``paged_attention`` for one new token per sequence (decode).
+   chunks, recomputation) or ``paged_attention`` for one new token per sequence (decode). A mixed step
+   (decode tokens first, then prompt tokens, ``num_decode_tokens``) runs each kernel on its part.
 Because prefill reads K/V back from the cache, a chunk sees the earlier chunks and cached prefixes for free.
 
 Backends: "torch" runs the plain-torch references (CPU, tests); "numba" runs the CUDA kernels (or the same
@@ -23,21 +24,25 @@ BACKENDS = ("torch", "numba")
 
 @dataclass
 class AttentionMetadata:
-    is_prefill: bool
+    """Where a step's tokens live. The first ``num_decode_tokens`` tokens (all of them in a decode step) are one
+    new token each of the first sequences; the rest, in a prefill or mixed step, are packed prompt tokens of the
+    remaining sequences, ``cu_seqlens_q`` marking where each starts (counted from the first prompt token)."""
+    is_prefill: bool                # any prompt tokens (a prefill or a mixed step)
     slot_mapping: torch.Tensor      # int64 [num_tokens]: cache slot of each input token (-1 = don't store)
     block_tables: torch.Tensor      # int32 [num_seqs, max_blocks]
     context_lens: torch.Tensor      # int32 [num_seqs]: tokens in the cache after this step's writes
-    cu_seqlens_q: torch.Tensor | None = None  # int32 [num_seqs+1], prefill only (packed query tokens)
-    max_q_len: int = 1
-    max_context_len: int = 0        # host-side upper bound (decode: the graph's bound)
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [num_prompt_seqs + 1], prefill and mixed steps only
+    max_q_len: int = 1              # longest prompt part (host-side bound)
+    max_context_len: int = 0        # host-side upper bound for the decode part (the graph's bound)
+    num_decode_tokens: int = 0      # a mixed step's decode tokens (a decode step: every token; prefill: 0)
 
 
 @dataclass(frozen=True)
 class BackendOps:
     """What a backend computes for the model: the cache-side attention ops and the fused per-layer ops."""
     rope_write_kv: Callable      # (q, k, v, cos, sin, key_cache, value_cache, slot_mapping) -> rotated q
-    prefill: Callable            # (q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len)
-    decode: Callable             # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len)
+    prefill: Callable            # (q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len, out)
+    decode: Callable             # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out)
     add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
     silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
     copy_blocks: Callable        # (key_caches, value_caches, src_to_dst) -> None: copy-on-write of whole blocks
@@ -50,12 +55,17 @@ def backend_ops(backend: str) -> BackendOps:
     if backend == "torch":
         from pagedattention.kernels import reference as ref
 
-        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
-            return ref.reference_paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q,
-                                                         context_lens, scale=scale)
+        def into(out, result):
+            return result if out is None else out.copy_(result)
 
-        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len):
-            return ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
+        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len,
+                    out=None):
+            return into(out, ref.reference_paged_prefill_attention(q, key_cache, value_cache, block_tables,
+                                                                   cu_seqlens_q, context_lens, scale=scale))
+
+        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out=None):
+            return into(out, ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens,
+                                                           scale=scale))
 
         return BackendOps(ref.reference_rope_write_kv, prefill, decode, ref.reference_add_rms_norm_,
                           ref.reference_silu_and_mul, ref.reference_copy_blocks)
@@ -63,13 +73,14 @@ def backend_ops(backend: str) -> BackendOps:
         # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
         from pagedattention.kernels import copy_blocks, layer_ops, paged_attention, paged_prefill_attention
 
-        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len):
+        def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len,
+                    out=None):
             return paged_prefill_attention(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
-                                           scale=scale, max_q_len=max_q_len or None)
+                                           scale=scale, max_q_len=max_q_len or None, out=out)
 
-        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len):
+        def decode(q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out=None):
             return paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale,
-                                   max_context_len=max_context_len or None)
+                                   max_context_len=max_context_len or None, out=out)
 
         return BackendOps(layer_ops.rope_write_kv, prefill, decode, layer_ops.add_rms_norm_, layer_ops.silu_and_mul,
                           copy_blocks)
@@ -96,10 +107,19 @@ class PagedAttention(nn.Module):
             raise RuntimeError("no KV cache bound: call model.bind_kv_cache(key_caches, value_caches) first")
         if attn.is_prefill and attn.cu_seqlens_q is None:
             raise ValueError("prefill AttentionMetadata needs cu_seqlens_q (int32 [num_seqs + 1])")
-        ops = self.ops
-        q = ops.rope_write_kv(q, k, v, cos, sin, self.key_cache, self.value_cache, attn.slot_mapping)
-        if attn.is_prefill:
-            return ops.prefill(q, self.key_cache, self.value_cache, attn.block_tables, attn.cu_seqlens_q,
-                               attn.context_lens, scale=self.scale, max_q_len=attn.max_q_len)
-        return ops.decode(q, self.key_cache, self.value_cache, attn.block_tables, attn.context_lens,
-                          scale=self.scale, max_context_len=attn.max_context_len)
+        ops, caches = self.ops, (self.key_cache, self.value_cache)
+        q = ops.rope_write_kv(q, k, v, cos, sin, *caches, attn.slot_mapping)
+        if not attn.is_prefill:
+            return ops.decode(q, *caches, attn.block_tables, attn.context_lens, scale=self.scale,
+                              max_context_len=attn.max_context_len)
+        d = attn.num_decode_tokens
+        if d == 0:
+            return ops.prefill(q, *caches, attn.block_tables, attn.cu_seqlens_q, attn.context_lens,
+                               scale=self.scale, max_q_len=attn.max_q_len)
+        # a mixed step: each kernel writes its rows of one output
+        out = torch.empty_like(q)
+        ops.decode(q[:d], *caches, attn.block_tables[:d], attn.context_lens[:d], scale=self.scale,
+                   max_context_len=attn.max_context_len, out=out[:d])
+        ops.prefill(q[d:], *caches, attn.block_tables[d:], attn.cu_seqlens_q, attn.context_lens[d:],
+                    scale=self.scale, max_q_len=attn.max_q_len, out=out[d:])
+        return out
