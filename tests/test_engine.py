@@ -343,6 +343,7 @@ def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
         engine.scheduler.add(s)
     while any(s.num_output_tokens == 0 for s in seqs):
         engine.step()
+    engine.stepper.flush()  # the step left in flight
     batch = engine.scheduler.schedule()
     assert not batch.is_prefill and len(batch.seqs) == 5  # replays the bucket of 8 with 3 padding rows
     graph = engine.runner.run(batch).clone()
@@ -359,7 +360,7 @@ def test_cuda_graph_decode_recomputes_what_eager_decode_computes():
 def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
     engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
     runner = engine.runner
-    assert runner.graphs is not None and (128, 1, True) in runner.graphs.graphs
+    assert runner.graphs is not None and (128, 1, True, 0) in runner.graphs.graphs
     for prompt in PROMPTS[:3]:
         engine.scheduler.add(Sequence(engine.tokenizer.encode(prompt), GREEDY))
     batch = engine.scheduler.schedule()
@@ -368,6 +369,39 @@ def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
     eager = runner.run(batch, eager=True)
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
     engine._abort_all()
+
+
+@cuda
+def test_cuda_graph_mixed_step_recomputes_what_eager_mixed_step_computes():
+    engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
+    runner = engine.runner
+    assert (4 + 256, 4 + 2, True, 4) in runner.graphs.graphs
+    seqs = [Sequence(engine.tokenizer.encode(p), GREEDY) for p in PROMPTS[:3]]
+    for s in seqs:
+        engine.scheduler.add(s)
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    engine.stepper.flush()
+    for p in PROMPTS[3:]:
+        engine.scheduler.add(Sequence(engine.tokenizer.encode(p), GREEDY))
+    batch = engine.scheduler.schedule_next()  # nothing in flight: the decode inputs are on the host
+    assert batch.is_prefill and batch.num_decode == 3 and len(batch.seqs) == 5  # bucket: 4 decode rows + prompts
+    graph = runner.run(batch).clone()
+    eager = runner.run(batch, eager=True)
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+    engine._abort_all()
+
+    def staggered(llm):
+        ids, done, step = {}, {}, 0
+        while step < 3 or llm.has_unfinished_requests():
+            for p in {0: PROMPTS[:2], 2: PROMPTS[2:4], 3: PROMPTS[4:]}.get(step, []):
+                ids[llm.add_request(p, GREEDY)] = p
+            done.update((ids[o.request_id], o.outputs[0].token_ids) for o in llm.step() if o.finished)
+            step += 1
+        return done
+    eager_engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3,
+                       enforce_eager=True)
+    assert staggered(engine) == staggered(eager_engine)
 
 
 @cuda

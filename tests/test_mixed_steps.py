@@ -84,6 +84,20 @@ def test_a_prompt_that_needs_chunks_waits_for_a_step_of_its_own():
     assert_idle(engine)
 
 
+def test_a_mixed_step_takes_no_more_prompt_than_its_largest_graph_holds():
+    engine = LLM(device="cpu")
+    engine.scheduler.mixed_prompt_limit = (16, 1)  # as the runner says when its graphs hold (16 tokens, 1 prompt)
+    lengths = [len(engine.tokenizer.encode(p)) for p in PROMPTS]
+    assert lengths[2] <= 15 and lengths[0] <= 15 and lengths[1] > 16
+    done, kinds = run_arrivals(engine, {0: [3], 2: [2, 0, 1]}, GREEDY)
+    prompt_parts = [k for k in kinds[2:] if k != "decode"]
+    assert prompt_parts[:2] == ["mixed", "mixed"]  # one prompt each
+    assert "prefill" in prompt_parts  # the long prompt gets a step of its own
+    for i in (0, 1, 2, 3):
+        assert done[i] == alone(engine, PROMPTS[i], GREEDY)
+    assert_idle(engine)
+
+
 def test_requests_that_need_their_tokens_on_the_host_are_not_mixed_in(llm):
     penalised = SamplingParams(temperature=0, max_tokens=6, presence_penalty=0.5, ignore_eos=True)
     llm.add_request(PROMPTS[0], GREEDY)
@@ -106,6 +120,7 @@ def test_staged_mixed_inputs_padded_to_a_bucket_compute_what_eager_mixed_compute
     runner, scheduler = engine.runner, engine.scheduler
     graphs = CudaGraphs(engine.model, engine.config)
     assert (4 + 256, 4 + 2, True, 4) in graphs.mixed_buckets
+    assert (8 + 256, 8 + 2, True, 8) in graphs.mixed_buckets  # a full batch still takes in prompts
     for prompt in PROMPTS[:3]:
         engine.add_request(prompt, GREEDY)
     engine.step()

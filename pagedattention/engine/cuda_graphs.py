@@ -54,7 +54,7 @@ def graph_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[Bucket
     prefill = [Bucket(t, s, True, 0) for t in PREFILL_TOKENS if t <= max_num_batched_tokens
                for s in PREFILL_SEQS if s <= max_num_seqs and s <= t]
     mixed = sorted(Bucket(bs + t, bs + s, True, bs) for bs in sizes for t, s in MIXED_PROMPTS
-                   if bs + t <= max_num_batched_tokens and bs + s <= max_num_seqs)
+                   if bs + t <= max_num_batched_tokens)  # (sequences may exceed max_num_seqs: padding)
     return decode + prefill + mixed
 
 
@@ -131,10 +131,11 @@ class CudaGraphs:
         return rows + shift * (rows >= x.num_decode) if shift and x.is_prefill else rows
 
     def replay(self, bucket: Bucket, x) -> torch.Tensor:
-        """Run step ``x`` through its bucket's graph; returns the hidden states of its tokens."""
+        """Run step ``x`` through its bucket's graph; returns the hidden states of the bucket's rows (``x``'s
+        token rows at ``output_rows``)."""
         self.stage(bucket, x)
         self.graphs[bucket].replay()
-        return self.output[:x.num_tokens]
+        return self.output[:bucket.num_tokens]
 
     def stage(self, bucket: Bucket, x) -> None:
         """Write step ``x`` into the static buffers, padded up to ``bucket``: its decode rows at the top, padding

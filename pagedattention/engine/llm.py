@@ -88,7 +88,8 @@ class LLM:
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.prefix_cache = self._new_prefix_cache() if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(config, self.manager, self.eos_token_ids, self.prefix_cache)
+        self.scheduler = Scheduler(config, self.manager, self.eos_token_ids, self.prefix_cache,
+                                   mixed_prompt_limit=getattr(self.runner, "mixed_prompt_limit", None))
         self.sampler = Sampler.from_config(config)
         self._stats = EngineStats(self.manager.bytes_per_block)
         self._request_counter = itertools.count()

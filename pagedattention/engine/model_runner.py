@@ -64,6 +64,13 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
 
+    @property
+    def mixed_prompt_limit(self) -> tuple[int, int] | None:
+        """(tokens, sequences): the largest prompt part of a mixed step that replays a graph (None: no graphs)."""
+        if self.graphs is None or not self.graphs.mixed_buckets:
+            return None
+        return max((b.num_tokens - b.num_decode, b.num_seqs - b.num_decode) for b in self.graphs.mixed_buckets)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eager: bool = False) -> torch.Tensor:
         return self.execute(self.prepare(batch), eager=eager)

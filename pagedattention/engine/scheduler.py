@@ -68,8 +68,12 @@ def samples(seq: Sequence) -> bool:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, manager, eos_token_ids=frozenset(), prefix_cache=None):
+    def __init__(self, config: EngineConfig, manager, eos_token_ids=frozenset(), prefix_cache=None,
+                 mixed_prompt_limit: tuple[int, int] | None = None):
+        """``mixed_prompt_limit``: (tokens, sequences) of the largest prompt part a mixed step may carry (what
+        the runner's CUDA graphs hold; a bigger step would run eagerly); None: the token budget alone."""
         self.config = config
+        self.mixed_prompt_limit = mixed_prompt_limit
         self.manager = manager
         self.prefix_cache = prefix_cache
         self.num_blocks = manager.num_blocks
@@ -146,14 +150,16 @@ class Scheduler:
         self.running.extend(scheduled)
         return self._decode_batch(scheduled)
 
-    def _admit(self, scheduled: list[Sequence], budget: int, whole_prompts: bool = False) -> None:
+    def _admit(self, scheduled: list[Sequence], budget: int, whole_prompts: bool = False,
+               max_admitted: int | None = None) -> None:
         """Admit waiting requests, oldest first, into ``scheduled`` while seats, KV blocks and ``budget`` tokens
-        last (the last one admitted may get only a first chunk of its prompt). ``whole_prompts`` (an overlapped
-        step): stop at a beam search or a prompt that does not fit whole."""
+        last (the last one admitted may get only a first chunk of its prompt), at most ``max_admitted`` of them.
+        ``whole_prompts`` (an overlapped step): stop at a beam search or a prompt that does not fit whole."""
         config, bs = self.config, self.manager.block_size
         static = config.scheduling == "static"
         num_seqs = self._num_seats() if self.waiting else 0
-        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0)
+        max_admitted = len(scheduled) + (max_admitted or config.max_num_seqs)
+        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0) and len(scheduled) < max_admitted
                and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
             seq = self.waiting[0]
             if cdiv(len(seq), bs) > self.num_blocks:
@@ -212,16 +218,21 @@ class Scheduler:
             return None
         prompts: list[Sequence] = []
         if admit:
-            self._admit(prompts, config.max_num_batched_tokens - len(seqs), whole_prompts=True)
+            tokens, num = self._mixed_prompt_room()
+            self._admit(prompts, tokens, whole_prompts=True, max_admitted=num)
         if not prompts:
             return self._decode_batch(seqs)
         return self._prefill_batch(seqs + prompts, num_decode=len(seqs))
 
+    def _mixed_prompt_room(self) -> tuple[int, int]:
+        """(tokens, sequences) a mixed step beside every running sequence may prefill."""
+        tokens, num = self.mixed_prompt_limit or (self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        return min(tokens, self.config.max_num_batched_tokens - len(self.running)), num
+
     def _overlap_admissible(self, seq: Sequence) -> bool:
         """Whether an overlapped step may admit ``seq`` first in line: not a beam search, and its whole prompt
-        (without counting cache hits) fits in a step beside the running sequences."""
-        budget = self.config.max_num_batched_tokens - len(self.running)
-        return seq.beam_group is None and len(seq) <= budget
+        (without counting cache hits) fits in a mixed step."""
+        return seq.beam_group is None and len(seq) <= self._mixed_prompt_room()[0]
 
     def _admission_possible(self) -> bool:
         if self.config.scheduling == "static":
