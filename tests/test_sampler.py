@@ -292,3 +292,21 @@ def test_bad_shapes_and_k_raise_value_error():
         Sampler("cpu")(random_logits(2), seqs_for(SamplingParams()), set())
     with pytest.raises(ValueError, match="k"):
         Sampler("cpu").beam_candidates(random_logits(2), 0)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_half_precision_logits_sample_what_their_float32_values_sample(use_kernel):
+    """The engine hands the sampler the LM head's bfloat16/float16 logits: the one-pass kernel reads them as they
+    are, torch converts them; either way the tokens and logprobs are those of the same values in float32."""
+    if use_kernel:
+        from pagedattention.kernels.runtime import kernels_available
+        if not kernels_available("cpu"):
+            pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=4),
+              SamplingParams(temperature=0, min_tokens=2), SamplingParams(temperature=1.3, seed=9)]
+    for dtype in (torch.bfloat16, torch.float16):
+        half = random_logits(len(params), seed=5).to(dtype)
+        got = Sampler("cpu", use_kernel=use_kernel)(half.clone(), seqs_for(*params), {7})
+        want = Sampler("cpu", use_kernel=use_kernel)(half.float(), seqs_for(*params), {7})
+        assert got.token_ids == want.token_ids and 7 not in (got.token_ids[2],)
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)

@@ -2,21 +2,50 @@
 
 Greedy rows must be torch.argmax exactly (first index on ties) with log_softmax's log-probability; sampled rows
 must be argmax(x / T + Gumbel noise) for the documented hash of (key, counter, column), and that noise must
-make the draws follow softmax(x / T).
+make the draws follow softmax(x / T). bfloat16 and float16 logits must give what their float32 conversion gives.
+Every tensor the kernel fills starts as garbage (``poisoned_empty``), so a value the kernel never wrote shows.
 """
 import numpy as np
 import pytest
 import torch
 
-from pagedattention.kernels.runtime import kernels_available
+from pagedattention.kernels.runtime import kernels_available, simulator_enabled
 
 if not kernels_available("cpu" if not torch.cuda.is_available() else "cuda"):
     pytest.skip("the Numba kernels cannot run here", allow_module_level=True)
 
+from pagedattention.kernels import sampling  # noqa: E402
 from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M32 = np.uint64(0xFFFFFFFF)
+TWO_BYTE = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """torch.empty fills float tensors with 1e9: an unwritten token id or log-probability is 1e9, and an
+    unwritten split's best column (its bits) lies past every vocabulary, which turns the row's log-probability
+    into NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(1e9) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def aligned_loads(monkeypatch):
+    """Under the simulator (CPU memory, where any address reads), a load must be aligned to its size, as on a
+    GPU, where a misaligned one faults."""
+    if not simulator_enabled():
+        return
+    for name, size in (("ld_i32_at", 4), ("ld_u16_at", 2)):
+        def checked(address, load=getattr(sampling, name), size=size):
+            assert int(address) % size == 0, f"misaligned {8 * size}-bit load at {int(address):#x}"
+            return load(address)
+        monkeypatch.setattr(sampling, name, checked)
 
 
 def fmix32(h):
@@ -104,10 +133,71 @@ def test_non_finite_rows_get_nan_logprobs_and_masked_tokens_are_never_drawn():
     assert tokens.tolist() == [0] and abs(logprobs.item()) < 1e-6
 
 
+def two_byte_logits(rows: int, vocab: int, dtype, offset: int, gen) -> torch.Tensor:
+    """Random [rows, vocab] logits of ``dtype`` starting ``offset`` elements into their storage: with offset 1
+    (and 4-byte aligned storage) row 0 starts halfway into a 32-bit word; with an odd vocab every other row does."""
+    flat = (torch.randn(rows * vocab + offset, generator=gen) * 3).to(dtype).to(DEVICE)
+    logits = flat[offset:].view(rows, vocab)
+    assert logits.data_ptr() % 4 == 2 * (offset % 2)
+    return logits
+
+
+@pytest.mark.parametrize("dtype", TWO_BYTE)
+@pytest.mark.parametrize("vocab, offset", [(301, 0), (256, 1), (3, 1), (1, 0)])
+def test_two_byte_logits_give_what_their_float32_conversion_gives(dtype, vocab, offset):
+    gen = torch.Generator().manual_seed(np.random.randint(1 << 30))
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    logits = two_byte_logits(4, vocab, dtype, offset, gen)
+    if vocab > 3:  # a tie across splits and word halves, in a greedy row: the first column wins
+        logits[0, [2, vocab - 1]] = logits[0].max() + 1
+        logits[2, :vocab // 3] = float("-inf")
+    temperatures = [0.0, 0.7, 0.0, 1.5]
+    keys = rng.integers(0, 1 << 62, size=4).tolist()
+    counters = rng.integers(0, 1 << 40, size=4).tolist()
+    tokens, logprobs = run(logits, temperatures, keys, counters)
+    tokens32, logprobs32 = run(logits.float(), temperatures, keys, counters)
+    assert tokens.tolist() == tokens32.tolist()
+    torch.testing.assert_close(logprobs, logprobs32, atol=1e-5, rtol=1e-5)
+    x = logits.double().cpu()
+    assert tokens[[0, 2]].tolist() == x[[0, 2]].argmax(dim=1).tolist()
+    if vocab > 3:
+        assert tokens[0] == 2
+    for row in (1, 3):
+        noise = gumbel_noise(keys[row], counters[row], vocab)
+        assert tokens[row] == np.argmax(x[row].numpy() / temperatures[row] + noise)
+    expected = torch.log_softmax(x, dim=1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", TWO_BYTE)
+def test_two_byte_non_finite_rows_get_nan_logprobs_as_in_float32(dtype):
+    """The bad values sit where a row's first or last word holds one of its columns only (vocab 41: rows 1 and
+    3 start halfway into a word, rows 0 and 2 end halfway into one) and in a word of two columns."""
+    gen = torch.Generator().manual_seed(np.random.randint(1 << 30))
+    logits = two_byte_logits(5, 41, dtype, 0, gen)
+    logits[0, 40] = float("nan")
+    logits[1, 0] = float("inf")
+    logits[2, 16] = float("nan")  # a word's low half; its high half a logit above all the others
+    logits[2, 17] = 30.0
+    logits[3, :] = float("-inf")
+    logits[4, :] = float("-inf")
+    logits[4, 40] = 2.5  # one token left, in the row's last word
+    temperatures, keys, counters = [1.0, 0.0, 0.0, 1.0, 1.3], [1, 2, 3, 4, 5], [0] * 5
+    tokens, logprobs = run(logits, temperatures, keys, counters)
+    tokens32, logprobs32 = run(logits.float(), temperatures, keys, counters)
+    assert torch.isnan(logprobs[:4]).all() and torch.isnan(logprobs32[:4]).all()
+    assert tokens[4] == tokens32[4] == 40 and abs(logprobs[4].item()) < 1e-6
+
+
 def test_bad_arguments_are_rejected():
     logits = torch.randn(2, 8, device=DEVICE)
     ok = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(TypeError, match="logits.*float32, bfloat16 or float16"):
+            sample_tokens(logits.to(dtype), ok)
     with pytest.raises(ValueError, match="logits"):
-        sample_tokens(logits.half(), ok)
+        sample_tokens(logits.bfloat16().t(), ok)
+    with pytest.raises(ValueError, match="logits"):
+        sample_tokens(logits[0].half(), ok)
     with pytest.raises(ValueError, match="params"):
         sample_tokens(logits, ok[:, :1])

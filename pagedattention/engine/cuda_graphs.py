@@ -83,7 +83,8 @@ class CudaGraphs:
         self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
-        self.copied: torch.cuda.Event | None = None  # after the last step's copies out of the host buffers
+        # recorded after each step's copies out of the host buffers, which the next step rewrites
+        self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -150,7 +151,7 @@ class CudaGraphs:
         n, m, xd = x.num_tokens, x.num_seqs, x.num_decode
         h = self.host_np
         if self.copied is not None:  # the last step's copies may still be queued (overlapped steps): let them read
-            self.copied.synchronize()
+            self.copied.synchronize()  # (an event never recorded is complete)
         for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
             values, buf = getattr(x, name), h[name]
             buf[:xd] = values[:xd]
@@ -178,8 +179,7 @@ class CudaGraphs:
             self.static[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
         self.static["block_tables"][:s, :width].copy_(
             self.host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
-        if self.device.type == "cuda":
-            self.copied = torch.cuda.Event()
+        if self.copied is not None:
             self.copied.record()
         if x.input_ids_device is not None:  # an overlapped step: its decode tokens come from the last, on the device
             self.static["input_ids"][:xd].copy_(x.input_ids_device)

@@ -279,7 +279,7 @@ class TensorParallelRunner:
 
     def execute(self, x: StepInputs, eager: bool = False) -> torch.Tensor:
         """Send the step (and the copy-on-writes since the last one) to every worker, run shard 0 with them;
-        float32 logits ``[len(x.logit_rows), vocab]``."""
+        logits ``[len(x.logit_rows), vocab]`` in the model's dtype."""
         if self._failure is not None:
             raise TensorParallelError(self._failure)
         try:

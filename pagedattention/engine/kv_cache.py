@@ -89,8 +89,8 @@ def _warmup_prefill(config: EngineConfig, model, mc) -> None:
         max_q_len=seq_len, max_context_len=seq_len)
     input_ids = torch.randint(0, mc.vocab_size, (n,), device=device)
     hidden = model(input_ids, positions, attn)
-    # the sampler's peak: logits (and a sort) for a full decode batch
-    logits = model.compute_logits(hidden[:min(n, config.max_num_seqs)])
+    # the sampler's peak: float32 logits (and a sort) for a full decode batch
+    logits = model.compute_logits(hidden[:min(n, config.max_num_seqs)]).float()
     logits.sort(dim=-1)
     # release the throw-away cache (the model must hold some cache: one block per layer)
     del caches, hidden, logits

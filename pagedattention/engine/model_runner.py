@@ -4,7 +4,7 @@
 positions and cache slots, the block tables and lengths attention reads, and which rows are turned into logits.
 A token's slot is ``block_table[pos // block_size] * block_size + pos % block_size``. ``execute`` runs the model
 on them: it replays a captured CUDA graph when one fits the step (cuda_graphs.py), else runs eagerly, and
-returns float32 logits of the rows that sample, in batch order.
+returns the logits (in the model's dtype) of the rows that sample, in batch order.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, x: StepInputs, eager: bool = False) -> torch.Tensor:
-        """float32 logits ``[len(x.logit_rows), vocab]``."""
+        """Logits ``[len(x.logit_rows), vocab]`` in the model's dtype."""
         bucket = None if eager or self.graphs is None else self.graphs.bucket(x)
         rows = x.logit_rows
         if bucket is not None:

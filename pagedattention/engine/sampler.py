@@ -101,7 +101,8 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SamplerOutput:
-        """``logits`` float32 [len(seqs), vocab] -> one token per row. min_tokens masks the logits in place
+        """``logits`` [len(seqs), vocab] (float32, or the model's bfloat16/float16: the one-pass kernel reads them
+        as they are, torch works on a float32 copy) -> one token per row. min_tokens masks the logits in place
         (calling again on the same logits gives the same masks); penalties work on a copy.
 
         Raises SamplingError when rows' logits are not finite.
@@ -125,6 +126,7 @@ class Sampler:
             packed = self._sample_in_one_pass(logits, seqs, params, num_pending_rows)  # already packed
             tokens, top_rows = packed[:len(seqs)], []
         else:
+            logits = logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             if any(p.has_penalties for p in params):
                 logits = self._apply_penalties(logits, seqs, params)

@@ -70,7 +70,8 @@ class Stepper:
         if batch is not None:
             launched = self.launch(batch, inflight)
             touched = self.finish(inflight)
-            if self.can_overlap(batch):
+            # its decoding sequences could overlap last step, so they still can: only the admitted ones decide
+            if all(map(self._needs_no_host_tokens, batch.sample_seqs[batch.num_decode:])):
                 self.inflight = launched
                 return touched
             return touched + self.finish(launched)
@@ -101,8 +102,13 @@ class Stepper:
             return False
         if batch.num_decode == 0 and len(batch.sample_seqs) != len(self.scheduler.running):
             return False  # a prefill step beside sequences whose inputs are on the host already
-        return all(not s.sampling_params.has_penalties and s.num_output_tokens >= s.sampling_params.min_tokens
-                   for s in batch.sample_seqs)
+        return all(map(self._needs_no_host_tokens, batch.sample_seqs))
+
+    @staticmethod
+    def _needs_no_host_tokens(seq: Sequence) -> bool:
+        """Whether ``seq`` samples its next token without its last one on the host (no penalties, min_tokens
+        reached)."""
+        return not seq.sampling_params.has_penalties and seq.num_output_tokens >= seq.sampling_params.min_tokens
 
     def launch(self, batch, previous: "Launched | None") -> "Launched":
         """Queue a step on the device: the model, then the sampler. ``previous``: the step still in flight whose

@@ -7,8 +7,9 @@ Why these exist:
   loads leave most of the memory bandwidth unused. ``ld_v4`` issues one ``ld.global.nc.v4.u32`` (16 bytes,
   read-only path) per call; callers keep several in flight per thread.
 - Kernels launched with ``data_ptr()`` addresses instead of arrays (see ``runtime.launch``) read and write
-  through ``ld_i32_at`` / ``st_u32_at`` (32 bits), ``ld_i64_at`` (an int64 as two words) and ``ld_v4_at`` /
-  ``st_v4_at`` (16 bytes) at raw global byte addresses.
+  through ``ld_i32_at`` / ``st_u32_at`` (32 bits), ``ld_u16_at`` (one fp16/bf16 value, where a whole word
+  would reach past the data), ``ld_i64_at`` (an int64 as two words) and ``ld_v4_at`` / ``st_v4_at`` (16 bytes)
+  at raw global byte addresses.
 - The caches travel to the kernels as 32-bit words (``tensor.view(torch.int32)``, zero-copy), so one code path
   serves fp16, bf16 and fp32: a word holds two fp16/bf16 values (element ``2i`` in the low half) or one fp32.
   ``lo_f16``/``hi_f16``/``lo_bf16``/``hi_bf16``/``as_f32`` widen a word's halves to float32, and
@@ -25,8 +26,8 @@ from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_i64_at", "st_u32_at", "lo_f16", "hi_f16",
-           "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2"]
+__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "lo_f16",
+           "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2"]
 
 
 if simulator_enabled():
@@ -72,6 +73,9 @@ if simulator_enabled():
 
     def ld_i32_at(address):
         return ctypes.c_int32.from_address(int(address)).value
+
+    def ld_u16_at(address):
+        return ctypes.c_uint16.from_address(int(address)).value
 
     def st_u32_at(address, value):
         ctypes.c_uint32.from_address(int(address)).value = int(value) & 0xFFFFFFFF
@@ -186,6 +190,20 @@ else:
             addr = context.cast(builder, args[0], sig.args[0], types.int64)
             asm = ir.InlineAsm(ir.FunctionType(_i32, [_i64]), "ld.global.nc.u32 $0, [$1];", "=r,l", side_effect=True)
             return builder.call(asm, [addr])
+
+        return types.int32(address), codegen
+
+    @intrinsic
+    def ld_u16_at(typingctx, address):
+        """One 16-bit load through the read-only path at a raw global byte address (2-byte aligned), zero-extended
+        into the low half of a word (``lo_f16`` / ``lo_bf16`` widen it)."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.int64)
+            asm = ir.InlineAsm(ir.FunctionType(_i16, [_i64]), "ld.global.nc.u16 $0, [$1];", "=h,l", side_effect=True)
+            return builder.zext(builder.call(asm, [addr]), _i32)
 
         return types.int32(address), codegen
 

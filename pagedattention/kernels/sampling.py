@@ -5,23 +5,34 @@ argmax_i(x_i / T + g_i), g_i ~ Gumbel(0, 1) independent (the Gumbel-max trick): 
 normalisation pass is needed, so one read of the logits decides the token. The same pass keeps an online
 log-sum-exp of the raw logits (running max m and sum of exp(x - m)), which gives the chosen token's
 log-probability under the model's distribution, x_token - m - log(sum). Torch needs about eight passes over
-the [rows, vocab] float32 logits for the same (softmax, exponential draw, divide, argmax, log_softmax, gather).
+the [rows, vocab] logits for the same (softmax, exponential draw, divide, argmax, log_softmax, gather).
 
 The noise is counter-based: g = -log(-log(u)), u from a hash of (key, counter, column), so no random state
 lives on the device and a row's draw depends on its key and counter only: a seeded request uses its seed as key
 and its number of generated tokens as counter, so its tokens do not depend on its batch-mates.
 
-partial: grid (num_rows, splits)   block (row, split) reads the split's chunk of the row's columns; splits are
-                                   chosen so that small batches still cover every SM (``num_splits``)
-         threads SAMPLE_THREADS    thread t reads columns chunk_start + t, + SAMPLE_THREADS, ... (coalesced),
+The logits are float32, bfloat16 or float16, read as they are (no float32 copy): a 2-byte logit widens to
+float32 exactly, so a row gives the same token as its float32 conversion, and a log-probability equal up to
+rounding (the sum of exponentials adds up in another order).
+
+partial: grid (num_rows, splits)   block (row, split) reads the split's chunk of the row's 32-bit words; splits
+                                   are chosen so that small batches still cover every SM (``num_splits``)
+         threads SAMPLE_THREADS    thread t reads words chunk_start + t, + SAMPLE_THREADS, ... (coalesced),
                                    keeping (m, s): max and sum of exp(x - m) of the raw logits it read, and
                                    (best, best_col): the largest score (x, or x / T + g) and its first column;
                                    a shared-memory tree merges the threads' four-tuples (ties keep the smaller
                                    column, as torch.argmax does) into part_*[row, split]
+         words                     float32: word k of a row is column k. 2-byte: a word holds two columns, and
+                                   with an odd vocabulary (or an offset view) every other row starts halfway into
+                                   a word; lead = 1 for such a row, whose word k is the aligned word holding
+                                   columns 2k - lead and 2k - lead + 1. The row's first and last words may each
+                                   hold one of its columns only: that column is read alone (16 bits), so no byte
+                                   outside the row is read
 finish : grid (ceil(rows / 128),)  thread ``row`` merges its row's splits, writes the token and
          threads 128               x_token - m - log(s)
 A row holding NaN or +inf gets log-probability NaN (the caller reports it): no token is drawn from it. The
-kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from the bits.
+kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from the bits (of the value
+widened to float32, which keeps them).
 """
 from __future__ import annotations
 
@@ -32,8 +43,8 @@ import numpy as np
 import torch
 from numba import cuda, float32, int64, uint64
 
-from .common import num_sms
-from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, st_u32_at
+from .common import DTYPE_NAMES, num_sms, word_codec
+from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, ld_u16_at, st_u32_at
 from .runtime import launch, simulator_enabled
 
 SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
@@ -43,6 +54,7 @@ _S13, _S16, _S32, _S8 = np.uint64(13), np.uint64(16), np.uint64(32), np.uint64(8
 _TWO_M24 = np.float32(2.0 ** -24)
 NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
 BAD_COL = 1 << 30              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @cuda.jit(device=True, inline=True)
@@ -85,40 +97,84 @@ def _classify(x):
     return 2
 
 
+@cuda.jit(device=True, inline=True)
+def _take(x, col, greedy, inv_t, h, m, s, best, best_col):
+    """A thread's (m, s, best, best_col) after column ``col``'s logit ``x``. NaN or +inf marks the thread with a
+    column past BAD_COL, and the mark sticks (the thread stops reading)."""
+    kind = _classify(x)
+    if kind == 2 or best_col > BAD_COL:
+        return m, s, best, int64(BAD_COL) + 1  # marks the row: no token from it
+    if kind == 0:
+        if x > m:
+            s = s * math.exp(m - x) + float32(1.0)
+            m = x
+        else:
+            s += math.exp(x - m)
+        score = x if greedy else x * inv_t + gumbel(h, col)
+        if score > best:  # a thread's columns rise, so > keeps the first of equal scores
+            best = score
+            best_col = int64(col)
+    return m, s, best, best_col
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(threads: int):
-    # Raw addresses (``runtime.launch``: no per-array wrapping on the host). logits: float32 [rows, vocab];
+def _kernels(threads: int, dtype_name: str):
+    # Raw addresses (``runtime.launch``: no per-array wrapping on the host). logits: dtype_name [rows, vocab];
     # params: int64 [3, rows] = keys, counters, float32 bits of the temperatures; part: 32-bit words [4, rows,
     # splits] = m, s, best (float32), best column (int32); out: float32 [2, rows] = token ids, log-probabilities.
+    lo, hi, _ = word_codec(dtype_name)
+    size = 4 if dtype_name == "float32" else 2  # bytes per logit
+
+    if size == 4:
+        @cuda.jit(device=True, inline=True)
+        def logit(address):
+            return as_f32(ld_i32_at(address))
+
+        @cuda.jit(device=True, inline=True)
+        def scan(base, first, last, vocab, tid, greedy, inv_t, h, m, s, best, best_col):
+            """Words (= columns) [first, last) of the row at ``base``, from ``first + tid`` on."""
+            for col in range(first + tid, min(last, vocab), threads):
+                m, s, best, best_col = _take(logit(base + col * 4), col, greedy, inv_t, h, m, s, best, best_col)
+                if best_col > BAD_COL:
+                    break
+            return m, s, best, best_col
+    else:
+        @cuda.jit(device=True, inline=True)
+        def logit(address):
+            return lo(ld_u16_at(address))
+
+        @cuda.jit(device=True, inline=True)
+        def scan(base, first, last, vocab, tid, greedy, inv_t, h, m, s, best, best_col):
+            """Words [first, last) of the row whose column 0 is at ``base``, from ``first + tid`` on."""
+            lead = (base >> 1) & 1       # 1: column 0 is the high half of its word
+            words = (vocab + lead + 1) // 2 if vocab > 0 else 0
+            for k in range(first + tid, min(last, words), threads):
+                col = 2 * k - lead       # the column in the word's low half
+                if col >= 0 and col + 1 < vocab:
+                    w = ld_i32_at(base + (col * 2))  # base - 2 * lead is 4-byte aligned, so this word is too
+                    m, s, best, best_col = _take(lo(w), col, greedy, inv_t, h, m, s, best, best_col)
+                    m, s, best, best_col = _take(hi(w), col + 1, greedy, inv_t, h, m, s, best, best_col)
+                elif col < 0:            # the row's first word: its low half is the previous row's
+                    m, s, best, best_col = _take(logit(base), 0, greedy, inv_t, h, m, s, best, best_col)
+                else:                    # the row's last word: its high half is past the row
+                    m, s, best, best_col = _take(logit(base + col * 2), col, greedy, inv_t, h, m, s, best,
+                                                 best_col)
+                if best_col > BAD_COL:
+                    break
+            return m, s, best, best_col
+
     @cuda.jit(fastmath=True)
     def partial(logits, params, rows, vocab, chunk, splits, part):
-        """Block (row, split) reads columns [split * chunk, (split + 1) * chunk) of its row."""
+        """Block (row, split) reads words [split * chunk, (split + 1) * chunk) of its row."""
         row, split = cuda.blockIdx.x, cuda.blockIdx.y
         tid = cuda.threadIdx.x
         t = as_f32(ld_i32_at(params + (2 * rows + row) * 8))
         greedy = t == float32(0.0)
         inv_t = float32(1.0) / t if not greedy else float32(0.0)
         h = row_hash(ld_i64_at(params + row * 8), ld_i64_at(params + (rows + row) * 8))
-        m, s = NEG_BIG, float32(0.0)
-        best, best_col = NEG_BIG, int64(BAD_COL)
         start = split * chunk
-        base = logits + row * vocab * 4
-        for col in range(start + tid, min(start + chunk, vocab), threads):
-            x = as_f32(ld_i32_at(base + col * 4))
-            kind = _classify(x)
-            if kind == 2:
-                best_col = int64(BAD_COL) + 1  # marks the row: no token from it
-                break
-            if kind == 0:
-                if x > m:
-                    s = s * math.exp(m - x) + float32(1.0)
-                    m = x
-                else:
-                    s += math.exp(x - m)
-                score = x if greedy else x * inv_t + gumbel(h, col)
-                if score > best:  # columns rise, so > keeps the first of equal scores
-                    best = score
-                    best_col = col
+        m, s, best, best_col = scan(logits + row * vocab * size, start, start + chunk, vocab, tid, greedy, inv_t, h,
+                                    NEG_BIG, float32(0.0), NEG_BIG, int64(BAD_COL))
         sm = cuda.shared.array(threads, float32)
         ss = cuda.shared.array(threads, float32)
         sb = cuda.shared.array(threads, float32)
@@ -157,7 +213,7 @@ def _kernels(threads: int):
             st_u32_at(out + row * 4, f32_bits(float32(0.0)))
             st_u32_at(out + (rows + row) * 4, f32_bits(float32(math.nan)))
         else:
-            x = as_f32(ld_i32_at(logits + (row * vocab + col) * 4))
+            x = logit(logits + (row * vocab + col) * size)
             st_u32_at(out + row * 4, f32_bits(float32(col)))
             st_u32_at(out + (rows + row) * 4, f32_bits(x - (m + math.log(s))))
     return partial, finish
@@ -182,12 +238,15 @@ def num_splits(rows: int, vocab: int, sms: int) -> int:
 
 
 def sample_tokens(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """One token per row of float32 ``logits [rows, vocab]``. ``params`` int64 [3, rows]: each row's noise key
-    and counter (>= 0) and, in the low 32 bits of the third, its temperature's float32 bits (``temperature_bits``):
-    0 is greedy argmax, else a draw from softmax(logits / T). Returns float32 [2, rows]: the token ids (exact:
-    a vocabulary is far below 2**24) and their log-probabilities (NaN for a row with NaN or +inf)."""
-    if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
-        raise ValueError(f"logits must be contiguous float32 [rows, vocab], got {logits.dtype} {list(logits.shape)}")
+    """One token per row of ``logits [rows, vocab]`` (float32, bfloat16 or float16, read as they are). ``params``
+    int64 [3, rows]: each row's noise key and counter (>= 0) and, in the low 32 bits of the third, its
+    temperature's float32 bits (``temperature_bits``): 0 is greedy argmax, else a draw from softmax(logits / T).
+    Returns float32 [2, rows]: the token ids (exact: a vocabulary is far below 2**24) and their log-probabilities
+    (NaN for a row with NaN or +inf)."""
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous [rows, vocab], got {logits.dtype} {list(logits.shape)}")
     rows, vocab = logits.shape
     if vocab >= BAD_COL:
         raise ValueError(f"logits has {vocab} columns; at most {BAD_COL - 1}")
@@ -200,9 +259,10 @@ def sample_tokens(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return out
     splits = 2 if simulator_enabled() else num_splits(rows, vocab, num_sms())
     threads = 32 if simulator_enabled() else SAMPLE_THREADS  # the simulator runs a Python thread per CUDA thread
-    chunk = -(-vocab // splits)
+    words = vocab if logits.dtype == torch.float32 else vocab // 2 + 1  # the most 32-bit words a row touches
+    chunk = -(-words // splits)
     part = torch.empty(4, rows, splits, dtype=torch.float32, device=logits.device)
-    partial, finish = _kernels(threads)
+    partial, finish = _kernels(threads, DTYPE_NAMES[logits.dtype])
     launch(partial, (rows, splits), threads, logits.data_ptr(), params.data_ptr(), rows, vocab, chunk, splits,
            part.data_ptr())
     launch(finish, (-(-rows // 128),), 128, logits.data_ptr(), part.data_ptr(), rows, vocab, splits,

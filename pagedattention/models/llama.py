@@ -230,9 +230,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn)
 
     def compute_logits(self, hidden):
-        """``[n, hidden_size]`` -> float32 ``[n, vocab_size]`` (sample only the rows you need). Under tensor
-        parallelism on rank 0; the other ranks get ``[n, 0]``."""
-        return self.lm_head(hidden).float()
+        """``[n, hidden_size]`` -> ``[n, vocab_size]`` in the model's dtype (sample only the rows you need; the
+        sampler reads bfloat16/float16 as it is). Under tensor parallelism on rank 0; the other ranks get
+        ``[n, 0]``."""
+        return self.lm_head(hidden)
 
     def hf_weight_slots(self) -> dict[str, tuple]:
         """Each Hugging Face checkpoint tensor name -> (the parameter it fills, the rows it fills) or, for a tensor
