@@ -8,6 +8,7 @@ import torch
 
 from pagedattention import LLM, SamplingParams
 from pagedattention.engine.cuda_graphs import CudaGraphs
+from pagedattention.engine.scheduler import MIN_MIXED_ADMISSION
 from test_engine import PROMPTS, assert_idle, llm, one_thread  # noqa: F401  (the prompts, and fixtures)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -95,6 +96,26 @@ def test_a_mixed_step_takes_no_more_prompt_than_its_largest_graph_holds():
     assert "prefill" in prompt_parts  # the long prompt gets a step of its own
     for i in (0, 1, 2, 3):
         assert done[i] == alone(engine, PROMPTS[i], GREEDY)
+    assert_idle(engine)
+
+
+def test_a_full_batch_admits_prompts_a_few_at_a_time():
+    """Seats free up one by one; a mixed step waits until MIN_MIXED_ADMISSION requests (or all that wait) can
+    join, so prompts are not padded up to a bucket one at a time."""
+    engine = LLM(device="cpu", max_num_seqs=32)
+    lengths = [SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True) for i in range(32)]
+    for i in range(32):
+        engine.add_request([5 + i, 6, 7], lengths[i])  # one seat frees per step from the third on
+    late = [engine.add_request(PROMPTS[i % 5], GREEDY) for i in range(10)]
+    admitted, outputs = [], {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+        info = engine.last_step
+        if info.kind == "mixed":
+            admitted.append(info.num_seqs - info.num_decode_seqs)
+    assert sum(admitted) == 10 and all(n >= MIN_MIXED_ADMISSION for n in admitted[:-1])
+    for i, request_id in enumerate(late):
+        assert outputs[request_id].outputs[0].token_ids == alone(engine, PROMPTS[i % 5], GREEDY)
     assert_idle(engine)
 
 

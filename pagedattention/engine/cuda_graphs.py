@@ -29,7 +29,7 @@ from pagedattention.models.attention import AttentionMetadata
 
 PREFILL_TOKENS = (128, 256, 512, 1024, 2048, 4096)
 PREFILL_SEQS = (1, 2, 4, 8)
-MIXED_PROMPTS = ((256, 2), (1024, 4), (2048, 8))  # a mixed step's prompt part: (tokens, sequences)
+MIXED_PROMPTS = ((256, 2), (512, 4), (1024, 4), (2048, 8))  # a mixed step's prompt part: (tokens, sequences)
 
 
 class Bucket(NamedTuple):

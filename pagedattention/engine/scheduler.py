@@ -67,6 +67,12 @@ def samples(seq: Sequence) -> bool:
     return seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq.token_ids)
 
 
+#: A mixed step admits waiting requests once this many of them have seats (or every one waiting has; fewer in a
+#: small batch): each mixed step pays for its prompt part padded up to a graph bucket, so a few prompts together
+#: cost less than one at a time, and a few idle seats for a few steps cost little.
+MIN_MIXED_ADMISSION = 4
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, manager, eos_token_ids=frozenset(), prefix_cache=None,
                  mixed_prompt_limit: tuple[int, int] | None = None):
@@ -209,7 +215,7 @@ class Scheduler:
                 if seq.num_output_tokens + 1 < seq.sampling_params.max_tokens and len(seq.token_ids) + 1 < max_model_len]
         if not seqs:
             return None
-        admit = bool(self.waiting) and self._admission_possible()
+        admit = bool(self.waiting) and self._admission_possible() and self._enough_seats()
         if admit and not self._overlap_admissible(self.waiting[0]):
             return None  # a beam search or a prompt that needs chunks: the synchronous path admits it
         try:
@@ -223,6 +229,13 @@ class Scheduler:
         if not prompts:
             return self._decode_batch(seqs)
         return self._prefill_batch(seqs + prompts, num_decode=len(seqs))
+
+    def _enough_seats(self) -> bool:
+        """Whether ``MIN_MIXED_ADMISSION`` waiting requests (or all of them, if fewer wait; at most an eighth of
+        the batch) have seats."""
+        cap = self.config.max_num_seqs
+        free = cap - self._num_seats()
+        return free >= min(MIN_MIXED_ADMISSION, len(self.waiting), max(1, cap // 8))
 
     def _mixed_prompt_room(self) -> tuple[int, int]:
         """(tokens, sequences) a mixed step beside every running sequence may prefill."""
