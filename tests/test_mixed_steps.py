@@ -8,6 +8,7 @@ import torch
 
 from pagedattention import LLM, SamplingParams
 from pagedattention.engine.cuda_graphs import CudaGraphs
+from pagedattention.engine.sampler import Sampler
 from pagedattention.engine.scheduler import MIN_MIXED_ADMISSION
 from test_engine import PROMPTS, assert_idle, llm, one_thread  # noqa: F401  (the prompts, and fixtures)
 
@@ -185,6 +186,9 @@ def test_mixed_steps_run_the_numba_kernels_under_the_simulator():
         done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
         kinds.append(engine.last_step.kind)
     assert kinds[0] == "mixed"
-    together = engine.generate(prompts, params, use_tqdm=False)  # seeded: the tokens each gets alone
+    # the tokens each gets alone (seeded), with torch's attention and the same one-pass sampler
+    reference = LLM(device="cpu")
+    reference.sampler = reference.stepper.sampler = Sampler("cpu", use_kernel=True)
+    together = reference.generate(prompts, params, use_tqdm=False)
     assert [done[first], done[second]] == [o.outputs[0].token_ids for o in together]
     assert_idle(engine)
