@@ -123,15 +123,13 @@ class Stepper:
                 pending_tokens = tokens[:num_pending]
             else:
                 row_of = {id(seq): row for row, seq in enumerate(before)}
-                rows = torch.tensor([row_of[id(seq)] for seq in decoding], dtype=torch.int64)
-                rows = rows.pin_memory() if tokens.is_cuda else rows  # an asynchronous copy
-                pending_tokens = tokens.index_select(0, rows.to(tokens.device, non_blocking=True))
+                pending_tokens = self._rows(tokens, [row_of[id(seq)] for seq in decoding])
             pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
         logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
         sample = None
         if batch.sample_seqs:
-            rows = logits if batch.sample_rows is None else logits[batch.sample_rows]
-            sample = self.sampler.launch(rows, batch.sample_seqs, self.eos_token_ids, num_pending_rows=num_pending)
+            sample = self.sampler.launch(self._rows(logits, batch.sample_rows), batch.sample_seqs,
+                                         self.eos_token_ids, num_pending_rows=num_pending)
         beams = None
         if batch.beam_seqs:
             k = max(s.beam_group.search.num_candidates for s in batch.beam_seqs)
@@ -140,6 +138,17 @@ class Stepper:
         num_tokens = num_decode + sum(s.num_scheduled_tokens for s in batch.seqs[num_decode:])
         self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0, num_decode)
         return Launched(batch, sample, beams)
+
+    @staticmethod
+    def _rows(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """``logits[rows]`` (None: all), without a host sync: a slice when the rows are the first ones in order,
+        else a gather whose index travels from page-locked memory (a copy from pageable memory would wait
+        for the GPU to finish the work queued before it, the step in flight included)."""
+        if rows is None or rows == list(range(len(rows))):
+            return logits if rows is None else logits[:len(rows)]
+        index = torch.tensor(rows, dtype=torch.int64)
+        index = index.pin_memory() if logits.is_cuda else index
+        return logits.index_select(0, index.to(logits.device, non_blocking=True))
 
     def finish(self, launched: "Launched") -> list[Sequence]:
         """Wait for a launched step's tokens and process them."""
