@@ -80,7 +80,8 @@ def timeline_summary(steps, wall: float) -> dict:
     counted apart and also among the decode steps, since every running sequence decodes in them."""
     ends = [t for t, *_ in steps[1:]] + [wall]
     durations = [end - t for (t, *_), end in zip(steps, ends)]
-    by_kind = {kind: [d for d, (_, k, *_) in zip(durations, steps) if k == kind] for kind in ("prefill", "mixed", "decode")}
+    by_kind = {kind: [d for d, (_, k, *_) in zip(durations, steps) if k == kind]
+               for kind in ("prefill", "mixed", "decode")}
     prefill, mixed = by_kind["prefill"], by_kind["mixed"]
     decode = by_kind["decode"] + mixed
     return {

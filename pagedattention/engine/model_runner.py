@@ -101,7 +101,8 @@ class ModelRunner:
         ends = starts + q_lens
         cu_seqlens = np.zeros(len(prompts) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu_seqlens[1:])
-        prompt_ids = [np.asarray(s.token_ids[a:b], dtype=np.int64) for s, a, b in zip(prompts, starts.tolist(), ends.tolist())]
+        prompt_ids = [np.asarray(s.token_ids[a:b], dtype=np.int64)
+                      for s, a, b in zip(prompts, starts.tolist(), ends.tolist())]
         # positions: start_i, start_i + 1, ... for each sequence, packed
         prompt_rows = np.repeat(np.arange(len(prompts)), q_lens)
         prompt_positions = np.arange(int(cu_seqlens[-1]), dtype=np.int64) - np.repeat(cu_seqlens[:-1], q_lens) \

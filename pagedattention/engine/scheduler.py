@@ -165,8 +165,8 @@ class Scheduler:
         static = config.scheduling == "static"
         num_seqs = self._num_seats() if self.waiting else 0
         max_admitted = len(scheduled) + (max_admitted or config.max_num_seqs)
-        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0) and len(scheduled) < max_admitted
-               and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
+        while (self.waiting and budget > 0 and (not static or self.batch_quota > 0)
+               and len(scheduled) < max_admitted and num_seqs + self.waiting[0].num_seats <= config.max_num_seqs):
             seq = self.waiting[0]
             if cdiv(len(seq), bs) > self.num_blocks:
                 self._finish(self.waiting.popleft(), "error", self._too_big_message(seq, len(seq)))

@@ -41,8 +41,10 @@ class AttentionMetadata:
 class BackendOps:
     """What a backend computes for the model: the cache-side attention ops and the fused per-layer ops."""
     rope_write_kv: Callable      # (q, k, v, cos, sin, key_cache, value_cache, slot_mapping) -> rotated q
-    prefill: Callable            # (q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len, out)
-    decode: Callable             # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out)
+    # (q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len, out=None)
+    prefill: Callable
+    # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out=None)
+    decode: Callable
     add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
     silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
     copy_blocks: Callable        # (key_caches, value_caches, src_to_dst) -> None: copy-on-write of whole blocks
