@@ -41,7 +41,6 @@ HEADLINE = [(64, 4096), (4, 32768), (256, 128)]
 GRID_B = (1, 4, 16, 64, 256)
 GRID_CTX = (128, 512, 2048, 8192, 32768)
 MAX_KV_BYTES = 3 << 30
-CARD = [""]  # the card this run measures (peers are compared only on their own card)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -234,7 +233,7 @@ def host_overhead_us(reps=200) -> float:
     return host * 1e6
 
 
-def print_table(rows, copy_bw):
+def print_table(rows, copy_bw, card: str):
     print(f"\ncopy roofline {copy_bw / 1e12:.3f} TB/s (read+write)")
     print(f"{'shape':34s} {'V2 ms':>8s} {'TB/s':>6s} {'%copy':>6s} {'V1 ms':>8s} {'gath ms':>8s} {'sdpa ms':>8s} "
           f"{'V2/V1':>6s} {'vs gath':>7s} {'vs sdpa':>7s} {'vs vLLM':>7s} {'vs FI':>7s} {'err':>8s}")
@@ -242,7 +241,7 @@ def print_table(rows, copy_bw):
         shape = (f"B{r['batch']} ctx{r['ctx']} {r['num_heads']}/{r['num_kv_heads']} d{r['head_dim']} "
                  f"bs{r['block_size']} {r['dtype'][5:] if r['dtype'].startswith('float') else r['dtype']}")
         v2, v1 = r["v2"]["ms"], r["v1"]["ms"]
-        peers = peer_times(r)
+        peers = peer_times(r, card)
         print(f"{shape:34s} {v2:8.3f} {r['v2']['tbps']:6.2f} {r['v2']['pct_copy']:6.1f} {v1:8.3f} "
               f"{r['torch_gather_sdpa']['ms']:8.3f} {r['torch_sdpa_contiguous']['ms']:8.3f} {v1 / v2:6.2f} "
               f"{r['torch_gather_sdpa']['ms'] / v2:7.2f} {r['torch_sdpa_contiguous']['ms'] / v2:7.2f} "
@@ -252,17 +251,17 @@ def print_table(rows, copy_bw):
             print("    partition sweep (tokens: ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in r["v2_partitions"].items()))
 
 
-def peer_times(row) -> dict:
+def peer_times(row, card: str) -> dict:
     """The H200 peers' ms at this row's shape (on an H200 only; empty elsewhere or at other shapes)."""
     key = (row["batch"], row["ctx"], row["num_heads"], row["num_kv_heads"], row["head_dim"], row["dtype"])
-    return PEERS_H200.get(key, {}) if "H200" in CARD[0] and row["block_size"] == 16 else {}
+    return PEERS_H200.get(key, {}) if "H200" in card and row["block_size"] == 16 else {}
 
 
-def print_peers(rows):
+def print_peers(rows, card: str):
     """V2 against FlashInfer at the peer shapes: time ratio, and both as ratios to torch SDPA on contiguous KV."""
     print(f"\n{'peer shape':34s} {'V2 ms':>8s} {'FI ms':>8s} {'FI/V2':>6s} {'sdpa/V2':>8s} {'sdpa/FI':>8s}")
     for r in rows:
-        fi = peer_times(r).get("flashinfer")
+        fi = peer_times(r, card).get("flashinfer")
         if fi is None:
             continue
         v2, sdpa = r["v2"]["ms"], r["torch_sdpa_contiguous"]["ms"]
@@ -304,9 +303,8 @@ def replot(path, copy_tbps=None):
         json.dump(result, f, indent=1)
     plot(result["rows"], path.replace(".json", ".png"), result["card"])
     print(result["card"])
-    CARD[0] = result["card"]
-    print_table(result["rows"], copy_bw)
-    print_peers(result["rows"])
+    print_table(result["rows"], copy_bw, result["card"])
+    print_peers(result["rows"], result["card"])
 
 
 def main():
@@ -324,7 +322,6 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (torch sees none); --replot JSON reprints a saved run")
     card = torch.cuda.get_device_name()
-    CARD[0] = card
     timer = Timer(args.reps)
     copy_bw = copy_bandwidth()
     slug = card.replace(" ", "_").replace("/", "_")
@@ -368,8 +365,8 @@ def main():
     if not args.quick:
         plot(rows, os.path.join(args.out, f"kernels_{slug}.png"), card)
     print(f"\n{card}; V2 eager host time per call {overhead:.0f} us")
-    print_table(rows, copy_bw)
-    print_peers(rows)
+    print_table(rows, copy_bw, card)
+    print_peers(rows, card)
 
 
 if __name__ == "__main__":

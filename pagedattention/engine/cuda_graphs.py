@@ -152,23 +152,19 @@ class CudaGraphs:
         h = self.host_np
         if self.copied is not None:  # the last step's copies may still be queued (overlapped steps): let them read
             self.copied.synchronize()  # (an event never recorded is complete)
-        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            values, buf = getattr(x, name), h[name]
+
+        def place(buf, values, end, pad):
+            """``values`` (x's decode rows, then its prompt rows) into ``buf[:end]`` in the bucket's layout."""
             buf[:xd] = values[:xd]
             buf[xd:d] = pad
-            buf[d:d + n - xd] = values[xd:]
-            buf[d + n - xd:t] = pad
-        lens = h["context_lens"]
-        lens[:xd] = x.context_lens[:xd]
-        lens[xd:d] = 1
-        lens[d:d + m - xd] = x.context_lens[xd:]
-        lens[d + m - xd:s] = 1
+            buf[d:d + len(values) - xd] = values[xd:]
+            buf[d + len(values) - xd:end] = pad
+
+        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            place(h[name], getattr(x, name), t, pad)
+        place(h["context_lens"], x.context_lens, s, 1)
         width = x.block_tables.shape[1]
-        tables = h["block_tables"].reshape(-1)[:s * width].reshape(s, width)
-        tables[:xd] = x.block_tables[:xd]
-        tables[xd:d] = 0
-        tables[d:d + m - xd] = x.block_tables[xd:]
-        tables[d + m - xd:] = 0
+        place(h["block_tables"].reshape(-1)[:s * width].reshape(s, width), x.block_tables, s, 0)
         copies = [("input_ids", t), ("positions", t), ("slot_mapping", t), ("context_lens", s)]
         if is_prefill:
             cu = h["cu_seqlens_q"]

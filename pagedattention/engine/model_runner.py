@@ -142,12 +142,11 @@ class ModelRunner:
             is_prefill=x.is_prefill, slot_mapping=to(x.slot_mapping), block_tables=to(x.block_tables),
             context_lens=to(x.context_lens), cu_seqlens_q=to(x.prompt_cu_seqlens_q) if x.is_prefill else None,
             max_q_len=x.max_q_len, max_context_len=x.max_context_len, num_decode_tokens=x.num_decode)
+        if x.input_ids_device is not None and not x.is_prefill:  # an overlapped decode step: all on the device
+            return x.input_ids_device, to(x.positions), attn
         input_ids = to(x.input_ids)
-        if x.input_ids_device is not None:
-            if x.is_prefill:
-                input_ids[:x.num_decode].copy_(x.input_ids_device)
-            else:
-                input_ids = x.input_ids_device
+        if x.input_ids_device is not None:  # an overlapped mixed step: its decode tokens are on the device
+            input_ids[:x.num_decode].copy_(x.input_ids_device)
         return input_ids, to(x.positions), attn
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -142,7 +142,7 @@ class Sampler:
             num_top = max((params[row].logprobs for row in top_rows), default=0)
             if num_top:
                 wanted = logprobs if len(top_rows) == len(seqs) else \
-                    logprobs[self._to_device(top_rows, torch.int64, logprobs.device)]
+                    logprobs[self.to_device(top_rows, torch.int64, logprobs.device)]
                 top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
                 parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
             packed = torch.cat(parts)
@@ -170,7 +170,7 @@ class Sampler:
             else:
                 keys.append((p.seed + seq.index) % (1 << 63))
                 counters.append(seq.num_output_tokens + (row < num_pending_rows))
-        params_tensor = self._to_device([keys, counters, temperature_bits([p.temperature for p in params])],
+        params_tensor = self.to_device([keys, counters, temperature_bits([p.temperature for p in params])],
                                         torch.int64, logits.device)
         return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
 
@@ -224,9 +224,9 @@ class Sampler:
         if not any(lengths):  # nothing generated yet: nothing to penalise
             return logits
         owner = itertools.chain.from_iterable(itertools.repeat(i, n) for i, n in enumerate(lengths))
-        flat = self._to_device([*owner, *itertools.chain.from_iterable(outputs)], torch.int64, device)
+        flat = self.to_device([*owner, *itertools.chain.from_iterable(outputs)], torch.int64, device)
         owner, tokens = flat[:sum(lengths)], flat[sum(lengths):]
-        penalties = self._to_device([[params[r].presence_penalty for r in rows],
+        penalties = self.to_device([[params[r].presence_penalty for r in rows],
                                      [params[r].frequency_penalty for r in rows]], logits.dtype, device)
         # one spare column catches any id past the vocabulary instead of failing on it
         counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=device)
@@ -236,11 +236,11 @@ class Sampler:
         penalty = penalties[0].unsqueeze(1) * (counts > 0) + penalties[1].unsqueeze(1) * counts
         if len(rows) == len(seqs):
             return logits - penalty
-        return logits.index_add(0, self._to_device(rows, torch.int64, device), penalty, alpha=-1)
+        return logits.index_add(0, self.to_device(rows, torch.int64, device), penalty, alpha=-1)
 
     def _sample(self, logits: torch.Tensor, params, temperatures: list[float], seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]
-        temperature = self._to_device(temperatures, logits.dtype, logits.device)  # greedy rows (0) divide by 1
+        temperature = self.to_device(temperatures, logits.dtype, logits.device)  # greedy rows (0) divide by 1
         greedy = temperature == 0
         scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
         if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
@@ -263,7 +263,7 @@ class Sampler:
         return race.clamp_(min=torch.finfo(race.dtype).tiny)
 
     @staticmethod
-    def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Per-row parameters as a tensor on the logits' device. From pinned memory the copy is asynchronous:
         a copy from pageable memory would first wait for the forward pass, instead of queueing behind it."""
         t = torch.tensor(values, dtype=dtype)
@@ -274,8 +274,8 @@ class Sampler:
     def _apply_top_k_top_p(self, scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
         """Set every logit outside a row's top-k and top-p set to -inf (one sort for the whole batch)."""
         n, vocab = scaled.shape
-        k = self._to_device(top_k, torch.int64, scaled.device)
-        p = self._to_device(top_p, scaled.dtype, scaled.device)
+        k = self.to_device(top_k, torch.int64, scaled.device)
+        p = self.to_device(top_p, scaled.dtype, scaled.device)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=scaled.device).expand(n, vocab)
         drop = rank >= k.unsqueeze(1)

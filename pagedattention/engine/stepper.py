@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .model_runner import ModelRunner
-from .sampler import PendingSample, SamplerOutput, SamplingError
+from .sampler import PendingSample, Sampler, SamplerOutput, SamplingError
 from .sequence import Sequence
 
 
@@ -146,9 +146,7 @@ class Stepper:
         for the GPU to finish the work queued before it, the step in flight included)."""
         if rows is None or rows == list(range(len(rows))):
             return logits if rows is None else logits[:len(rows)]
-        index = torch.tensor(rows, dtype=torch.int64)
-        index = index.pin_memory() if logits.is_cuda else index
-        return logits.index_select(0, index.to(logits.device, non_blocking=True))
+        return logits.index_select(0, Sampler.to_device(rows, torch.int64, logits.device))
 
     def finish(self, launched: "Launched") -> list[Sequence]:
         """Wait for a launched step's tokens and process them."""
