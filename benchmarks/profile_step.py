@@ -128,9 +128,19 @@ def split_steps(windows, events, launched: dict[int, float] | None = None) -> tu
     return steps, outside
 
 
-def classify_step(step: list[dict]) -> tuple[dict, dict]:
-    """µs per part of one step's events (time-ordered), and µs per kernel name of the "other" part."""
-    parts, others = dict.fromkeys(PARTS, 0.0), defaultdict(float)
+def short_name(name: str) -> str:
+    """A kernel's name, short enough for a table: a Numba kernel by its module and builder
+    (``layer_ops::_add_rms_norm_kernel::kernel``), anything else by its first 60 characters."""
+    if "pagedattention::kernels::" in name:
+        name = name.split("pagedattention::kernels::", 1)[1]
+        name = re.sub(r"::(_3clocals_3e|<locals>)", "", name).split("(")[0]
+    return name[:60]
+
+
+def classify_step(step: list[dict]) -> tuple[dict, dict, dict]:
+    """µs per part of one step's events (time-ordered), µs per kernel name of the "other" part, and
+    (part, launches, µs) per short kernel name."""
+    parts, others, kernels = dict.fromkeys(PARTS, 0.0), defaultdict(float), {}
     kinds = [("copies" if e.get("cat") in ("gpu_memcpy", "gpu_memset") else part_of(e["name"])) for e in step]
     lm_head = max((i for i, k in enumerate(kinds) if k == "gemm"), default=None)
     for i, (e, kind) in enumerate(zip(step, kinds)):
@@ -141,7 +151,9 @@ def classify_step(step: list[dict]) -> tuple[dict, dict]:
         parts[kind] += e["dur"]
         if kind == "other":
             others[e["name"]] += e["dur"]
-    return parts, dict(others)
+        _, calls, us = kernels.get(key := (kind, short_name(e["name"])), (kind, 0, 0.0))
+        kernels[key] = (kind, calls + 1, us + e["dur"])
+    return parts, dict(others), kernels
 
 
 def host_phases(events: list[dict], windows) -> dict:
@@ -250,7 +262,7 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
     for request_id in ids:
         llm.abort_request(request_id)
     per_step, outside = split_steps(step_windows(trace), device_events(trace), launch_times(trace))
-    parts, others = mean_parts(per_step)
+    parts, others, kernels = mean_parts(per_step)
     wall, busy = statistics.median(walls), sum(parts.values())
     if busy == 0:
         print(f"batch {batch}: no kernels inside the traced steps (was the GPU traced?); the parts read 0")
@@ -259,19 +271,26 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
             "context_mean": context + warmup + timed + steps / 2,
             "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
-            "other_kernels_ms": others, "host_phases_ms": host_phases(host, step_windows(host))}
+            "other_kernels_ms": others, "kernels": kernels, "host_phases_ms": host_phases(host, step_windows(host))}
 
 
-def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict]:
-    """ms per step of each part, and of each "other" kernel name (largest first), over the traced steps."""
+def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict, list[dict]]:
+    """ms per step of each part, and of each "other" kernel name (largest first), over the traced steps; and
+    each kernel's launches and ms per step (largest first)."""
     parts, others, n = dict.fromkeys(PARTS, 0.0), defaultdict(float), max(len(per_step), 1)
+    kernels = defaultdict(lambda: [0.0, 0.0])
     for step in per_step:
-        step_parts, step_others = classify_step(step)
+        step_parts, step_others, step_kernels = classify_step(step)
         for k, us in step_parts.items():
             parts[k] += us / n / 1e3
         for k, us in step_others.items():
             others[k] += us / n / 1e3
-    return parts, dict(sorted(others.items(), key=lambda kv: -kv[1]))
+        for key, (_, calls, us) in step_kernels.items():
+            kernels[key][0] += calls / n
+            kernels[key][1] += us / n / 1e3
+    table = [{"part": part, "kernel": name, "launches": calls, "ms": ms, "us_per_launch": 1e3 * ms / calls}
+             for (part, name), (calls, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])]
+    return parts, dict(sorted(others.items(), key=lambda kv: -kv[1])), table
 
 
 def profile_engine(llm: LLM, batches, context: int, steps: int, temperature: float, copy_bw: float,
@@ -311,6 +330,10 @@ def print_profile(report: dict) -> None:
     print("\nhost phases under the Python tracer (ms per step; inflated, compare shares):")
     for phase in rows[0]["host_phases_ms"] if rows else []:
         print(f"{phase:<30}" + "".join(f"{r['host_phases_ms'][phase]:>20.3f}" for r in rows))
+    for r in rows:
+        print(f"\nB={r['batch']} kernels, per step: launches, ms, µs per launch")
+        for k in r["kernels"][:14]:
+            print(f"  {k['part']:<10} {k['kernel'][:60]:<60} {k['launches']:6.1f} {k['ms']:8.4f} {k['us_per_launch']:7.2f}")
     for r in rows:  # every name no rule knows, so that "other" hides nothing (the JSON keeps them whole)
         if r["other_kernels_ms"]:
             print(f"B={r['batch']} unclassified (\"other\"), ms per step:")

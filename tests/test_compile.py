@@ -34,7 +34,7 @@ def _configs():
     f32 = types.Array(types.float32, 1, "C")
     i64, f32s = types.int64, types.float32
     v2_sig = (words, f32, f32, f32, words, words, words, words, words, i64, i64, i64, i64, i64, i64, f32s)
-    merge_sig = (words, f32, f32, f32, words, i64, i64, i64)
+    merge_sig = (words, f32, f32, f32, words, i64, i64, i64, i64)
     w3, w4 = types.Array(types.int32, 3, "C"), types.Array(types.int32, 4, "C")
     v1_sig = (w3, w3, w4, w4, types.Array(types.int32, 2, "C"), words, types.Array(types.float32, 3, "C"), f32s)
     out = []

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedattention.kernels import copy_blocks, paged_attention, reference_copy_blocks, reference_write_kv, write_kv
-from pagedattention.kernels.decode import choose_partition_size, decode_v2, tc_config
+from pagedattention.kernels.decode import MIN_PARTITION, decode_v2, split_plan, tc_config
 from pagedattention.kernels.reference import gather_kv
 from pagedattention.kernels.runtime import simulator_enabled
 
@@ -201,12 +201,30 @@ def test_v2_split_kv_partitions_merge(partition_size, lens):
 
 
 def test_split_plan():
-    """No split when the (sequence, KV head) blocks fill the GPU; more partitions the fewer blocks there are."""
-    assert choose_partition_size(2048, 128, 32, 132) == 128      # B=256 x 8 KV heads, short contexts
-    assert choose_partition_size(512, 4096, 32, 132) == 4096     # B=64 x 8 KV heads: already a wave of blocks
-    small_batch = choose_partition_size(32, 32768, 32, 132)      # B=4 x 8 KV heads, long contexts
-    assert small_batch % 32 == 0 and 16 <= 32768 // small_batch <= 32
-    assert choose_partition_size(32, 300, 32, 132) == 300        # too short to be worth a merge
+    """No split when the (sequence, KV head) blocks fill the GPU; more partitions the fewer blocks there are,
+    as many as one wave holds, each at least MIN_PARTITION tokens."""
+    assert split_plan(2048, 128, 132) == (128, 1)                # B=256 x 8 KV heads, short contexts
+    assert split_plan(512, 4096, 132) == (4096, 1)               # B=64 x 8 KV heads: already a wave of blocks
+    assert split_plan(32, 32768, 132) == (MIN_PARTITION, 16)     # B=4 x 8 KV heads: 16 x 32 blocks fill a wave
+    assert split_plan(32, 300, 132) == (MIN_PARTITION, 3)        # short: no partition under MIN_PARTITION
+    assert split_plan(4, MIN_PARTITION, 132) == (MIN_PARTITION, 1)
+
+
+def test_split_by_each_context_under_a_larger_bound():
+    """A launch sized for a bound far above the contexts (a CUDA graph's) splits each sequence by its own
+    length: the long one over several partitions and the merge, the short one in one partition written
+    directly. Both match the reference."""
+    gen = torch.Generator().manual_seed(11)
+    lens = [2 * MIN_PARTITION + 37, 45]
+    key, value, tables, ctx = make_batch(lens, 16, 1, HEAD_DIMS[0], torch.float32, gen)
+    query = torch.randn(len(lens), 2, HEAD_DIMS[0], generator=gen).to(DEVICE)
+    bound = 4 * MIN_PARTITION
+    padded = torch.full((len(lens), bound // 16), key.shape[0] + 10_000, dtype=torch.int32, device=tables.device)
+    padded[:, :tables.shape[1]] = tables
+    assert split_plan(len(lens), bound, 132)[1] == 4             # 4 partitions x 2 sequences: 8 blocks
+    out = decode_v2(query, key, value, padded, ctx, out=poisoned_like(query), max_context_len=bound)
+    check_close(out.cpu(), reference(query.cpu(), key.cpu(), value.cpu(), tables.cpu(), ctx.cpu(),
+                                     HEAD_DIMS[0] ** -0.5))
 
 
 def test_tensor_core_dispatch():
@@ -217,7 +235,7 @@ def test_tensor_core_dispatch():
     assert tc_config("float16", 128, 8, 64 * 8, 2048, sms) is not None          # 64/8 heads, no split
     assert tc_config("float16", 128, 4, 4 * 8, 32768, sms) is not None          # 32/8 heads, B=4, split
     assert tc_config("float16", 128, 4, 64 * 8, 4096, sms) is None              # 32/8 heads, B=64, no split
-    assert tc_config("float16", 128, 4, 4 * 8, 300, sms) is None                # too short to split
+    assert tc_config("float16", 128, 4, 4 * 8, MIN_PARTITION, sms) is None      # too short to split
     for args in (("float32", 128, 8), ("float16", 256, 8), ("bfloat16", 32, 7), ("float16", 128, 2),
                  ("float16", 128, 1)):
         assert tc_config(*args, 4 * 8, 32768, sms) is None, args

@@ -95,9 +95,22 @@ def test_a_traced_step_splits_into_its_parts():
     steps, outside = ps.split_steps(windows, ps.device_events(trace), ps.launch_times(trace))
     assert len(steps) == 3 and outside == 1
     for step, parts in zip(steps, expected):
-        got, others = ps.classify_step(step)
+        got, others, kernels = ps.classify_step(step)
         assert got == pytest.approx(parts)
         assert set(others) == {"void at::native::elementwise_kernel<128, 2, MulFunctor<float>>"}
+        # the per-kernel table adds up to the parts, and names a Numba kernel by its builder
+        per_part = {}
+        for part, calls, us in kernels.values():
+            per_part[part] = per_part.get(part, 0.0) + us
+        assert per_part == pytest.approx({k: v for k, v in parts.items() if v})
+        assert sum(calls for _, calls, _ in kernels.values()) == len(step)
+
+
+def test_short_kernel_names():
+    assert ps.short_name("cudapy::pagedattention::kernels::layer_ops::_add_rms_norm_kernel::_3clocals_3e::kernel"
+                         "(long long, long long)") == "layer_ops::_add_rms_norm_kernel::kernel"
+    assert ps.short_name("pagedattention::kernels::sampling::_kernels::<locals>::partial") == "sampling::_kernels::partial"
+    assert ps.short_name("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT") == "nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT"
 
 
 def test_a_cpu_trace_counts_each_op_by_its_self_time():

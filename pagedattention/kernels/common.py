@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 import torch
-from numba import float32
+from numba import cuda, float32
 
 from . import ptx
 from .runtime import simulator_enabled
@@ -70,3 +70,12 @@ def word_codec(dtype_name: str):
 def max_registers_option(max_registers: int | None) -> dict:
     """``cuda.jit`` keyword arguments for a register cap (None: no cap; the simulator takes none)."""
     return {} if max_registers is None or simulator_enabled() else {"max_registers": max_registers}
+
+
+@cuda.jit(device=True, inline=True)
+def partition_tokens(context_len, min_partition, num_partitions):
+    """Tokens per split-KV partition of one sequence: its context spread evenly over the grid's
+    ``num_partitions``, never fewer than ``min_partition``. The decode kernels and the merge compute it alike, so
+    a grid sized for an upper bound (a CUDA graph's) splits each sequence by its own length; a sequence uses
+    ceil(context_len / size) <= num_partitions partitions."""
+    return max((context_len + num_partitions - 1) // num_partitions, min_partition)

@@ -17,12 +17,12 @@ import torch
 from . import validation as V
 from .common import DTYPE_NAMES, THREADS, num_sms
 from .paged_attention_v1 import build_v1_kernel
-from .paged_attention_v2 import build_merge_kernel, build_v2_kernel, v2_shape
-from .paged_attention_tc import build_tc_kernel, tc_supported, tc_tile
+from .paged_attention_v2 import build_merge_kernel, build_v2_kernel
+from .paged_attention_tc import build_tc_kernel, tc_supported
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
-#: Shortest partition worth a merge: below this the scratch traffic and the extra launch cost more than they save.
-_MIN_PARTITION = 256
+#: Shortest split-KV partition: a block that covers fewer tokens costs more in its launch and merge than it saves.
+MIN_PARTITION = 128
 
 
 def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
@@ -62,8 +62,7 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     if not tc_supported(dtype_name, head_dim, group) or group < 4:
         return None
     registers = 128 if head_dim == 64 else None
-    split = choose_partition_size(num_units, max_context_len, tc_tile(1), num_sms,
-                                  blocks_per_sm(registers)) < max_context_len
+    split = split_plan(num_units, max_context_len, num_sms, blocks_per_sm(registers))[1] > 1
     if head_dim == 64:
         return (1, 128) if group >= 5 or split else None
     if split:
@@ -71,21 +70,23 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     return (2, None) if group >= 5 else None
 
 
-def choose_partition_size(num_units: int, max_context_len: int, tile: int, num_sms: int, per_sm: int = 4) -> int:
-    """Tokens per partition, for ``num_units`` (sequence, head block) pairs.
+def split_plan(num_units: int, max_context_len: int, num_sms: int, per_sm: int = 4) -> tuple[int, int]:
+    """(shortest partition in tokens, partitions in the grid) for ``num_units`` (sequence, head block) pairs whose
+    contexts are at most ``max_context_len``; each sequence then splits by its own length
+    (``common.partition_tokens``).
 
     One wave holds ``num_sms * per_sm`` resident blocks. When the units alone fill most of it, no split (a
     merge would only add work); otherwise as many partitions as fit in that one wave, never more, since a
     few blocks spilling into a second wave cost a whole extra round (measured on the H100 at B=4 x 8 KV heads,
-    32k tokens: 16 partitions of 2048 beat 17 of 1952 clearly).
+    32k tokens: 16 partitions of 2048 beat 17 of 1952 clearly). Sizing each sequence by its own context
+    matters inside CUDA graphs, whose bound is the longest context allowed: a plan sized by the bound gave a
+    sequence of 900 tokens two busy partitions of 512 where four of 256 fit in the wave.
     """
     wave = num_sms * per_sm
-    parts = wave // max(num_units, 1)
-    if 4 * num_units >= 3 * wave or parts < 2 or max_context_len <= 2 * _MIN_PARTITION:
-        return max_context_len
-    size = -(-max_context_len // parts)
-    size = -(-size // tile) * tile                       # whole tiles per partition
-    return max(size, _MIN_PARTITION)
+    parts = min(wave // max(num_units, 1), -(-max_context_len // MIN_PARTITION))
+    if 4 * num_units >= 3 * wave or parts < 2:
+        return max_context_len, 1
+    return MIN_PARTITION, parts
 
 
 def _words(t: torch.Tensor):
@@ -181,21 +182,21 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     if tc:
         chunks, registers = tc
         registers = registers if max_registers is None else (max_registers or None)
-        num_units, tile = num_kv_heads, tc_tile(chunks)
+        num_units = num_kv_heads
         kernel = build_tc_kernel(dtype_name, head_dim, chunks, registers)
     else:
         group, tokens, registers = v2_config(num_heads // num_kv_heads, max_heads_per_block)
         tokens = tokens_per_group or tokens
         registers = registers if max_registers is None else (max_registers or None)  # 0: no cap
         num_units = num_kv_heads * (num_heads // num_kv_heads // group)
-        tile = v2_shape(dtype_name, head_dim, group, tokens)[3]
         kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
     if partition_size is None:
-        partition_size = choose_partition_size(num_seqs * num_units, max_context_len, tile, sms,
-                                               blocks_per_sm(registers))
+        partition_size, num_partitions = split_plan(num_seqs * num_units, max_context_len, sms,
+                                                    blocks_per_sm(registers))
     elif isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
         raise ValueError(f"partition_size must be a positive int, got {partition_size!r}")
-    num_partitions = -(-max_context_len // partition_size)
+    else:
+        num_partitions = -(-max_context_len // partition_size)
     device = query.device
     if num_partitions > 1:
         rows = num_seqs * num_heads * num_partitions
@@ -214,5 +215,6 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     if num_partitions > 1:
         merge = build_merge_kernel(dtype_name, head_dim)
         merge[(num_heads, num_seqs), THREADS, stream](
-            out_w, *scratch, as_kernel_array(context_lens), num_heads, partition_size, num_partitions)
+            out_w, *scratch, as_kernel_array(context_lens), num_heads, max_blocks * block_size, partition_size,
+            num_partitions)
     return out

@@ -8,7 +8,9 @@ an ``mma.m16n8k16`` A operand (rows >= GB are zero padding), so one instruction 
 Grid and threads::
 
     grid    (num_partitions, num_kv_heads, num_seqs)
-            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s for query heads
+            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
+            common.partition_tokens (the sequence's own context over the grid's partitions, at least the
+            launch's partition_size), for query heads
             u*GB .. u*GB + GB - 1 (GB = the whole group, at most 8), which all read KV head u.
     threads 128 = 4 warps. Each iteration the block covers TILE = 4 * CH * 16 tokens from ``base``; warp w
             takes the CH chunks of 16 tokens starting at base + (c*4 + w)*16, c < CH. Lane = 4g + t
@@ -40,7 +42,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, word_codec
+from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, partition_tokens, word_codec
 from .mma import interleave_hi, interleave_lo, mma_bf16, mma_f16
 from .ptx import ld_v4
 
@@ -87,11 +89,13 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         group = num_heads // num_kv_heads
         head0 = kv_head * group
 
-        context_len = min(context_lens[seq], num_partitions * partition_size, max_blocks << block_shift)
-        start = part * partition_size
+        # A length past what the table covers (a caller's broken promise) is cut, never overrun.
+        context_len = min(context_lens[seq], max_blocks << block_shift)
+        size = partition_tokens(context_len, partition_size, num_partitions)
+        start = part * size
         if start >= context_len:
-            return
-        end = min(start + partition_size, context_len)
+            return                                         # partition past this sequence's context: no work
+        end = min(start + size, context_len)
         scale_log2 = scale * float32(LOG2E)
 
         # A fragments of Q (rows g; rows g + 8 are zero): k-step k holds words t*KW + 2k and t*KW + 2k + 1.
@@ -203,6 +207,10 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
             sm_stat[0, tid] = big / float32(LOG2E)           # the merge kernel works in base e
             sm_stat[1, tid] = total
         cuda.syncthreads()
+        # The sequence's only partition writes the output, no merge (its length is read again: cheaper than
+        # a register held through the loop).
+        context_len = min(context_lens[seq], max_blocks << block_shift)
+        direct = partition_tokens(context_len, partition_size, num_partitions) >= context_len
         # Thread i writes output words i, i+128, ... of the group x W block of words.
         for x in range(tid, group * W, THREADS):
             gh = x // W
@@ -213,7 +221,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 o0 += sm_acc[wp, gh, 2 * w] * sm_scale[wp, gh]
                 o1 += sm_acc[wp, gh, 2 * w + 1] * sm_scale[wp, gh]
             head = head0 + gh
-            if num_partitions == 1:
+            if direct:
                 out_w[(seq * num_heads + head) * W + w] = pack(o0, o1)
             else:
                 row = (seq * num_heads + head) * num_partitions + part

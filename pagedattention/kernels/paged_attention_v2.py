@@ -3,7 +3,9 @@
 Grid and threads::
 
     grid    (num_partitions, num_kv_heads * head_blocks, num_seqs)
-            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s for query heads
+            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
+            common.partition_tokens (the sequence's own context over the grid's partitions, at least the
+            launch's partition_size), for query heads
             head0 .. head0+GB-1, which all read KV head u // head_blocks: each K/V byte is read once per
             sequence, not once per query head. GB = query heads per block, a divisor of the GQA group chosen
             by ``decode.v2_config`` (at most 4 under a 128-register cap, or a whole group of 5-8 without
@@ -38,7 +40,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import NEG_BIG, THREADS, max_registers_option, word_codec
+from .common import NEG_BIG, THREADS, max_registers_option, partition_tokens, word_codec
 from .ptx import f32_bits, ld_v4
 
 
@@ -88,12 +90,13 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
         kv_head = unit // head_blocks
         head0 = kv_head * heads_per_kv + (unit % head_blocks) * GB  # first query head of this block
 
-        # Lengths past what the grid or the table can cover (a caller's broken promise) are cut, never overrun.
-        context_len = min(context_lens[seq], num_partitions * partition_size, max_blocks << block_shift)
-        start = part * partition_size
+        # A length past what the table covers (a caller's broken promise) is cut, never overrun.
+        context_len = min(context_lens[seq], max_blocks << block_shift)
+        size = partition_tokens(context_len, partition_size, num_partitions)
+        start = part * size
         if start >= context_len:
             return                                         # partition past this sequence's context: no work
-        end = min(start + partition_size, context_len)
+        end = min(start + size, context_len)
 
         # Query slices of the GB heads, fp32, pre-scaled. Element e of the lane: vector r + (e // (4*epw))*TG.
         q = cuda.local.array(Q_LEN, float32)
@@ -211,6 +214,10 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
             sm_stat[0, tid] = big
             sm_stat[1, tid] = total
         cuda.syncthreads()
+        # The sequence's only partition writes the output, no merge (its length is read again: cheaper than
+        # a register held through the loop).
+        context_len = min(context_lens[seq], max_blocks << block_shift)
+        direct = partition_tokens(context_len, partition_size, num_partitions) >= context_len
         # Thread t writes output words t, t+128, ... of the GB x W block of words.
         for x in range(tid, GB * W, THREADS):
             gh = x // W
@@ -222,7 +229,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
                 if pairs:
                     o1 += sm_acc[g, gh, w * epw + 1] * sm_scale[g, gh]
             head = head0 + gh
-            if num_partitions == 1:
+            if direct:
                 if pairs:
                     out_w[(seq * num_heads + head) * W + w] = pack(o0, o1)
                 else:
@@ -244,8 +251,10 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
     """Combine the partitions' (m, l, o) into the output.
 
     grid (num_heads, num_seqs), threads 128: thread t owns output words t, t+128, ... of head row (s, h).
-    Only the ceil(context_len / P) partitions that did work are read. Partition p's weight is
-    l_p * exp(m_p - M) with M the largest m_p; the output is sum_p weight_p * o_p / sum_p weight_p.
+    Only the ceil(context_len / size) partitions that did work are read (size = ``partition_tokens``, as the
+    attention kernel computed it; a sequence of one partition was written by that kernel and is skipped).
+    Partition p's weight is l_p * exp(m_p - M) with M the largest m_p; the output is
+    sum_p weight_p * o_p / sum_p weight_p.
     """
     pairs = dtype_name != "float32"
     epw = 2 if pairs else 1
@@ -254,10 +263,15 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
     D = head_dim
 
     @cuda.jit(fastmath=True)
-    def merge_kernel(out_w, part_m, part_l, part_o, context_lens, num_heads, partition_size, num_partitions):
+    def merge_kernel(out_w, part_m, part_l, part_o, context_lens, num_heads, max_tokens, partition_size,
+                     num_partitions):
         head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
-        used = min((context_lens[seq] + partition_size - 1) // partition_size, num_partitions)
+        context_len = min(context_lens[seq], max_tokens)
+        size = partition_tokens(context_len, partition_size, num_partitions)
+        used = (context_len + size - 1) // size
+        if used <= 1:
+            return
         first = (seq * num_heads + head) * num_partitions     # row of partition 0
         big = float32(NEG_BIG)
         for p in range(used):
