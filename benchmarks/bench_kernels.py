@@ -174,9 +174,9 @@ def run_shape(timer, copy_bw, batch, ctx, num_heads=32, num_kv_heads=8, head_dim
     return row
 
 
-TUNE_SHAPES = [  # (batch, ctx, num_heads, num_kv_heads, head_dim, dtype)
+TUNE_SHAPES = [  # (batch, ctx, num_heads, num_kv_heads, head_dim, dtype): the engine's shape first
+    (256, 1024, 14, 2, 64, torch.bfloat16), (64, 2048, 14, 2, 64, torch.bfloat16), (256, 512, 14, 2, 64, torch.bfloat16),
     (4, 32768, 32, 8, 128, torch.float16), (64, 4096, 32, 8, 128, torch.float16), (64, 2048, 64, 8, 128, torch.float16),
-    (64, 2048, 14, 2, 64, torch.bfloat16), (256, 512, 14, 2, 64, torch.bfloat16),
 ]
 TUNE_VARIANTS = [  # decode_v2 knobs: the CUDA-core layouts, then tensor cores as (chunks, register cap)
     dict(tensor_cores=False),
@@ -197,8 +197,8 @@ def tune(timer, copy_bw, path):
         expected = torch_gather_sdpa(query.float(), key.float(), value.float(), tables, ctx)
         timings = []
         for variant in TUNE_VARIANTS:
-            for size in (None, 2048, 1024, 512):
-                if size is not None and (size >= ctx or batch * num_kv_heads >= 512 or ctx // size > 16):
+            for size in (None, 2048, 1024, 512, 256):
+                if size is not None and (size >= ctx or ctx // size > 16):
                     continue
                 kw = dict(out=out, max_context_len=ctx, partition_size=size, **variant)
                 err = (decode_v2(query, key, value, tables, lens, **kw).float() - expected).abs().max().item()

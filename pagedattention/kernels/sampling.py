@@ -44,13 +44,11 @@ import torch
 from numba import cuda, float32, int64, uint64
 
 from .common import DTYPE_NAMES, num_sms, word_codec
-from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, ld_u16_at, st_u32_at
+from .ptx import as_f32, f32_bits, fmix32, ld_i32_at, ld_i64_at, ld_u16_at, st_u32_at
 from .runtime import launch, simulator_enabled
 
 SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
-_MASK32 = np.uint64(0xFFFFFFFF)
-_C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)   # murmur3's 32-bit finaliser
-_S13, _S16, _S32, _S8 = np.uint64(13), np.uint64(16), np.uint64(32), np.uint64(8)
+_S32, _S8 = np.uint64(32), np.uint64(8)
 _TWO_M24 = np.float32(2.0 ** -24)
 NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
 BAD_COL = 1 << 30              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
@@ -58,30 +56,19 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @cuda.jit(device=True, inline=True)
-def _fmix32(h):
-    """murmur3's finaliser on a uint64 holding 32 bits; every product stays below 2**64 (no overflow)."""
-    h ^= h >> _S16
-    h = (h * _C1) & _MASK32
-    h ^= h >> _S13
-    h = (h * _C2) & _MASK32
-    h ^= h >> _S16
-    return h
-
-
-@cuda.jit(device=True, inline=True)
 def row_hash(key, counter):
     """32 bits from a row's non-negative int64 key and counter."""
     k, c = uint64(key), uint64(counter)
-    h = _fmix32(k & _MASK32)
-    h = _fmix32(h ^ (k >> _S32))
-    h = _fmix32(h ^ (c & _MASK32))
-    return _fmix32(h ^ (c >> _S32))
+    h = fmix32(k)
+    h = fmix32(uint64(h) ^ (k >> _S32))
+    h = fmix32(uint64(h) ^ c)
+    return fmix32(uint64(h) ^ (c >> _S32))
 
 
 @cuda.jit(device=True, inline=True)
 def gumbel(h, col):
     """Gumbel(0, 1) noise of column ``col`` from its row's hash ``h``: 24 random bits -> u in (0, 1)."""
-    bits = _fmix32(h ^ _fmix32(uint64(col)))
+    bits = fmix32(h ^ fmix32(col))
     u = (float32(bits >> _S8) + float32(0.5)) * _TWO_M24
     return -math.log(-math.log(u))
 
