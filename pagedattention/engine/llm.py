@@ -38,7 +38,7 @@ from .prefix_cache import PrefixCache
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, cdiv
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
 from .stepper import StepInfo, Stepper
 
@@ -177,6 +177,9 @@ class LLM:
         ``SamplingParams.output_kind`` asks (everything so far, what is new, or only once it has ended)."""
         with self._lock:
             touched, self._touched_meanwhile = self._touched_meanwhile + self._step(), []
+            # a "final_only" request reports nothing until it ends: skip its running sequences in one pass
+            touched = [s for s in touched if s.status is SequenceStatus.FINISHED
+                       or s.sampling_params.output_kind != "final_only" or s.beam_group is not None]
             outputs = []
             for first in {id(s.group[0]): s.group[0] for s in touched}.values():
                 if self._requests.get(first.request_id) is not first or first.beam_group is not None:

@@ -24,9 +24,12 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sequence import Sequence
+
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float64: np.float64}
 
 
 @dataclass
@@ -266,7 +269,8 @@ class Sampler:
     def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Per-row parameters as a tensor on the logits' device. From pinned memory the copy is asynchronous:
         a copy from pageable memory would first wait for the forward pass, instead of queueing behind it."""
-        t = torch.tensor(values, dtype=dtype)
+        numpy_dtype = _NUMPY_DTYPES.get(dtype)  # numpy reads nested lists of numbers ~3x faster than torch
+        t = torch.tensor(values, dtype=dtype) if numpy_dtype is None else torch.from_numpy(np.array(values, numpy_dtype))
         if device.type == "cuda":
             t = t.pin_memory()
         return t.to(device, non_blocking=True)
