@@ -10,7 +10,8 @@ through the public loop (``add_request`` / ``step``) until one decode step runs 
 profiler; (2) traced with torch.profiler: every CUDA kernel (Numba's appear by their mangled Python names,
 cuBLAS's by theirs) is put in a part by its name, except that a step's last GEMM is the LM head and whatever
 runs after it is sampling (the logits' float cast, temperature, the draw). Kernel names no rule knows are
-"other" and are printed, so the table hides nothing. (3) traced again with Python's call stacks, for the host
+"other" and are printed, so the table hides nothing; a second table lists every kernel (launches and time per
+step, time per launch), largest first. (3) traced again with Python's call stacks, for the host
 time of the engine's phases (inflated by the tracer: read the shares, not the milliseconds).
 
 Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs read their weights once

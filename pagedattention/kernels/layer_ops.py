@@ -26,7 +26,7 @@ from .common import DTYPE_NAMES, THREADS, word_codec
 from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, st_u32_at
 from .runtime import launch, simulator_enabled
 
-NORM_THREADS = 256  # at most; a power of two >= 32 (whole warps)
+NORM_THREADS = 1024  # at most; a power of two >= 32 (whole warps): one pair per thread up to hidden 2048
 NORM_WARPS = NORM_THREADS // 32
 _JIT = dict(cache=not simulator_enabled())
 
@@ -62,7 +62,7 @@ def _codec(dtype: torch.dtype):
 # rotated k and v at the token's cache slot.
 #
 # grid   : (num_tokens,)            one block per token t
-# threads: 128                      item i = tid, tid + 128, ... over the token's work:
+# threads: one per item (up to 1024) item i = tid, tid + blockDim, ... over the token's work:
 #   items [0, (H + KH) * P)         rotation: head h = i // P (q heads 0..H-1, then k heads), pair p = i % P; P = D/4
 #                                   pairs of adjacent dims (e, e + 1), e = 2p, in the head's first half, each with
 #                                   its partner pair (e + D/2, e + D/2 + 1):
@@ -167,7 +167,9 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
     if num_tokens == 0:
         return out
     item = query.element_size()
-    launch(_rope_write_kv_kernel(query.dtype), (num_tokens,), THREADS, query.data_ptr(), query.stride(0) * item,
+    items = (num_heads + num_kv_heads) * (head_dim // 4) + num_kv_heads * (head_dim // 2)
+    threads = min(1024, -(-items // 32) * 32)  # one item per thread: a token's work in one round of loads
+    launch(_rope_write_kv_kernel(query.dtype), (num_tokens,), threads, query.data_ptr(), query.stride(0) * item,
            key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item, cos.data_ptr(),
            sin.data_ptr(), out.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
            key_cache.shape[0] * key_cache.shape[1], num_heads, num_kv_heads, head_dim)
@@ -178,7 +180,7 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
 # add_rms_norm_: residual <- residual + x;  x <- RMSNorm(residual) * weight   (both in place)
 #
 # grid   : (num_tokens,)            one block per token t
-# threads: the power of two >= hidden / 2 in [32, 256]: thread j handles pairs j, j + threads, ... of the token's
+# threads: the power of two >= hidden / 2 in [32, 1024]: thread j handles pairs j, j + threads, ... of the token's
 #                                   row of `hidden` values
 # x_ptr / residual_ptr + t * hidden * S   the token's rows; weight_ptr: [hidden], same dtype
 # Two passes over the row: the first sums the squares of the (rounded) sums, reduced over each warp with xor
