@@ -143,8 +143,10 @@ def two_byte_logits(rows: int, vocab: int, dtype, offset: int, gen) -> torch.Ten
 
 
 @pytest.mark.parametrize("dtype", TWO_BYTE)
-@pytest.mark.parametrize("vocab, offset", [(301, 0), (256, 1), (3, 1), (1, 0)])
+@pytest.mark.parametrize("vocab, offset", [(301, 0), (256, 1), (3, 1), (1, 0), (1001, 1), (1200, 0)])
 def test_two_byte_logits_give_what_their_float32_conversion_gives(dtype, vocab, offset):
+    """Vocabularies of 1,001 and 1,200 are long enough for the loop that keeps four words in flight per thread
+    (and its remainder); the short ones take the one-word path only."""
     gen = torch.Generator().manual_seed(np.random.randint(1 << 30))
     rng = np.random.default_rng(np.random.randint(1 << 30))
     logits = two_byte_logits(4, vocab, dtype, offset, gen)
@@ -187,6 +189,16 @@ def test_two_byte_non_finite_rows_get_nan_logprobs_as_in_float32(dtype):
     tokens32, logprobs32 = run(logits.float(), temperatures, keys, counters)
     assert torch.isnan(logprobs[:4]).all() and torch.isnan(logprobs32[:4]).all()
     assert tokens[4] == tokens32[4] == 40 and abs(logprobs[4].item()) < 1e-6
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_a_non_finite_logit_among_the_words_read_four_at_a_time(offset):
+    gen = torch.Generator().manual_seed(np.random.randint(1 << 30))
+    logits = two_byte_logits(3, 1001, torch.bfloat16, offset, gen)
+    logits[0, 333] = float("nan")
+    logits[1, 700] = float("inf")
+    _, logprobs = run(logits, [1.0, 0.0, 0.7], [1, 2, 3], [0, 0, 0])
+    assert torch.isnan(logprobs[:2]).all() and torch.isfinite(logprobs[2])
 
 
 def test_bad_arguments_are_rejected():
