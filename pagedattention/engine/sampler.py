@@ -270,7 +270,10 @@ class Sampler:
         """Per-row parameters as a tensor on the logits' device. From pinned memory the copy is asynchronous:
         a copy from pageable memory would first wait for the forward pass, instead of queueing behind it."""
         numpy_dtype = _NUMPY_DTYPES.get(dtype)  # numpy reads nested lists of numbers ~3x faster than torch
-        t = torch.tensor(values, dtype=dtype) if numpy_dtype is None else torch.from_numpy(np.array(values, numpy_dtype))
+        if numpy_dtype is None:
+            t = torch.tensor(values, dtype=dtype)
+        else:
+            t = torch.from_numpy(np.array(values, numpy_dtype))
         if device.type == "cuda":
             t = t.pin_memory()
         return t.to(device, non_blocking=True)

@@ -185,8 +185,8 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
 # x_ptr / residual_ptr + t * hidden * S   the token's rows; weight_ptr: [hidden], same dtype
 # Two passes over the row: the first sums the squares of the (rounded) sums, reduced over each warp with xor
 # shuffles and over the warps through shared memory (one barrier); the second recomputes each sum, then writes it
-# and its normalised value. Each thread rewrites only
-# the pairs it read, so no value is read after another thread has written it (the loads use the read-only path).
+# and its normalised value. Each thread rewrites only the pairs it read, so no value is read after another thread
+# has written it (the loads use the read-only path).
 # ---------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _add_rms_norm_kernel(dtype: torch.dtype):

@@ -288,7 +288,7 @@ else:
             return None
 
         def codegen(context, builder, sig, args):
-            x = builder.trunc(args[0], _i32) if sig.args[0].bitwidth > 32 else args[0]
+            x = context.cast(builder, args[0], sig.args[0], types.uint32)  # the low 32 bits
             for op, k in (("shift", 16), ("mul", 0x85EBCA6B), ("shift", 13), ("mul", 0xC2B2AE35), ("shift", 16)):
                 if op == "shift":
                     x = builder.xor(x, builder.lshr(x, ir.Constant(_i32, k)))
