@@ -175,8 +175,9 @@ def run_shape(timer, copy_bw, batch, ctx, num_heads=32, num_kv_heads=8, head_dim
 
 
 TUNE_SHAPES = [  # (batch, ctx, num_heads, num_kv_heads, head_dim, dtype): the engine's shape first
-    (256, 1024, 14, 2, 64, torch.bfloat16), (64, 2048, 14, 2, 64, torch.bfloat16), (256, 512, 14, 2, 64, torch.bfloat16),
-    (4, 32768, 32, 8, 128, torch.float16), (64, 4096, 32, 8, 128, torch.float16), (64, 2048, 64, 8, 128, torch.float16),
+    (256, 1024, 14, 2, 64, torch.bfloat16), (64, 2048, 14, 2, 64, torch.bfloat16),
+    (256, 512, 14, 2, 64, torch.bfloat16), (4, 32768, 32, 8, 128, torch.float16),
+    (64, 4096, 32, 8, 128, torch.float16), (64, 2048, 64, 8, 128, torch.float16),
 ]
 TUNE_VARIANTS = [  # decode_v2 knobs: the CUDA-core layouts, then tensor cores as (chunks, register cap)
     dict(tensor_cores=False),

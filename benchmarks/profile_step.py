@@ -272,7 +272,8 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
             "context_mean": context + warmup + timed + steps / 2,
             "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
-            "other_kernels_ms": others, "kernels": kernels, "host_phases_ms": host_phases(host, step_windows(host))}
+            "other_kernels_ms": others, "kernels": kernels,
+            "host_phases_ms": host_phases(host, step_windows(host))}
 
 
 def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict, list[dict]]:
@@ -334,7 +335,8 @@ def print_profile(report: dict) -> None:
     for r in rows:
         print(f"\nB={r['batch']} kernels, per step: launches, ms, µs per launch")
         for k in r["kernels"][:14]:
-            print(f"  {k['part']:<10} {k['kernel'][:60]:<60} {k['launches']:6.1f} {k['ms']:8.4f} {k['us_per_launch']:7.2f}")
+            print(f"  {k['part']:<10} {k['kernel'][:60]:<60} {k['launches']:6.1f} {k['ms']:8.4f} "
+                  f"{k['us_per_launch']:7.2f}")
     for r in rows:  # every name no rule knows, so that "other" hides nothing (the JSON keeps them whole)
         if r["other_kernels_ms"]:
             print(f"B={r['batch']} unclassified (\"other\"), ms per step:")

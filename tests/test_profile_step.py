@@ -109,7 +109,8 @@ def test_a_traced_step_splits_into_its_parts():
 def test_short_kernel_names():
     assert ps.short_name("cudapy::pagedattention::kernels::layer_ops::_add_rms_norm_kernel::_3clocals_3e::kernel"
                          "(long long, long long)") == "layer_ops::_add_rms_norm_kernel::kernel"
-    assert ps.short_name("pagedattention::kernels::sampling::_kernels::<locals>::partial") == "sampling::_kernels::partial"
+    assert (ps.short_name("pagedattention::kernels::sampling::_kernels::<locals>::partial")
+            == "sampling::_kernels::partial")
     assert ps.short_name("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT") == "nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT"
 
 
