@@ -98,7 +98,7 @@ def test_a_traced_step_splits_into_its_parts():
         got, others, kernels = ps.classify_step(step)
         assert got == pytest.approx(parts)
         assert set(others) == {"void at::native::elementwise_kernel<128, 2, MulFunctor<float>>"}
-        # the per-kernel table adds up to the parts, and names a Numba kernel by its builder
+        # the per-kernel table adds up to the parts and counts every event once
         per_part = {}
         for part, calls, us in kernels.values():
             per_part[part] = per_part.get(part, 0.0) + us
