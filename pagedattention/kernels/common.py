@@ -73,9 +73,11 @@ def max_registers_option(max_registers: int | None) -> dict:
 
 
 @cuda.jit(device=True, inline=True)
-def partition_tokens(context_len, min_partition, num_partitions):
-    """Tokens per split-KV partition of one sequence: its context spread evenly over the grid's
-    ``num_partitions``, never fewer than ``min_partition``. The decode kernels and the merge compute it alike, so
-    a grid sized for an upper bound (a CUDA graph's) splits each sequence by its own length; a sequence uses
-    ceil(context_len / size) <= num_partitions partitions."""
-    return max((context_len + num_partitions - 1) // num_partitions, min_partition)
+def sequence_partition(context_lens, seq, max_tokens, min_partition, num_partitions):
+    """(context length, tokens per split-KV partition) of sequence ``seq``. The length is cut to ``max_tokens``
+    (what its block table covers: a caller's broken promise is never overrun); the partition spreads it evenly
+    over the grid's ``num_partitions``, never fewer than ``min_partition`` tokens. The decode kernels and the merge
+    compute it alike, so a grid sized for an upper bound (a CUDA graph's) splits each sequence by its own length;
+    a sequence uses ceil(context_len / size) <= num_partitions partitions."""
+    context_len = min(context_lens[seq], max_tokens)
+    return context_len, max((context_len + num_partitions - 1) // num_partitions, min_partition)

@@ -73,7 +73,7 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
 def split_plan(num_units: int, max_context_len: int, num_sms: int, per_sm: int = 4) -> tuple[int, int]:
     """(shortest partition in tokens, partitions in the grid) for ``num_units`` (sequence, head block) pairs whose
     contexts are at most ``max_context_len``; each sequence then splits by its own length
-    (``common.partition_tokens``).
+    (``common.sequence_partition``).
 
     One wave holds ``num_sms * per_sm`` resident blocks. When the units alone fill most of it, no split (a
     merge would only add work); otherwise as many partitions as fit in that one wave, never more, since a

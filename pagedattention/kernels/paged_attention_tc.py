@@ -9,7 +9,7 @@ Grid and threads::
 
     grid    (num_partitions, num_kv_heads, num_seqs)
             block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
-            common.partition_tokens (the sequence's own context over the grid's partitions, at least the
+            common.sequence_partition (the sequence's own context over the grid's partitions, at least the
             launch's partition_size), for query heads
             u*GB .. u*GB + GB - 1 (GB = the whole group, at most 8), which all read KV head u.
     threads 128 = 4 warps. Each iteration the block covers TILE = 4 * CH * 16 tokens from ``base``; warp w
@@ -42,7 +42,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, partition_tokens, word_codec
+from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, sequence_partition, word_codec
 from .mma import interleave_hi, interleave_lo, mma_bf16, mma_f16
 from .ptx import ld_v4
 
@@ -89,9 +89,8 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         group = num_heads // num_kv_heads
         head0 = kv_head * group
 
-        # A length past what the table covers (a caller's broken promise) is cut, never overrun.
-        context_len = min(context_lens[seq], max_blocks << block_shift)
-        size = partition_tokens(context_len, partition_size, num_partitions)
+        context_len, size = sequence_partition(context_lens, seq, max_blocks << block_shift, partition_size,
+                                               num_partitions)
         start = part * size
         if start >= context_len:
             return                                         # partition past this sequence's context: no work
@@ -209,8 +208,9 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         cuda.syncthreads()
         # The sequence's only partition writes the output, no merge (its length is read again: cheaper than
         # a register held through the loop).
-        context_len = min(context_lens[seq], max_blocks << block_shift)
-        direct = partition_tokens(context_len, partition_size, num_partitions) >= context_len
+        context_len, size = sequence_partition(context_lens, seq, max_blocks << block_shift, partition_size,
+                                               num_partitions)
+        direct = size >= context_len
         # Thread i writes output words i, i+128, ... of the group x W block of words.
         for x in range(tid, group * W, THREADS):
             gh = x // W

@@ -4,7 +4,7 @@ Grid and threads::
 
     grid    (num_partitions, num_kv_heads * head_blocks, num_seqs)
             block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
-            common.partition_tokens (the sequence's own context over the grid's partitions, at least the
+            common.sequence_partition (the sequence's own context over the grid's partitions, at least the
             launch's partition_size), for query heads
             head0 .. head0+GB-1, which all read KV head u // head_blocks: each K/V byte is read once per
             sequence, not once per query head. GB = query heads per block, a divisor of the GQA group chosen
@@ -40,7 +40,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import NEG_BIG, THREADS, max_registers_option, partition_tokens, word_codec
+from .common import NEG_BIG, THREADS, max_registers_option, sequence_partition, word_codec
 from .ptx import f32_bits, ld_v4
 
 
@@ -90,9 +90,8 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
         kv_head = unit // head_blocks
         head0 = kv_head * heads_per_kv + (unit % head_blocks) * GB  # first query head of this block
 
-        # A length past what the table covers (a caller's broken promise) is cut, never overrun.
-        context_len = min(context_lens[seq], max_blocks << block_shift)
-        size = partition_tokens(context_len, partition_size, num_partitions)
+        context_len, size = sequence_partition(context_lens, seq, max_blocks << block_shift, partition_size,
+                                               num_partitions)
         start = part * size
         if start >= context_len:
             return                                         # partition past this sequence's context: no work
@@ -216,8 +215,9 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
         cuda.syncthreads()
         # The sequence's only partition writes the output, no merge (its length is read again: cheaper than
         # a register held through the loop).
-        context_len = min(context_lens[seq], max_blocks << block_shift)
-        direct = partition_tokens(context_len, partition_size, num_partitions) >= context_len
+        context_len, size = sequence_partition(context_lens, seq, max_blocks << block_shift, partition_size,
+                                               num_partitions)
+        direct = size >= context_len
         # Thread t writes output words t, t+128, ... of the GB x W block of words.
         for x in range(tid, GB * W, THREADS):
             gh = x // W
@@ -251,7 +251,7 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
     """Combine the partitions' (m, l, o) into the output.
 
     grid (num_heads, num_seqs), threads 128: thread t owns output words t, t+128, ... of head row (s, h).
-    Only the ceil(context_len / size) partitions that did work are read (size = ``partition_tokens``, as the
+    Only the ceil(context_len / size) partitions that did work are read (size = ``sequence_partition``, as the
     attention kernel computed it; a sequence of one partition was written by that kernel and is skipped).
     Partition p's weight is l_p * exp(m_p - M) with M the largest m_p; the output is
     sum_p weight_p * o_p / sum_p weight_p.
@@ -267,8 +267,7 @@ def build_merge_kernel(dtype_name: str, head_dim: int):
                      num_partitions):
         head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
-        context_len = min(context_lens[seq], max_tokens)
-        size = partition_tokens(context_len, partition_size, num_partitions)
+        context_len, size = sequence_partition(context_lens, seq, max_tokens, partition_size, num_partitions)
         used = (context_len + size - 1) // size
         if used <= 1:
             return
