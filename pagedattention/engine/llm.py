@@ -179,7 +179,7 @@ class LLM:
             touched, self._touched_meanwhile = self._touched_meanwhile + self._step(), []
             # a "final_only" request reports nothing until it ends: skip its running sequences in one pass
             touched = [s for s in touched if s.status is SequenceStatus.FINISHED
-                       or s.sampling_params.output_kind != "final_only" or s.beam_group is not None]
+                       or s.sampling_params.output_kind != "final_only"]
             outputs = []
             for first in {id(s.group[0]): s.group[0] for s in touched}.values():
                 if self._requests.get(first.request_id) is not first or first.beam_group is not None:
