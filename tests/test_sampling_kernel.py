@@ -57,16 +57,21 @@ def fmix32(h):
     return h ^ (h >> np.uint64(16))
 
 
-def gumbel_noise(key: int, counter: int, vocab: int) -> np.ndarray:
-    """float64 Gumbel noise of each column, from the kernel's documented hash."""
+def gumbel_noise_bits(key: int, counter: int, vocab: int) -> np.ndarray:
+    """The kernel's documented 32-bit hash of each column of a row."""
     k, c = np.uint64(key), np.uint64(counter)
     h = fmix32(np.array([k & M32]))
     h = fmix32(h ^ (k >> np.uint64(32)))
     h = fmix32(h ^ (c & M32))
     h = fmix32(h ^ (c >> np.uint64(32)))
-    bits = fmix32(h ^ fmix32(np.arange(vocab, dtype=np.uint64)))
-    u = ((bits >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24
-    return -np.log(-np.log(u))
+    return fmix32(h ^ fmix32(np.arange(vocab, dtype=np.uint64)))
+
+
+def gumbel_noise(key: int, counter: int, vocab: int) -> np.ndarray:
+    """float64 Gumbel noise of each column, from the kernel's documented hash."""
+    bits = gumbel_noise_bits(key, counter, vocab)
+    u = ((bits >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0 ** -23
+    return -np.log(np.maximum(-np.log(u), 2.0 ** -24))
 
 
 def run(logits, temperatures, keys, counters):
@@ -100,6 +105,18 @@ def test_sampled_rows_are_gumbel_max_of_the_documented_noise():
         assert tokens[row] == expected
     expected = torch.log_softmax(logits.double(), dim=1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_the_largest_hash_gives_finite_noise():
+    """Key 234999 (counter 0) hashes column 29 of 64 to 0xFFFFFF5D, the top of the 24-bit range: a draw that
+    turned it into u = 1 gave that column infinite noise, and it won over logits far above its own."""
+    assert (gumbel_noise_bits(234999, 0, 64)[29] >> np.uint64(8)) == (1 << 24) - 1
+    logits = torch.zeros(2, 64)
+    logits[:, 29] = -30.0  # softmax gives it e**-30: never drawn
+    tokens, logprobs = run(logits, [1.0, 1.0], [234999, 234999], [0, 0])
+    expected = np.argmax(logits[0].double().numpy() + gumbel_noise(234999, 0, 64))
+    assert tokens.tolist() == [expected, expected] and expected != 29
+    assert torch.isfinite(logprobs).all()
 
 
 def test_the_noise_draws_follow_softmax_over_temperature():

@@ -48,8 +48,9 @@ from .ptx import as_f32, f32_bits, fmix32, ld_i32_at, ld_i64_at, ld_u16_at, st_u
 from .runtime import launch, simulator_enabled
 
 SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
-_S32, _S8 = np.uint64(32), np.uint64(8)
-_TWO_M24 = np.float32(2.0 ** -24)
+_S32, _S9 = np.uint64(32), np.uint64(9)
+_TWO_M23 = np.float32(2.0 ** -23)
+_MIN_EXP = np.float32(2.0 ** -24)  # -log(u) for the largest u, 1 - 2**-24, rounded down
 NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
 BAD_COL = 1 << 30              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,10 +68,14 @@ def row_hash(key, counter):
 
 @cuda.jit(device=True, inline=True)
 def gumbel(h, col):
-    """Gumbel(0, 1) noise of column ``col`` from its row's hash ``h``: 24 random bits -> u in (0, 1)."""
+    """Gumbel(0, 1) noise of column ``col`` from its row's hash ``h``: 23 random bits k -> u = (k + 1/2) / 2**23
+    in (0, 1). k + 1/2 needs 24 significant bits, which float32 holds exactly; with 24 random bits the largest k
+    rounded k + 1/2 up to 2**24, so u = 1, noise +inf, and that column won its row whatever its logit (one
+    column in 2**24: about one draw in a hundred over a 150k vocabulary). The fast approximate log may also
+    round -log(u) of the largest u to 0, so -log(u) is kept >= 2**-24: the noise stays below 16.7."""
     bits = fmix32(h ^ fmix32(col))
-    u = (float32(bits >> _S8) + float32(0.5)) * _TWO_M24
-    return -math.log(-math.log(u))
+    u = (float32(bits >> _S9) + float32(0.5)) * _TWO_M23
+    return -math.log(max(-math.log(u), _MIN_EXP))
 
 
 @cuda.jit(device=True, inline=True)
