@@ -43,7 +43,7 @@ def _configs():
             name = f"v2 {dtype} d{head_dim} group{group}"
             heads, tokens, registers = v2_config(group)
             out.append((name, v2.build_v2_kernel(dtype, head_dim, heads, tokens, registers), v2_sig, registers))
-        if dtype != "float32":  # every (head_dim, chunks, cap) that decode.tc_config can pick
+        if dtype != "float32":  # every (head_dim, chunks, cap) that decode.tc_config can pick, and two chunks
             for head_dim, chunks, registers in ((64, 1, 128), (128, 1, None), (128, 2, None)):
                 name = f"tc {dtype} d{head_dim} chunks{chunks}"
                 out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))

@@ -53,21 +53,20 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
     CUDA-core kernel is used instead; ``num_units`` = sequences x KV heads.
 
-    From the H200 tune (benchmarks/results/kernels_tune_h200.log): tensor cores for groups of 5-8, and for a
-    group of 4 when the launch is split over the context or, at head_dim 128, the contexts reach 2,048; one
-    chunk per warp under a 128-register cap (four blocks per SM), except that a split launch at head_dim 128
-    runs uncapped. At B64 ctx4096 32/8 d128 that is 0.284 ms against the CUDA-core kernel's 0.332,
-    at B64 ctx2048 64/8 0.152 against two uncapped chunks' 0.173; at B4 ctx32768 (split) uncapped 0.151 against
-    capped 0.159; at 14/2 d64 bf16, B256 ctx1024, 0.040 ms (80% of copy) against 0.147 on the CUDA cores.
+    From the H200 runs (benchmarks/results/kernels_tune_h200.log, and the A/B of the pipelined head_dim-128
+    kernel in paged_attention_tc.build_tc_kernel): tensor cores for groups of 5-8, and for a group of 4 when
+    the launch is split over the context or, at head_dim 128, the contexts reach 2,048; one chunk per warp.
+    head_dim 64 runs under a 128-register cap (four blocks per SM): at 14/2 bf16, B256 ctx1024, 0.040 ms (80% of
+    copy) against 0.147 on the CUDA cores. head_dim 128 runs pipelined and uncapped: B64 ctx4096 32/8 0.266 ms
+    against 0.285 capped (not pipelined) and 0.332 on the CUDA cores, B4 ctx32768 0.142.
     """
     if not tc_supported(dtype_name, head_dim, group) or group < 4:
         return None
     registers = 128 if head_dim == 64 else None
-    if split_plan(num_units, max_context_len, num_sms, blocks_per_sm(registers))[1] > 1:
-        return 1, registers
-    if group == 4 and (head_dim == 64 or max_context_len < 2048):
+    split = split_plan(num_units, max_context_len, num_sms, blocks_per_sm(registers))[1] > 1
+    if group == 4 and not split and (head_dim == 64 or max_context_len < 2048):
         return None  # four heads padded to the MMA's 16 rows: B256 ctx128 d128 took 0.087 ms against 0.057
-    return 1, 128
+    return 1, registers
 
 
 def split_plan(num_units: int, max_context_len: int, num_sms: int, per_sm: int = 4) -> tuple[int, int]:
