@@ -33,8 +33,7 @@ def _configs():
     words = types.Array(types.int32, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
     i64, f32s = types.int64, types.float32
-    v2_sig = (words, f32, f32, f32, words, words, words, words, words, i64, i64, i64, i64, i64, i64, f32s)
-    merge_sig = (words, f32, f32, f32, words, i64, i64, i64, i64)
+    v2_sig = (words, f32, f32, f32, words, words, words, words, words, words, i64, i64, i64, i64, i64, i64, f32s)
     w3, w4 = types.Array(types.int32, 3, "C"), types.Array(types.int32, 4, "C")
     v1_sig = (w3, w3, w4, w4, types.Array(types.int32, 2, "C"), words, types.Array(types.float32, 3, "C"), f32s)
     out = []
@@ -47,7 +46,6 @@ def _configs():
             for head_dim, chunks, registers in ((64, 1, 128), (128, 1, None), (128, 2, None)):
                 name = f"tc {dtype} d{head_dim} chunks{chunks}"
                 out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))
-        out.append((f"merge {dtype} d128", v2.build_merge_kernel(dtype, 128), merge_sig, None))
         out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
     from pagedattention.kernels.paged_prefill import build_tensor_core_kernel
 

@@ -200,6 +200,24 @@ def test_v2_split_kv_partitions_merge(partition_size, lens):
                                      HEAD_DIMS[0] ** -0.5))
 
 
+def test_split_launches_reset_their_arrival_counters():
+    """The last partition block of each (sequence, head block) to finish merges and sets its arrival counter back
+    to 0: after each split launch every counter is 0 again, so the next launch (a graph replay), with new
+    inputs, merges right too."""
+    from pagedattention.kernels import decode
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        lens = [40 + seed, 33]
+        key, value, tables, ctx = make_batch(lens, 8, 1, HEAD_DIMS[0], torch.float32, gen)
+        query = torch.randn(len(lens), 2, HEAD_DIMS[0], generator=gen).to(DEVICE)
+        out = decode_v2(query, key, value, tables, ctx, out=poisoned_like(query), partition_size=16,
+                        max_context_len=tables.shape[1] * 8)
+        check_close(out.cpu(), reference(query.cpu(), key.cpu(), value.cpu(), tables.cpu(), ctx.cpu(),
+                                         HEAD_DIMS[0] ** -0.5))
+        counters = decode._arrivals[query.device]
+        assert counters.numel() >= decode.MIN_ARRIVALS and not counters.any()
+
+
 def test_split_plan():
     """No split when the (sequence, KV head) blocks fill the GPU; more partitions the fewer blocks there are,
     as many as one wave holds, each at least MIN_PARTITION tokens."""

@@ -1,7 +1,8 @@
 """``paged_attention``: decode attention over the paged KV cache, dispatching to the V1 or V2 Numba kernel.
 
 V2 runs on the CUDA cores (paged_attention_v2.py) or, for wide GQA groups and split launches in fp16/bf16,
-on the tensor cores (paged_attention_tc.py); ``tc_config`` decides. Both share the split-KV merge kernel.
+on the tensor cores (paged_attention_tc.py); ``tc_config`` decides. Both end with the same split-KV merge,
+done by the last partition block of each sequence to finish (``paged_attention_v2.build_partition_merge``).
 
 Host side of the kernels: validation, the split-KV plan (how many partitions per sequence), scratch buffers and
 the launches on torch's current stream. With ``max_context_len`` given nothing here reads a GPU tensor, so a
@@ -17,7 +18,7 @@ import torch
 from . import validation as V
 from .common import DTYPE_NAMES, THREADS, num_sms
 from .paged_attention_v1 import build_v1_kernel
-from .paged_attention_v2 import build_merge_kernel, build_v2_kernel
+from .paged_attention_v2 import build_v2_kernel
 from .paged_attention_tc import build_tc_kernel, tc_supported
 from .runtime import as_kernel_array, current_stream, simulator_enabled
 
@@ -95,9 +96,29 @@ def _words(t: torch.Tensor):
 
 @functools.lru_cache(maxsize=None)
 def _unused_scratch(device: torch.device):
-    """Placeholder partial-result arrays for launches without a split (the kernel never touches them)."""
+    """Placeholder partial-result and arrival arrays for launches without a split (never touched)."""
     t = torch.empty(1, dtype=torch.float32, device=device)
-    return (as_kernel_array(t),) * 3
+    return (as_kernel_array(t),) * 3 + (as_kernel_array(t.view(torch.int32)),)
+
+
+#: Arrival counters allocated at least this many at a time: every automatic split plan fits (it splits only while
+#: sequences x head blocks stay under one wave of resident blocks).
+MIN_ARRIVALS = 4096
+_arrivals: dict = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, head block) of a split launch, kept for the device's lifetime:
+    the last block of each unit sets its counter back to 0, so launches and graph replays share them without a
+    memset. Launches on one device must not run concurrently (one stream, as the engine's layers run)."""
+    counters = _arrivals.get(device)
+    if counters is None or counters.numel() < count:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"a split-KV launch of {count} (sequence, head block) units during CUDA graph "
+                               f"capture needs its arrival counters first made by a launch outside capture")
+        counters = torch.zeros(max(MIN_ARRIVALS, 1 << (count - 1).bit_length()), dtype=torch.int32, device=device)
+        _arrivals[device] = counters
+    return counters
 
 
 def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len):
@@ -202,7 +223,8 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         part_l = torch.empty(rows, dtype=torch.float32, device=device)
         part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
-        scratch = as_kernel_array(part_m), as_kernel_array(part_l), as_kernel_array(part_o)
+        arrivals = _arrival_counters(device, num_seqs * num_units)
+        scratch = tuple(as_kernel_array(t) for t in (part_m, part_l, part_o, arrivals))
     else:
         scratch = _unused_scratch(device)
     stream = current_stream()
@@ -211,9 +233,4 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
         as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,
         block_size.bit_length() - 1, partition_size, num_partitions, np.float32(scale))
-    if num_partitions > 1:
-        merge = build_merge_kernel(dtype_name, head_dim)
-        merge[(num_heads, num_seqs), THREADS, stream](
-            out_w, *scratch, as_kernel_array(context_lens), num_heads, max_blocks * block_size, partition_size,
-            num_partitions)
     return out

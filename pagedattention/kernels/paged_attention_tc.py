@@ -35,7 +35,8 @@ Softmax state per lane for head g (base 2, ``scale * log2(e)`` folded into S): m
 a row (two shuffles per tile), l is the lane's partial sum (summed over the 4 lanes at the end), acc are its
 O columns. Tokens past the context are masked (loads clamped to the last real token, P = 0). At the end the
 4 warps' states are merged through shared memory; with one partition the block writes the normalised output,
-otherwise (m, l, O / l) go to fp32 scratch in the layout of ``paged_attention_v2.build_merge_kernel``.
+otherwise (m, l, O / l) go to fp32 scratch and the last partition block of the sequence to finish combines them
+(``paged_attention_v2.build_partition_merge``).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from numba import cuda, float32, uint32
 
 from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, sequence_partition, word_codec
 from .mma import interleave_hi, interleave_lo, mma_bf16, mma_f16
+from .paged_attention_v2 import build_partition_merge
 from .ptx import ld_v4
 
 WARPS = THREADS // 32
@@ -86,6 +88,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     Q_LEN, ACC_LEN = 2 * KS, 2 * NO
     WARP_HEADS, WARP_HEADS_DIM, STATS = (WARPS, 8), (WARPS, 8, D), (2, 8)
     PIPELINED = head_dim == 128 and chunks == 1
+    merge_if_last = build_partition_merge(dtype_name, head_dim)
 
     @cuda.jit(device=True, inline=True)
     def load_k(kw, key_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads, block_shift):
@@ -116,7 +119,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                     vw[x], vw[x + 1], vw[x + 2], vw[x + 3] = ld_v4(value_w, row + 4 * i)
 
     @cuda.jit(fastmath=True, **max_registers_option(max_registers))
-    def kernel(out_w, part_m, part_l, part_o, query_w, key_w, value_w, block_tables, context_lens,
+    def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, key_w, value_w, block_tables, context_lens,
                num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
         part = cuda.blockIdx.x
         kv_head = cuda.blockIdx.y
@@ -237,7 +240,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 total += sm_l[w, tid] * weight
             for w in range(WARPS):
                 sm_scale[w, tid] /= total
-            sm_stat[0, tid] = big / float32(LOG2E)           # the merge kernel works in base e
+            sm_stat[0, tid] = big / float32(LOG2E)           # the merge works in base e
             sm_stat[1, tid] = total
         cuda.syncthreads()
         # The sequence's only partition writes the output, no merge (its length is read again: cheaper than
@@ -264,5 +267,8 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 if w == 0:
                     part_m[row] = sm_stat[0, gh]
                     part_l[row] = sm_stat[1, gh]
+        if not direct:
+            merge_if_last(out_w, part_m, part_l, part_o, arrivals, seq * num_kv_heads + kv_head, seq, head0, group,
+                          num_heads, num_partitions, (context_len + size - 1) // size, tid)
 
     return kernel

@@ -14,6 +14,8 @@ Why these exist:
   serves fp16, bf16 and fp32: a word holds two fp16/bf16 values (element ``2i`` in the low half) or one fp32.
   ``lo_f16``/``hi_f16``/``lo_bf16``/``hi_bf16``/``as_f32`` widen a word's halves to float32, and
   ``pack_f16x2``/``pack_bf16x2``/``f32_bits`` narrow results back (round to nearest even).
+- ``ld_f32_cg`` reads a float32 that another block of the same launch wrote, from L2 (``ld.global.cg``): a plain
+  load may hit a line this SM's L1 cached before the write (L1 is not coherent across SMs).
 - ``fmix32`` (murmur3's finaliser, the sampler's noise) in 32-bit arithmetic, which Numba's integer typing
   would widen to 64 bits.
 
@@ -28,7 +30,7 @@ from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "lo_f16",
+__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "ld_f32_cg", "lo_f16",
            "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2", "fmix32"]
 
 
@@ -75,6 +77,9 @@ if simulator_enabled():
 
     def ld_i32_at(address):
         return ctypes.c_int32.from_address(int(address)).value
+
+    def ld_f32_cg(values, i):
+        return values[i]
 
     def ld_u16_at(address):
         return ctypes.c_uint16.from_address(int(address)).value
@@ -202,6 +207,21 @@ else:
             return builder.call(asm, [addr])
 
         return types.int32(address), codegen
+
+    @intrinsic
+    def ld_f32_cg(typingctx, values, i):
+        """``values[i]`` of a 1-D float32 array, read at L2 past this SM's L1 (a value another block wrote)."""
+        if not (isinstance(values, types.Array) and values.ndim == 1 and values.dtype == types.float32):
+            return None
+        sig = types.float32(values, types.intp)
+
+        def codegen(context, builder, sig, args):
+            ptr = _word_pointer(context, builder, sig.args[0], args[0], args[1])
+            asm = ir.InlineAsm(ir.FunctionType(_f32, [_f32.as_pointer()]), "ld.global.cg.f32 $0, [$1];",
+                               "=f,l,~{memory}", side_effect=True)
+            return builder.call(asm, [ptr])
+
+        return sig, codegen
 
     @intrinsic
     def ld_u16_at(typingctx, address):
