@@ -330,10 +330,39 @@ def run_norm_case(dtype, num_tokens, hidden, eps, seed, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,hidden", [(1, 2), (2, 64), (1, 96), (1, 256), (3, 1000), (2, 1100)])
 def test_add_rms_norm_matches_definition(dtype, num_tokens, hidden):
-    """A block has the power of two >= the row's pairs in [32, 256] threads: rows of 1 pair (31 threads idle),
-    32 (exactly one warp), 48 (in 64 threads), 128 (exactly 128), 500 (each of 256 threads loops twice, not
-    evenly) and 550 (more than 512: three times)."""
+    """A block has the power of two >= the row's items in [32, 1024] threads. 16-bit rows of 64, 96, 256 and
+    1,000 values split into 16-byte items (8, 12, 32, 125 of them: whole warps idle, or part of one); rows of 2
+    and 1,100 (2,200 bytes) do not and move one word per item (1 and 550 items). fp32 rows of 2 move words too."""
     run_norm_case(dtype, num_tokens, hidden, eps=1e-6, seed=hidden)
+
+
+@pytest.mark.parametrize("dtype,hidden", [(torch.bfloat16, 1000), (torch.float32, 1100), (torch.float16, 1100)])
+def test_add_rms_norm_rows_longer_than_the_block(monkeypatch, dtype, hidden):
+    """With 32 threads a block, each thread loops over several items (125 16-byte items, 275 of fp32, 550 words
+    of a row that does not split into 16-byte items): only its first stays in registers across the barrier."""
+    from pagedattention.kernels import layer_ops
+    monkeypatch.setattr(layer_ops, "NORM_THREADS", 32)
+    run_norm_case(dtype, 2, hidden, eps=1e-6, seed=hidden + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rows_off_16_byte_alignment_move_words(dtype):
+    """Tensors 4 bytes past a 16-byte boundary (rows of whole 16-byte items otherwise) take the one-word items:
+    16-byte loads there would fault on a GPU."""
+    gen = torch.Generator().manual_seed(5)
+    elems = 4 // torch.tensor([], dtype=dtype).element_size()  # 4 bytes in
+    def shifted(shape):
+        n = shape[0] * shape[1]
+        return randn((n + elems,), dtype, gen)[elems:].view(shape)
+    x, residual = shifted((2, 64)), shifted((2, 64))
+    weight = shifted((1, 64))[0]
+    assert x.data_ptr() % 16 == 4
+    expected_x, expected_residual = add_rms_norm_oracle(x, residual, weight, 1e-6)
+    add_rms_norm_(x, residual, weight, 1e-6)
+    check_close(residual, expected_residual)
+    check_close(x, expected_x)
+    gate_up = shifted((3, 32))
+    check_close(silu_and_mul(gate_up), silu_and_mul_oracle(gate_up))
 
 
 def test_add_rms_norm_eps_counts():
@@ -419,7 +448,9 @@ def silu_and_mul_oracle(gate_up):
 @pytest.mark.parametrize("num_tokens,size,use_out", [(1, 2, False), (3, 130, True), (2, 300, False),
                                                      (1, 1000, True)])
 def test_silu_and_mul_matches_definition(dtype, num_tokens, size, use_out):
-    """1, 65, 150 and 500 pairs per row: less than the block's 128 threads, and more but not a multiple."""
+    """Rows of 2, 130, 300 and 1,000 outputs. 16-bit: 1, 65 and 150 one-word items (rows not made of whole 16-byte
+    items), then 125 16-byte items; fp32: 2 and 130 words, then 75 and 250 16-byte items. Fewer than the block's
+    128 threads, and more but not a multiple."""
     gen = torch.Generator().manual_seed(size)
     gate_up = randn((num_tokens, 2 * size), torch.float32, gen)
     gate_up[0, :4] = torch.tensor([-30.0, -8.0, 8.0, 30.0])  # saturated gates: silu ~ 0 and silu ~ identity

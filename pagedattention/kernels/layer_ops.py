@@ -7,10 +7,12 @@ of those groups is one kernel, computed in float32 and rounded once, so the resu
 the dtype allows (torch's op-by-op versions round after every op).
 
 Every kernel takes raw addresses (``data_ptr()``) and sizes, launched through ``runtime.launch`` (no per-array
-wrapping on eager steps), and reads/writes 32-bit words: one word = two fp16/bf16 values or one fp32, so a thread
-moves *pairs* of adjacent elements (two words for fp32). ``_codec`` builds the pair load/store of a dtype.
-RoPE and the norm run one block per token, SwiGLU a row of blocks per token; the comment above each names its
-grid, thread roles, addresses and indices.
+wrapping on eager steps). RoPE moves *pairs* of adjacent elements (one 32-bit word of fp16/bf16, two of fp32;
+``_codec``). The norm and SwiGLU move *items* of 16 bytes (``_item_codec``: 8 fp16/bf16 or 4 fp32 values) when
+every row is made of whole, 16-byte aligned items, else items of one 32-bit word: at 8,192 prefill tokens the
+word-sized loads left them at a sixth (norm) and a half (SwiGLU) of the memory bandwidth. RoPE and the norm
+run one block per token, SwiGLU a row of blocks per token; the comment above each names its grid, thread
+roles, addresses and indices.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from numba import cuda
 
 from . import validation as V
 from .common import DTYPE_NAMES, THREADS, word_codec
-from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, st_u32_at
+from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, ld_v4_at, st_u32_at, st_v4_at
 from .runtime import launch, simulator_enabled
 
 NORM_THREADS = 1024  # at most; a power of two >= 32 (whole warps): one pair per thread up to hidden 2048
@@ -55,6 +57,57 @@ def _codec(dtype: torch.dtype):
     def store_half_pair(address, a, b):
         st_u32_at(address, pack(a, b))
     return load_half_pair, store_half_pair, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _item_codec(dtype: torch.dtype, words: int):
+    """(load(address, values, i), store(address, values, i), E) for items of ``words`` (4 or 1) 32-bit words:
+    load widens the item at ``address`` into ``values[i:i + E]`` (float32), store narrows them back."""
+    two_byte = dtype != torch.float32
+    lo, hi, pack = word_codec(DTYPE_NAMES[dtype])
+    E = words * (2 if two_byte else 1)
+    if words == 4:
+        @cuda.jit(device=True, inline=True)
+        def load(address, values, i):
+            w = ld_v4_at(address)
+            for k in range(4):
+                if two_byte:
+                    values[i + 2 * k] = lo(w[k])
+                    values[i + 2 * k + 1] = hi(w[k])
+                else:
+                    values[i + k] = as_f32(w[k])
+
+        if two_byte:
+            @cuda.jit(device=True, inline=True)
+            def store(address, values, i):
+                st_v4_at(address, pack(values[i], values[i + 1]), pack(values[i + 2], values[i + 3]),
+                         pack(values[i + 4], values[i + 5]), pack(values[i + 6], values[i + 7]))
+        else:
+            @cuda.jit(device=True, inline=True)
+            def store(address, values, i):
+                st_v4_at(address, f32_bits(values[i]), f32_bits(values[i + 1]), f32_bits(values[i + 2]),
+                         f32_bits(values[i + 3]))
+        return load, store, E
+
+    @cuda.jit(device=True, inline=True)
+    def load_word(address, values, i):
+        w = ld_i32_at(address)
+        if two_byte:
+            values[i] = lo(w)
+            values[i + 1] = hi(w)
+        else:
+            values[i] = as_f32(w)
+
+    @cuda.jit(device=True, inline=True)
+    def store_word(address, values, i):
+        st_u32_at(address, pack(values[i], values[i + 1]) if two_byte else f32_bits(values[i]))
+    return load_word, store_word, E
+
+
+def _item_words(row_bytes: int, *tensors: torch.Tensor) -> int:
+    """4 (16-byte items) when rows of ``row_bytes`` split into whole items and every tensor starts 16-byte
+    aligned, else 1."""
+    return 4 if row_bytes % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors) else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,21 +233,23 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
 # add_rms_norm_: residual <- residual + x;  x <- RMSNorm(residual) * weight   (both in place)
 #
 # grid   : (num_tokens,)            one block per token t
-# threads: the power of two >= hidden / 2 in [32, 1024]: thread j handles pairs j, j + threads, ... of the token's
-#                                   row of `hidden` values
-# x_ptr / residual_ptr + t * hidden * S   the token's rows; weight_ptr: [hidden], same dtype
+# threads: the power of two >= the row's items in [32, NORM_THREADS]: thread j handles items j, j + threads, ...
+#                                   of the token's row; an item is B = 16 bytes (E = 8 fp16/bf16 or 4 fp32
+#                                   values) or, where rows do not split into aligned 16-byte items, one word
+# x_ptr / residual_ptr + t * hidden * S   the token's rows; item i at + i * B; weight_ptr: [hidden], same dtype
 # Two passes over the row: the first sums the squares of the (rounded) sums, reduced over each warp with xor
 # shuffles and over the warps through shared memory (one barrier); the second writes each sum and its normalised
-# value. A thread's first pair (its only one while hidden <= 2 * threads, as in every model up to hidden 2,048)
-# stays in registers across the barrier, with its weights loaded in the first pass: the second pass then waits
-# on no load, where reloading cost a second round trip to memory (3.3 us a launch at batch 1). Further pairs are
-# reloaded and recomputed. Each thread rewrites only the pairs it read, so no value is read after another thread
-# has written it (the loads use the read-only path).
+# value. A thread's first item (its only one while the row has at most `threads` items: 16-byte items and 1,024
+# threads cover hidden 8,192) stays in registers across the barrier, with its weights loaded in the first pass:
+# the second pass then waits on no load. Further items are reloaded and recomputed. Each thread rewrites only
+# the items it read, so no value is read after another thread has written it.
 # ---------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _add_rms_norm_kernel(dtype: torch.dtype):
-    load_pair, store_pair, S = _codec(dtype)
+def _add_rms_norm_kernel(dtype: torch.dtype, words: int):
+    load, store, E = _item_codec(dtype, words)
     rounded = _rounding(dtype)
+    S = dtype.itemsize
+    B = 4 * words
 
     @cuda.jit(**_JIT)
     def kernel(x_ptr, residual_ptr, weight_ptr, hidden, eps):
@@ -202,21 +257,28 @@ def _add_rms_norm_kernel(dtype: torch.dtype):
         t = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
-        pairs = hidden // 2
+        items = hidden * S // B
         x_row = x_ptr + t * hidden * S
         r_row = residual_ptr + t * hidden * S
-        sa0 = sb0 = wa0 = wb0 = np.float32(0.0)  # the first pair (j = tid): its sums and weights
-        if tid < pairs:
-            xa, xb = load_pair(x_row + 2 * tid * S)
-            ra, rb = load_pair(r_row + 2 * tid * S)
-            wa0, wb0 = load_pair(weight_ptr + 2 * tid * S)
-            sa0, sb0 = rounded(xa + ra, xb + rb)
-        total = sa0 * sa0 + sb0 * sb0
-        for j in range(tid + threads, pairs, threads):
-            xa, xb = load_pair(x_row + 2 * j * S)
-            ra, rb = load_pair(r_row + 2 * j * S)
-            sa, sb = rounded(xa + ra, xb + rb)
-            total += sa * sa + sb * sb
+        xs = cuda.local.array(E, np.float32)
+        rs = cuda.local.array(E, np.float32)
+        ws = cuda.local.array(E, np.float32)
+        sums = cuda.local.array(E, np.float32)             # the first item's rounded sums
+        weights = cuda.local.array(E, np.float32)          # and its weights
+        total = np.float32(0.0)
+        if tid < items:
+            load(x_row + tid * B, xs, 0)
+            load(r_row + tid * B, rs, 0)
+            load(weight_ptr + tid * B, weights, 0)
+            for e in range(E):
+                sums[e] = rounded(xs[e] + rs[e])
+                total += sums[e] * sums[e]
+        for j in range(tid + threads, items, threads):
+            load(x_row + j * B, xs, 0)
+            load(r_row + j * B, rs, 0)
+            for e in range(E):
+                v = rounded(xs[e] + rs[e])
+                total += v * v
         for offset in (16, 8, 4, 2, 1):                    # the warp's sum, in every lane
             total += cuda.shfl_xor_sync(0xFFFFFFFF, total, offset)
         if tid % 32 == 0:
@@ -226,33 +288,36 @@ def _add_rms_norm_kernel(dtype: torch.dtype):
         for w in range(threads // 32):                     # every thread adds the warps' sums itself
             total += squares[w]
         scale = np.float32(1.0 / math.sqrt(total / hidden + eps))
-        if tid < pairs:
-            store_pair(r_row + 2 * tid * S, sa0, sb0)
-            store_pair(x_row + 2 * tid * S, sa0 * scale * wa0, sb0 * scale * wb0)
-        for j in range(tid + threads, pairs, threads):
-            xa, xb = load_pair(x_row + 2 * j * S)
-            ra, rb = load_pair(r_row + 2 * j * S)
-            sa, sb = rounded(xa + ra, xb + rb)
-            wa, wb = load_pair(weight_ptr + 2 * j * S)
-            store_pair(r_row + 2 * j * S, sa, sb)
-            store_pair(x_row + 2 * j * S, sa * scale * wa, sb * scale * wb)
+        if tid < items:
+            for e in range(E):
+                xs[e] = sums[e] * scale * weights[e]
+            store(r_row + tid * B, sums, 0)
+            store(x_row + tid * B, xs, 0)
+        for j in range(tid + threads, items, threads):
+            load(x_row + j * B, xs, 0)
+            load(r_row + j * B, rs, 0)
+            load(weight_ptr + j * B, ws, 0)
+            for e in range(E):
+                rs[e] = rounded(xs[e] + rs[e])
+                xs[e] = rs[e] * scale * ws[e]
+            store(r_row + j * B, rs, 0)
+            store(x_row + j * B, xs, 0)
     return kernel
 
 
 @functools.lru_cache(maxsize=None)
 def _rounding(dtype: torch.dtype):
-    """float32 pair -> the same values rounded to ``dtype`` (what storing and reloading them would give)."""
+    """float32 -> the same value rounded to ``dtype`` (what storing and reloading it would give)."""
     if dtype == torch.float32:
         @cuda.jit(device=True, inline=True)
-        def same(a, b):
-            return a, b
+        def same(a):
+            return a
         return same
-    lo, hi, pack = word_codec(DTYPE_NAMES[dtype])
+    lo, _, pack = word_codec(DTYPE_NAMES[dtype])
 
     @cuda.jit(device=True, inline=True)
-    def rounded(a, b):
-        word = pack(a, b)
-        return lo(word), hi(word)
+    def rounded(a):
+        return lo(pack(a, a))
     return rounded
 
 
@@ -274,8 +339,10 @@ def add_rms_norm_(x, residual, weight, eps: float):
     V.check_device(x=x, residual=residual, weight=weight)
     _check_words(x=x, residual=residual, weight=weight)
     if num_tokens:
-        threads = min(NORM_THREADS, max(32, 1 << (hidden // 2 - 1).bit_length()))
-        launch(_add_rms_norm_kernel(x.dtype), (num_tokens,), threads, x.data_ptr(), residual.data_ptr(),
+        words = _item_words(hidden * x.element_size(), x, residual, weight)
+        items = hidden * x.element_size() // (4 * words)
+        threads = min(NORM_THREADS, max(32, 1 << (items - 1).bit_length()))
+        launch(_add_rms_norm_kernel(x.dtype, words), (num_tokens,), threads, x.data_ptr(), residual.data_ptr(),
                weight.data_ptr(), hidden, np.float32(eps))
     return x, residual
 
@@ -283,25 +350,32 @@ def add_rms_norm_(x, residual, weight, eps: float):
 # ---------------------------------------------------------------------------------------------------------------
 # silu_and_mul: out = silu(gate) * up, where gate_up = [gate | up] along the last dim (the fused projection)
 #
-# grid   : (num_tokens, ceil(size / 2 / 128))  block (t, c) for token t's pairs [c * 128, (c + 1) * 128)
-# threads: 128                      thread i handles pair j = c * 128 + i of the token's `size` outputs: one pair
-#                                   per thread, so a single token's row is spread over many SMs (a block per
-#                                   token left one SM looping over a batch-1 row of ~2,400 pairs, 7 µs)
+# grid   : (num_tokens, ceil(items / 128))  block (t, c) for token t's output items [c * 128, (c + 1) * 128)
+# threads: 128                      thread i handles output item j = c * 128 + i: B bytes (16, or one word where
+#                                   rows do not split into aligned 16-byte items) of gate, of up and of out, so a
+#                                   single token's row is spread over many SMs (a block per token left one SM
+#                                   looping over a batch-1 row of ~2,400 pairs, 7 us)
 # gate_up_ptr + t * 2 * size * S    the token's row: gate values, then up values; out_ptr + t * size * S its output
 # ---------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _silu_and_mul_kernel(dtype: torch.dtype):
-    load_pair, store_pair, S = _codec(dtype)
+def _silu_and_mul_kernel(dtype: torch.dtype, words: int):
+    load, store, E = _item_codec(dtype, words)
+    S = dtype.itemsize
+    B = 4 * words
 
     @cuda.jit(**_JIT)
     def kernel(gate_up_ptr, out_ptr, size):
         t = cuda.blockIdx.x
         j = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-        if j < size // 2:
-            gate_row = gate_up_ptr + t * 2 * size * S
-            ga, gb = load_pair(gate_row + 2 * j * S)
-            ua, ub = load_pair(gate_row + (size + 2 * j) * S)
-            store_pair(out_ptr + (t * size + 2 * j) * S, silu(ga) * ua, silu(gb) * ub)
+        if j < size * S // B:
+            gate = cuda.local.array(E, np.float32)
+            up = cuda.local.array(E, np.float32)
+            row = gate_up_ptr + t * 2 * size * S
+            load(row + j * B, gate, 0)
+            load(row + size * S + j * B, up, 0)
+            for e in range(E):
+                gate[e] = silu(gate[e]) * up[e]
+            store(out_ptr + t * size * S + j * B, gate, 0)
     return kernel
 
 
@@ -328,6 +402,8 @@ def silu_and_mul(gate_up, out=None):
     V.check_device(gate_up=gate_up, out=out)
     _check_words(gate_up=gate_up, out=out)
     if num_tokens:
-        launch(_silu_and_mul_kernel(gate_up.dtype), (num_tokens, -(-size // 2 // THREADS)), THREADS,
+        words = _item_words(size * gate_up.element_size(), gate_up, out)
+        items = size * gate_up.element_size() // (4 * words)
+        launch(_silu_and_mul_kernel(gate_up.dtype, words), (num_tokens, -(-items // THREADS)), THREADS,
                gate_up.data_ptr(), out.data_ptr(), size)
     return out

@@ -175,7 +175,7 @@ else:
         def codegen(context, builder, sig, args):
             struct = ir.LiteralStructType([_i32] * 4)
             asm = ir.InlineAsm(ir.FunctionType(struct, [ir.IntType(64)]),
-                               "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
+                               "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", side_effect=True)
             ret = builder.call(asm, [args[0]])
             return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
 
