@@ -310,3 +310,19 @@ def test_half_precision_logits_sample_what_their_float32_values_sample(use_kerne
         want = Sampler("cpu", use_kernel=use_kernel)(half.float(), seqs_for(*params), {7})
         assert got.token_ids == want.token_ids and 7 not in (got.token_ids[2],)
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+
+
+def test_the_one_pass_kernel_draws_a_seeded_row_from_its_seed_alone():
+    """In the kernel's batch a seeded request's noise is keyed by its seed and progress, not by its row or the
+    step: alone or beside unseeded rows, from samplers of different seeds, it draws the same tokens, while the
+    unseeded rows follow their sampler."""
+    from pagedattention.kernels.runtime import kernels_available
+    if not kernels_available("cpu"):
+        pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")
+    for seed in range(4):
+        logits = random_logits(3, seed=seed) / 3  # flat: draws differ unless their noise is the same
+        seeded = SamplingParams(temperature=1.0, seed=100 + seed)
+        alone = Sampler("cpu", seed=1, use_kernel=True)(logits[[1]].clone(), seqs_for(seeded), set())
+        mixed = Sampler("cpu", seed=2, use_kernel=True)(
+            logits.clone(), seqs_for(SamplingParams(temperature=1.0), seeded, SamplingParams(temperature=0.7)), set())
+        assert mixed.token_ids[1] == alone.token_ids[0]

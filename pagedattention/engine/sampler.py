@@ -164,17 +164,16 @@ class Sampler:
         its generated tokens (independent of the batch); the other rows share a fresh key per step."""
         from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # numba.cuda: on first use
 
-        step_key = self._step_keys.getrandbits(62)
-        keys, counters = [], []
-        for row, (seq, p) in enumerate(zip(seqs, params)):
-            if p.seed is None:
-                keys.append(step_key)
-                counters.append(row)
-            else:
-                keys.append((p.seed + seq.index) % (1 << 63))
-                counters.append(seq.num_output_tokens + (row < num_pending_rows))
-        params_tensor = self.to_device([keys, counters, temperature_bits([p.temperature for p in params])],
-                                        torch.int64, logits.device)
+        n = len(seqs)
+        rows = np.empty((3, n), dtype=np.int64)  # keys, counters, temperature bits: one copy to the device
+        rows[0] = self._step_keys.getrandbits(62)
+        rows[1] = np.arange(n)
+        for row in [row for row, p in enumerate(params) if p.seed is not None]:
+            seq = seqs[row]
+            rows[0, row] = (params[row].seed + seq.index) % (1 << 63)
+            rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
+        rows[2] = temperature_bits([p.temperature for p in params])
+        params_tensor = self.to_device(rows, torch.int64, logits.device)
         return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
 
     @torch.inference_mode()
@@ -266,7 +265,7 @@ class Sampler:
         return race.clamp_(min=torch.finfo(race.dtype).tiny)
 
     @staticmethod
-    def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Per-row parameters as a tensor on the logits' device. From pinned memory the copy is asynchronous:
         a copy from pageable memory would first wait for the forward pass, instead of queueing behind it."""
         numpy_dtype = _NUMPY_DTYPES.get(dtype)  # numpy reads nested lists of numbers ~3x faster than torch
