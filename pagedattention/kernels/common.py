@@ -15,7 +15,7 @@ from numba import cuda, float32
 from . import ptx
 from .runtime import simulator_enabled
 
-#: Threads per block of the decode kernels (V1, V2, tensor-core V2, merge), of copy_blocks and of the fused
+#: Threads per block of the decode kernels (V1, V2, tensor-core V2), of copy_blocks and of the fused
 #: per-layer ops (write_kv: at most).
 THREADS = 128
 
@@ -25,7 +25,7 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float
 #: Minus infinity for the prefill kernel's masked scores and running maxima (a row with no visible key yet is
 #: recognised by ``m == NEG_INF``).
 NEG_INF = np.float32(-np.inf)
-#: The decode kernels' "minus infinity" (V2, tensor-core V2, merge): finite, because fastmath assumes no
+#: The decode kernels' "minus infinity" (V2, tensor-core V2, their split-KV merge): finite, because fastmath assumes no
 #: infinities and ``m_old - m_new`` must not overflow.
 NEG_BIG = -1.0e30
 #: V1's starting maximum (plain float32 arithmetic, no fastmath): a finite float32 below every logit.
@@ -76,8 +76,9 @@ def max_registers_option(max_registers: int | None) -> dict:
 def sequence_partition(context_lens, seq, max_tokens, min_partition, num_partitions):
     """(context length, tokens per split-KV partition) of sequence ``seq``. The length is cut to ``max_tokens``
     (what its block table covers: a caller's broken promise is never overrun); the partition spreads it evenly
-    over the grid's ``num_partitions``, never fewer than ``min_partition`` tokens. The decode kernels and the merge
-    compute it alike, so a grid sized for an upper bound (a CUDA graph's) splits each sequence by its own length;
-    a sequence uses ceil(context_len / size) <= num_partitions partitions."""
+    over the grid's ``num_partitions``, never fewer than ``min_partition`` tokens. Every block of a decode kernel
+    computes it alike (the merge counts the working partitions from it), so a grid sized for an upper bound (a
+    CUDA graph's) splits each sequence by its own length; a sequence uses ceil(context_len / size) <=
+    num_partitions partitions."""
     context_len = min(context_lens[seq], max_tokens)
     return context_len, max((context_len + num_partitions - 1) // num_partitions, min_partition)

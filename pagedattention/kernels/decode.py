@@ -54,9 +54,9 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
     CUDA-core kernel is used instead; ``num_units`` = sequences x KV heads.
 
-    From the H200 runs (benchmarks/results/kernels_tune_h200.log, and the A/B of the pipelined head_dim-128
-    kernel in paged_attention_tc.build_tc_kernel): tensor cores for groups of 5-8, and for a group of 4 when
-    the launch is split over the context or, at head_dim 128, the contexts reach 2,048; one chunk per warp.
+    From the H200 runs (benchmarks/results/kernels_tune_h200.log and decode_ab_h200.log): tensor cores for
+    groups of 5-8, and for a group of 4 when the launch is split over the context or, at head_dim 128, the
+    contexts reach 2,048; one chunk per warp.
     head_dim 64 runs under a 128-register cap (four blocks per SM): at 14/2 bf16, B256 ctx1024, 0.040 ms (80% of
     copy) against 0.147 on the CUDA cores. head_dim 128 runs pipelined and uncapped: B64 ctx4096 32/8 0.266 ms
     against 0.285 capped (not pipelined) and 0.332 on the CUDA cores, B4 ctx32768 0.142.

@@ -70,10 +70,10 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     Software pipeline, at head_dim 128 with one chunk: each tile's K and V rows are loaded one tile ahead, each
     load refilling the buffer just consumed, so they travel while the tile before computes; loading a tile at
     the top of its own iteration left the block waiting a whole memory round trip per tile. On the H200
-    (scratch-free A/B, 2026-12-03) it took B64 ctx4096 32/8 fp16 from 324 to 266 us (95% of copy) and B4
-    ctx32768 from 151 to 142 us, uncapped (202 registers). At head_dim 64 under the 128-register cap the
-    longer-lived registers cost more than the overlap gains (B256 ctx1024 14/2: 40.1 against 39.2 us), and two
-    chunks at head_dim 128 would spill."""
+    (benchmarks/decode_ab.py, results/decode_ab_h200.log) it took B64 ctx4096 32/8 fp16 from 324 to 266 us
+    (95% of copy) and B4 ctx32768 from 151 to 142 us, uncapped (202 registers). At head_dim 64 under the
+    128-register cap the longer-lived registers cost more than the overlap gains (B256 ctx1024 14/2: 40.1
+    against 39.2 us), and two chunks at head_dim 128 would spill."""
     mma = mma_bf16 if dtype_name == "bfloat16" else mma_f16
     _, _, pack = word_codec(dtype_name)
     D = head_dim

@@ -29,9 +29,10 @@ running sum l of exp(logit - m) and the accumulator acc = sum exp(logit - m) * v
 head_dim), rescaled by exp(m_old - m_new) whenever the max grows. Logits are reduced over the group's lanes
 with xor shuffles so every lane holds them. At the end the NUM_GROUPS states are merged through shared memory;
 with one partition the block writes the normalised output, otherwise (m, l, acc / l) go to fp32 scratch and
-the last partition block of the sequence to finish combines them (``build_partition_merge``). Tokens past the context are masked (their loads are clamped to the
-last real token, their weight set to 0); partitions past it return at once and the merge never reads them,
-so one grid sized by an upper bound serves every shorter context (CUDA-graph replay).
+the last partition block of the sequence to finish combines them (``build_partition_merge``). Tokens past the
+context are masked (their loads are clamped to the last real token, their weight set to 0); partitions past it
+return at once and the merge never reads them, so one grid sized by an upper bound serves every shorter
+context (CUDA-graph replay).
 """
 from __future__ import annotations
 

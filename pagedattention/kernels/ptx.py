@@ -30,8 +30,8 @@ from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "ld_f32_cg", "lo_f16",
-           "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2", "fmix32"]
+__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "ld_f32_cg",
+           "lo_f16", "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2", "fmix32"]
 
 
 if simulator_enabled():
