@@ -351,6 +351,7 @@ def test_rows_off_16_byte_alignment_move_words(dtype):
     16-byte loads there would fault on a GPU."""
     gen = torch.Generator().manual_seed(5)
     elems = 4 // torch.tensor([], dtype=dtype).element_size()  # 4 bytes in
+
     def shifted(shape):
         n = shape[0] * shape[1]
         return randn((n + elems,), dtype, gen)[elems:].view(shape)

@@ -314,8 +314,7 @@ def test_half_precision_logits_sample_what_their_float32_values_sample(use_kerne
 
 def test_the_one_pass_kernel_draws_a_seeded_row_from_its_seed_alone():
     """In the kernel's batch a seeded request's noise is keyed by its seed and progress, not by its row or the
-    step: alone or beside unseeded rows, from samplers of different seeds, it draws the same tokens, while the
-    unseeded rows follow their sampler."""
+    step: alone or beside unseeded rows, from samplers of different seeds, it draws the same tokens."""
     from pagedattention.kernels.runtime import kernels_available
     if not kernels_available("cpu"):
         pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")

@@ -25,8 +25,8 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float
 #: Minus infinity for the prefill kernel's masked scores and running maxima (a row with no visible key yet is
 #: recognised by ``m == NEG_INF``).
 NEG_INF = np.float32(-np.inf)
-#: The decode kernels' "minus infinity" (V2, tensor-core V2, their split-KV merge): finite, because fastmath assumes no
-#: infinities and ``m_old - m_new`` must not overflow.
+#: The decode kernels' "minus infinity" (V2, tensor-core V2, their split-KV merge): finite, because fastmath
+#: assumes no infinities and ``m_old - m_new`` must not overflow.
 NEG_BIG = -1.0e30
 #: V1's starting maximum (plain float32 arithmetic, no fastmath): a finite float32 below every logit.
 NEG_BIG_F32 = float32(-3.0e38)

@@ -28,7 +28,7 @@ from .common import DTYPE_NAMES, THREADS, word_codec
 from .ptx import as_f32, f32_bits, ld_i32_at, ld_i64_at, ld_v4_at, st_u32_at, st_v4_at
 from .runtime import launch, simulator_enabled
 
-NORM_THREADS = 1024  # at most; a power of two >= 32 (whole warps): one pair per thread up to hidden 2048
+NORM_THREADS = 1024  # at most; a power of two >= 32 (whole warps): one 16-byte item each up to 16-bit hidden 8,192
 NORM_WARPS = NORM_THREADS // 32
 _JIT = dict(cache=not simulator_enabled())
 

@@ -264,7 +264,8 @@ def build_partition_merge(dtype_name: str, head_dim: int):
     fence their writes before the count; the last block reads the rows at L2 (``ld_f32_cg``), past an L1 that
     may hold lines read before they were written.
 
-    Threads: thread i computes output words i, i + 128, ... of the ``heads`` x W words of heads head0 ...
+    Threads: thread i computes output words i, i + 128, ... of the block's heads head0 .. head0 + heads - 1
+    (W words each, their rows in ``out_w`` consecutive).
     """
     pairs = dtype_name != "float32"
     epw = 2 if pairs else 1

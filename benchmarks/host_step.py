@@ -1,0 +1,80 @@
+"""The engine's host time per decode step, without the model: what the Python around the GPU costs.
+
+On the H200 a decode step of the Qwen2.5-0.5B shape at batch 256 takes about as long on the host (scheduling,
+block tables, staging, sampler set-up, postprocess) as on the GPU, so the host's own cost decides W1 there.
+This measures it on any machine: the embedded tiny model's engine on the CPU, its forward pass replaced by a
+ready logits tensor, and the one-pass sampling kernel by a ready [2, rows] result, so everything else runs as
+in a GPU step (the overlapped loop, the scheduler, the manager's block tables, the sampler's per-row set-up,
+``PendingSample.result``, postprocess). Requests never end during the timed steps.
+
+    python benchmarks/host_step.py [--batches 1,64,256] [--steps 300] [--out benchmarks/results]
+
+Prints ms per step at each batch and writes results/host_step_cpu.json (the machine is the host it ran on).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchmarks.common as common  # noqa: E402
+from pagedattention import LLM, SamplingParams  # noqa: E402
+from pagedattention.kernels import sampling  # noqa: E402
+
+
+def host_ms_per_step(batch: int, steps: int, repeats: int = 5) -> list[float]:
+    """ms per ``llm.step()`` over ``repeats`` rounds of ``steps`` decode steps at ``batch`` running sequences."""
+    llm = LLM(None, device="cpu", max_num_seqs=batch, max_model_len=4096, num_kv_blocks=batch * 260,
+              cpu_threads=1)
+    vocab = llm.model_config.vocab_size
+    rng = random.Random(batch)
+    for _ in range(batch):
+        params = SamplingParams(temperature=0.6, max_tokens=4000, ignore_eos=True, output_kind="final_only")
+        llm.add_request([rng.randrange(vocab) for _ in range(8)], params)
+    while llm.last_step is None or llm.last_step.is_prefill or llm.last_step.num_seqs < batch:
+        llm.step()
+    logits = torch.randn(batch, vocab)
+    drawn = torch.stack([torch.randint(0, vocab, (batch,)).float(), torch.full((batch,), -1.0)])
+    stepper = llm.stepper
+    stepper.runner.execute = lambda inputs, eager=False: logits[:inputs.num_seqs]
+    stepper.sampler.use_kernel = True
+    sampling.sample_tokens = lambda rows, params: drawn[:, :rows.shape[0]].contiguous()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            llm.step()
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    assert llm.last_step.num_seqs == batch, "a request ended during the timed steps"
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args()
+    rows = []
+    print(f"host ms per decode step (model and sampling kernel replaced), {platform.processor() or 'cpu'}")
+    for batch in map(int, args.batches.split(",")):
+        times = host_ms_per_step(batch, args.steps)
+        rows.append({"batch": batch, "ms_per_step_median": statistics.median(times), "ms_per_step_min": min(times),
+                     "rounds_ms": times})
+        print(f"batch {batch:4d}: {statistics.median(times):.3f} ms (min {min(times):.3f}) over {len(times)} rounds "
+              f"of {args.steps} steps", flush=True)
+    report = {**common.run_info("cpu"), "machine": platform.platform(), "python": platform.python_version(),
+              "steps_per_round": args.steps, "rows": rows}
+    print(f"wrote {common.write_json(args.out / 'host_step_cpu.json', report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
