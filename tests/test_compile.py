@@ -63,13 +63,17 @@ def _configs():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")
         out.append((f"rope_write_kv {name}", layer_ops._rope_write_kv_kernel(dtype), (i64,) * 16, None))
-        out.append((f"add_rms_norm {name}", layer_ops._add_rms_norm_kernel(dtype), (i64,) * 4 + (f32s,), None))
-        out.append((f"silu_and_mul {name}", layer_ops._silu_and_mul_kernel(dtype), (i64,) * 3, None))
+        for words in (4, 1):  # 16-byte items, and one word where rows do not split into them
+            out.append((f"add_rms_norm {name} {4 * words}B", layer_ops._add_rms_norm_kernel(dtype, words),
+                        (i64,) * 4 + (f32s,), None))
+            out.append((f"silu_and_mul {name} {4 * words}B", layer_ops._silu_and_mul_kernel(dtype, words),
+                        (i64,) * 3, None))
     return out
 
 
 def compile_report() -> dict:
-    """{kernel name: {"registers", "spill_bytes", "local_bytes", "shared_bytes", "v4_loads", "mma"}} for sm_90."""
+    """{kernel name: {"registers", "spill_bytes", "local_bytes", "shared_bytes", "v4_loads", "mma", ...}} for
+    sm_90."""
     from cuda.bindings import nvjitlink
     from numba.cuda import compile_ptx
 
@@ -92,6 +96,8 @@ def compile_report() -> dict:
             "local_bytes": int(re.search(r"(\d+) bytes lmem", log).group(1)),
             "shared_bytes": int(re.search(r"(\d+) bytes smem", log).group(1)),
             "v4_loads": ptx.count("ld.global.nc.v4.u32"),
+            "v4_address_loads": ptx.count("ld.global.v4.u32"),
+            "v4_stores": ptx.count("st.global.v4.u32"),
             "mma": ptx.count("mma.sync.aligned.m16n8k16"),
             "ldmatrix": ptx.count("ldmatrix.sync"),
             "cp_async": ptx.count("cp.async.cg"),
@@ -140,6 +146,18 @@ def test_v2_uses_registers_only(report):
         assert r["spill_bytes"] <= (2 * 128 if capped_wide_layout else 0), (name, r)  # stores + loads per thread
         assert r["v4_loads"] > 0, (name, r)          # the cache is read with 16-byte loads
         assert r["shared_bytes"] <= 48 * 1024, (name, r)
+
+
+def test_layer_ops_kernels_use_registers_only(report):
+    """The fused per-layer kernels keep each thread's values (an item's 8 or 4, a pair) in registers, and the
+    16-byte variants of the norm and SwiGLU read and write their rows with 16-byte accesses."""
+    fused = ("rope_write_kv", "add_rms_norm", "silu_and_mul")
+    layer = {name: r for name, r in report.items() if name.startswith(fused)}
+    assert len(layer) == 15
+    for name, r in layer.items():
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
+        if name.endswith("16B"):
+            assert r["v4_address_loads"] > 0 and r["v4_stores"] > 0, (name, r)
 
 
 def test_tensor_core_kernels_use_registers_only(report):
