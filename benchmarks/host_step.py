@@ -45,13 +45,16 @@ def host_ms_per_step(batch: int, steps: int, repeats: int = 5) -> list[float]:
     stepper = llm.stepper
     stepper.runner.execute = lambda inputs, eager=False: logits[:inputs.num_seqs]
     stepper.sampler.use_kernel = True
-    sampling.sample_tokens = lambda rows, params: drawn[:, :rows.shape[0]].contiguous()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            llm.step()
-        times.append((time.perf_counter() - start) / steps * 1e3)
+    real_sample_tokens, sampling.sample_tokens = sampling.sample_tokens, lambda rows, _: drawn[:, :rows.shape[0]]
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                llm.step()
+            times.append((time.perf_counter() - start) / steps * 1e3)
+    finally:
+        sampling.sample_tokens = real_sample_tokens
     assert llm.last_step.num_seqs == batch, "a request ended during the timed steps"
     return times
 
