@@ -91,15 +91,19 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     merge_if_last = build_partition_merge(dtype_name, head_dim)
 
     @cuda.jit(device=True, inline=True)
+    def row_word(block_tables, table, token, block_shift, num_kv_heads, kv_head):
+        """The first 32-bit word of ``token``'s row for ``kv_head`` in a cache (through the block table)."""
+        block = block_tables[table + (token >> block_shift)]
+        return (((block << block_shift) + (token & ((1 << block_shift) - 1))) * num_kv_heads + kv_head) * W
+
+    @cuda.jit(device=True, inline=True)
     def load_k(kw, key_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads, block_shift):
         """The K words of the tile at ``base`` that lane (g, t) of ``warp`` holds (B fragments of S = Q K^T)."""
         for c in range(CH):
             first = base + (c * WARPS + warp) * 16
             for n in range(2):
                 token = min(first + 8 * n + g, end - 1)          # clamped: masked in S
-                block = block_tables[table + (token >> block_shift)]
-                row = ((((block << block_shift) + (token & ((1 << block_shift) - 1))) * num_kv_heads + kv_head) * W
-                       + t * KW)
+                row = row_word(block_tables, table, token, block_shift, num_kv_heads, kv_head) + t * KW
                 for i in range(KW // 4):
                     x = (c * 2 + n) * KW + 4 * i
                     kw[x], kw[x + 1], kw[x + 2], kw[x + 3] = ld_v4(key_w, row + 4 * i)
@@ -111,9 +115,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
             first = base + (c * WARPS + warp) * 16
             for r in range(4):
                 token = min(first + 2 * t + (r & 1) + 8 * (r >> 1), end - 1)
-                block = block_tables[table + (token >> block_shift)]
-                row = ((((block << block_shift) + (token & ((1 << block_shift) - 1))) * num_kv_heads + kv_head) * W
-                       + g * VW)
+                row = row_word(block_tables, table, token, block_shift, num_kv_heads, kv_head) + g * VW
                 for i in range(VW // 4):
                     x = (c * 4 + r) * VW + 4 * i
                     vw[x], vw[x + 1], vw[x + 2], vw[x + 3] = ld_v4(value_w, row + 4 * i)
