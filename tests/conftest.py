@@ -3,11 +3,15 @@
 The environment variable must be set before ``numba.cuda`` is first imported, hence here.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    # The simulator runs a block's threads as Python threads that meet at barriers (syncthreads, the shuffle
+    # shims): with the default 5 ms between GIL hand-offs a barrier of 32 threads costs tens of ms.
+    sys.setswitchinterval(1e-4)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -5,11 +5,14 @@ per-warp buffer guarded by a ``threading.Barrier``: every lane writes its value,
 partner's value. Two buffers alternate so a fast lane's next write cannot clobber a value a slow lane has not
 read yet (to write again it must pass the next barrier, which the slow lane reaches only after reading).
 Like hardware, all lanes of the warp must take part (no divergent shuffles); a stuck warp times out instead
-of hanging the test run.
+of hanging the test run. The simulator's ``cuda.shared.array`` is made thread-safe too.
 """
 from __future__ import annotations
 
+import sys
 import threading
+
+import numpy as np
 
 _BARRIER_TIMEOUT_S = 120.0
 _state_lock = threading.Lock()
@@ -62,6 +65,27 @@ def syncwarp(self, mask=0xFFFFFFFF):
     _exchange(None, lambda lane: lane)
 
 
+def _shared_array(self, shape, dtype, alignment=None):
+    """The simulator's ``cuda.shared.array`` (one array per block and source line), made atomic: its lookup and
+    insertion ran unlocked, so two threads of a block switched between them could each make their own array."""
+    if shape == 0 or alignment is not None:
+        return _simulator_shared_array(self, shape, dtype, alignment)
+    from numba.np import numpy_support
+    from numba.core import types
+
+    frame = sys._getframe(1)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _state_lock:
+        res = self._allocations.get(caller)
+        if res is None:
+            res = self._allocations[caller] = np.empty(
+                shape, numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype)
+    return res
+
+
+_simulator_shared_array = None
+
+
 def install() -> None:
     """Add the shims to the simulator's fake ``cuda`` module (idempotent; a no-op off the simulator)."""
     from pagedattention.kernels.runtime import simulator_enabled
@@ -73,3 +97,9 @@ def install() -> None:
     for fn in (shfl_xor_sync, shfl_sync, shfl_down_sync, syncwarp):
         if not hasattr(FakeCUDAModule, fn.__name__):
             setattr(FakeCUDAModule, fn.__name__, fn)
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    global _simulator_shared_array
+    if _simulator_shared_array is None:
+        _simulator_shared_array = FakeCUDAShared.array
+        FakeCUDAShared.array = _shared_array

@@ -107,15 +107,16 @@ MIN_ARRIVALS = 4096
 _arrivals: dict = {}
 
 
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, head block) of a split launch, kept for the device's lifetime:
-    the last block of each unit sets its counter back to 0, so launches and graph replays share them without a
-    memset. Launches on one device must not run concurrently (one stream, as the engine's layers run)."""
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per unit of work that several blocks share (a (sequence, head block) of a split
+    decode launch, a row of the sampling kernel), kept for the device's lifetime: the last block of each unit
+    sets its counter back to 0, so launches and graph replays share them without a memset. Launches on one
+    device must not run concurrently (one stream, as the engine's layers run)."""
     counters = _arrivals.get(device)
     if counters is None or counters.numel() < count:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"a split-KV launch of {count} (sequence, head block) units during CUDA graph "
-                               f"capture needs its arrival counters first made by a launch outside capture")
+            raise RuntimeError(f"a launch of {count} units during CUDA graph capture needs its arrival counters "
+                               f"first made by a launch outside capture")
         counters = torch.zeros(max(MIN_ARRIVALS, 1 << (count - 1).bit_length()), dtype=torch.int32, device=device)
         _arrivals[device] = counters
     return counters
@@ -223,7 +224,7 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         part_l = torch.empty(rows, dtype=torch.float32, device=device)
         part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
-        arrivals = _arrival_counters(device, num_seqs * num_units)
+        arrivals = arrival_counters(device, num_seqs * num_units)
         scratch = tuple(as_kernel_array(t) for t in (part_m, part_l, part_o, arrivals))
     else:
         scratch = _unused_scratch(device)

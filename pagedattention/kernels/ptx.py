@@ -14,8 +14,9 @@ Why these exist:
   serves fp16, bf16 and fp32: a word holds two fp16/bf16 values (element ``2i`` in the low half) or one fp32.
   ``lo_f16``/``hi_f16``/``lo_bf16``/``hi_bf16``/``as_f32`` widen a word's halves to float32, and
   ``pack_f16x2``/``pack_bf16x2``/``f32_bits`` narrow results back (round to nearest even).
-- ``ld_f32_cg`` reads a float32 that another block of the same launch wrote, from L2 (``ld.global.cg``): a plain
-  load may hit a line this SM's L1 cached before the write (L1 is not coherent across SMs).
+- ``ld_f32_cg`` / ``ld_v4_cg_at`` read what another block of the same launch wrote, from L2 (``ld.global.cg``):
+  a plain load may hit a line this SM's L1 cached before the write (L1 is not coherent across SMs);
+  ``atomic_add_at`` counts the blocks that have written (``atom.global.add`` at a raw address).
 - ``fmix32`` (murmur3's finaliser, the sampler's noise) in 32-bit arithmetic, which Numba's integer typing
   would widen to 64 bits.
 
@@ -30,7 +31,8 @@ from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "st_v4_at", "ld_i32_at", "ld_u16_at", "ld_i64_at", "st_u32_at", "ld_f32_cg",
+__all__ = ["ld_v4", "st_v4", "ld_v4_at", "ld_v4_cg_at", "st_v4_at", "atomic_add_at", "ld_i32_at", "ld_u16_at",
+           "ld_i64_at", "st_u32_at", "ld_f32_cg",
            "lo_f16", "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2", "fmix32"]
 
 
@@ -77,6 +79,16 @@ if simulator_enabled():
 
     def ld_i32_at(address):
         return ctypes.c_int32.from_address(int(address)).value
+
+    ld_v4_cg_at = ld_v4_at
+    _atomic_lock = __import__("threading").Lock()
+
+    def atomic_add_at(address, value):
+        with _atomic_lock:
+            word = ctypes.c_uint32.from_address(int(address))
+            old = word.value
+            word.value = (old + int(value)) & 0xFFFFFFFF
+            return old
 
     def ld_f32_cg(values, i):
         return values[i]
@@ -180,6 +192,36 @@ else:
             return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
 
         return sig, codegen
+
+    @intrinsic
+    def ld_v4_cg_at(typingctx, address):
+        """One 16-byte load from a raw global address at L2, past this SM's L1 (words another block wrote)."""
+        sig = types.UniTuple(types.uint32, 4)(types.uint64)
+
+        def codegen(context, builder, sig, args):
+            struct = ir.LiteralStructType([_i32] * 4)
+            asm = ir.InlineAsm(ir.FunctionType(struct, [ir.IntType(64)]),
+                               "ld.global.cg.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,~{memory}",
+                               side_effect=True)
+            ret = builder.call(asm, [args[0]])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
+
+        return sig, codegen
+
+    @intrinsic
+    def atomic_add_at(typingctx, address, value):
+        """``atom.global.add.u32`` at a raw global byte address; returns the word's value before the add."""
+        if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.int64)
+            val = context.cast(builder, args[1], sig.args[1], types.uint32)
+            asm = ir.InlineAsm(ir.FunctionType(_i32, [_i64, _i32]), "atom.global.add.u32 $0, [$1], $2;",
+                               "=r,l,r,~{memory}", side_effect=True)
+            return builder.call(asm, [addr, val])
+
+        return types.uint32(address, value), codegen
 
     @intrinsic
     def st_v4_at(typingctx, address, a, b, c, d):

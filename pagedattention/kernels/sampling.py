@@ -1,38 +1,47 @@
-"""Sampling a token per row in one pass over the logits: greedy argmax or Gumbel-max, and its log-probability.
+"""Sampling a token per row in one launch over the logits: greedy argmax or a draw from softmax(x / T), with the
+chosen token's log-probability.
 
-With temperature T, drawing token i with probability softmax(x / T)_i is the same as taking
-argmax_i(x_i / T + g_i), g_i ~ Gumbel(0, 1) independent (the Gumbel-max trick): no softmax, no sort and no
-normalisation pass is needed, so one read of the logits decides the token. The same pass keeps an online
-log-sum-exp of the raw logits (running max m and sum of exp(x - m)), which gives the chosen token's
-log-probability under the model's distribution, x_token - m - log(sum). Torch needs about eight passes over
-the [rows, vocab] logits for the same (softmax, exponential draw, divide, argmax, log_softmax, gather).
+A draw is inverse-CDF sampling: one uniform u per row, and the token is the first column whose cumulative
+weight exp((x - max) / T) passes u times the row's total weight. A single read of the logits gives every
+block's part of the totals; only the 1,024 columns that hold the crossing are read again. Per logit that is two
+exponentials (the weight, and exp(x - max) for the log-probability's log-sum-exp) and no random bits, where a
+Gumbel-max draw needs a hash and two logarithms per logit. Torch needs about eight passes over the
+[rows, vocab] logits for the same (softmax, exponential draw, divide, argmax, log_softmax, gather).
 
-The noise is counter-based: g = -log(-log(u)), u from a hash of (key, counter, column), so no random state
-lives on the device and a row's draw depends on its key and counter only: a seeded request uses its seed as key
-and its number of generated tokens as counter, so its tokens do not depend on its batch-mates.
+u is counter-based: the top 23 bits of a hash of (key, counter), so no random state lives on the device and a
+row's draw depends on its key and counter only: a seeded request uses its seed as key and its number of
+generated tokens as counter, so its tokens do not depend on its batch-mates. The sums that locate the crossing
+are made per fixed segment of 1,024 columns, each in one fixed order, and merged in column order, so a row's
+token does not depend on how many rows or blocks share the launch either.
 
 The logits are float32, bfloat16 or float16, read as they are (no float32 copy): a 2-byte logit widens to
-float32 exactly, so a row gives the same token as its float32 conversion, and a log-probability equal up to
-rounding (the sum of exponentials adds up in another order).
+float32 exactly and is summed in the same order, so a row gives the same token and log-probability as its
+float32 conversion.
 
-partial: grid (num_rows, splits)   block (row, split) reads the split's chunk of the row's 32-bit words; splits
-                                   are chosen so that small batches still cover every SM (``num_splits``)
-         threads SAMPLE_THREADS    thread t reads words chunk_start + t, + SAMPLE_THREADS, ... (coalesced),
-                                   keeping (m, s): max and sum of exp(x - m) of the raw logits it read, and
-                                   (best, best_col): the largest score (x, or x / T + g) and its first column;
-                                   a shared-memory tree merges the threads' four-tuples (ties keep the smaller
-                                   column, as torch.argmax does) into part_*[row, split]
-         words                     float32: word k of a row is column k. 2-byte: a word holds two columns, and
-                                   with an odd vocabulary (or an offset view) every other row starts halfway into
-                                   a word; lead = 1 for such a row, whose word k is the aligned word holding
-                                   columns 2k - lead and 2k - lead + 1. The row's first and last words may each
-                                   hold one of its columns only: that column is read alone (16 bits), so no byte
-                                   outside the row is read
-finish : grid (ceil(rows / 128),)  thread ``row`` merges its row's splits, writes the token and
-         threads 128               x_token - m - log(s)
-A row holding NaN or +inf gets log-probability NaN (the caller reports it): no token is drawn from it. The
-kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from the bits (of the value
-widened to float32, which keeps them).
+grid (rows, splits), block WARPS warps        block (row, split): warp w takes the row's segments
+                                               split * WARPS + w, then + splits * WARPS, ... (``num_splits``
+                                               gives enough blocks to cover every SM a few times)
+segment (1,024 columns): lane l of the warp    32 columns of the segment, as four units of 8
+                                               (one 16-byte load for 2-byte logits, two for float32, when the
+                                               row is 16-byte aligned; else one load per column). A unit
+                                               raises the lane's running max m once, then adds its 8 weights:
+                                               s += exp(x - m), t += exp((x - m) / T); a greedy row keeps the
+                                               first column of the max instead of t
+                                               (lane l's units start at columns 8 l, + 256, + 512, + 768:
+                                               each load of the warp reads 512 contiguous bytes)
+                                               the 32 lanes merge (xor butterfly) into the segment's record
+                                               [m, s, t or column, bad] (16 bytes at records[row, segment])
+the row's last block to finish (an arrival     warp 0 merges the row's records in column order: lane l takes a
+counter per row, reset to 0 by that block)     contiguous run of segments, the lanes merge, M = max, S = total
+                                               of exp(x - M). Greedy: the max's first column. Else the lanes'
+                                               weights in units of exp((x - M) / T), scanned in lane order,
+                                               find the segment where u * total falls, and the segment is read
+                                               again to find the column (rounding that overshoots the end takes
+                                               the last column of positive weight). It writes the token and
+                                               x_token - M - log(S)
+A row holding NaN or +inf gets log-probability NaN (the caller reports it) and token 0, as does a row whose
+every logit is -inf. The kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from
+the bits (of the value widened to float32, which keeps them), and a -inf logit weighs exactly 0.
 """
 from __future__ import annotations
 
@@ -41,19 +50,22 @@ import math
 
 import numpy as np
 import torch
-from numba import cuda, float32, int64, uint64
+from numba import cuda, float32, int32, uint64
 
 from .common import DTYPE_NAMES, num_sms, word_codec
-from .ptx import as_f32, f32_bits, fmix32, ld_i32_at, ld_i64_at, ld_u16_at, st_u32_at
+from .decode import arrival_counters
+from .ptx import (as_f32, atomic_add_at, f32_bits, fmix32, ld_i32_at, ld_i64_at, ld_u16_at, ld_v4_at, ld_v4_cg_at,
+                  st_u32_at, st_v4_at)
 from .runtime import launch, simulator_enabled
 
-SAMPLE_THREADS = 256  # one block per row: a vocabulary of ~150k columns is ~600 reads per thread
+SEGMENT = 1024       # columns per record: 32 lanes x 32 columns
+UNITS = 4            # units of 8 columns per lane and segment
+WARPS = 8            # warps per block (1 under the simulator, which runs a Python thread per CUDA thread)
 _S32, _S9 = np.uint64(32), np.uint64(9)
 _TWO_M23 = np.float32(2.0 ** -23)
-_MIN_EXP = np.float32(2.0 ** -24)  # -log(u) for the largest u, 1 - 2**-24, rounded down
 NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that fastmath may rely on: finite
-BAD_COL = 1 << 30              # a column past any vocabulary: a split that saw no finite logit (or a bad one)
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FULL = 0xFFFFFFFF
 
 
 @cuda.jit(device=True, inline=True)
@@ -67,15 +79,10 @@ def row_hash(key, counter):
 
 
 @cuda.jit(device=True, inline=True)
-def gumbel(h, col):
-    """Gumbel(0, 1) noise of column ``col`` from its row's hash ``h``: 23 random bits k -> u = (k + 1/2) / 2**23
-    in (0, 1). k + 1/2 needs 24 significant bits, which float32 holds exactly; with 24 random bits the largest k
-    rounded k + 1/2 up to 2**24, so u = 1, noise +inf, and that column won its row whatever its logit (one
-    column in 2**24: about one draw in a hundred over a 150k vocabulary). The fast approximate log may also
-    round -log(u) of the largest u to 0, so -log(u) is kept >= 2**-24: the noise stays below 16.7."""
-    bits = fmix32(h ^ fmix32(col))
-    u = (float32(bits >> _S9) + float32(0.5)) * _TWO_M23
-    return -math.log(max(-math.log(u), _MIN_EXP))
+def uniform(h):
+    """u = (k + 1/2) / 2**23 in (0, 1) from the top 23 bits k of ``h`` (k + 1/2 is exact in float32; 24 bits
+    would round the largest up to 2**24, u = 1)."""
+    return (float32(h >> _S9) + float32(0.5)) * _TWO_M23
 
 
 @cuda.jit(device=True, inline=True)
@@ -90,32 +97,107 @@ def _classify(x):
 
 
 @cuda.jit(device=True, inline=True)
-def _take(x, col, greedy, inv_t, h, m, s, best, best_col):
-    """A thread's (m, s, best, best_col) after column ``col``'s logit ``x``. NaN or +inf marks the thread with a
-    column past BAD_COL, and the mark sticks (the thread stops reading)."""
+def _top(x, col, top, first, bad):
+    """(max, its first column) after ``x`` of column ``col``; ``bad`` = 1 once a NaN or +inf is seen."""
     kind = _classify(x)
-    if kind == 2 or best_col > BAD_COL:
-        return m, s, best, int64(BAD_COL) + 1  # marks the row: no token from it
-    if kind == 0:
-        if x > m:
-            s = s * math.exp(m - x) + float32(1.0)
-            m = x
-        else:
-            s += math.exp(x - m)
-        score = x if greedy else x * inv_t + gumbel(h, col)
-        if score > best:  # a thread's columns rise, so > keeps the first of equal scores
-            best = score
-            best_col = int64(col)
-    return m, s, best, best_col
+    if kind == 2:
+        bad = int32(1)
+    if kind == 0 and x > top:
+        return x, col, bad
+    return top, first, bad
+
+
+@cuda.jit(device=True, inline=True)
+def _add(x, m, s, t, inv_t, greedy):
+    """exp(x - m) into s and, for a sampled row, exp((x - m) / T) into t (a -inf or bad logit adds 0)."""
+    if _classify(x) == 0:
+        s += math.exp(x - m)
+        if not greedy:
+            t += math.exp((x - m) * inv_t)
+    return s, t
+
+
+@cuda.jit(device=True, inline=True)
+def _weight(x, m, inv_t):
+    return math.exp((x - m) * inv_t) if _classify(x) == 0 else float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _step(x, col, m, inv_t, run, target, found, last_positive):
+    w = _weight(x, m, inv_t)
+    if w > float32(0.0):
+        last_positive = col
+    run += w
+    if found < 0 and w > float32(0.0) and run > target:
+        found = col
+    return run, found, last_positive
+
+
+@cuda.jit(device=True, inline=True)
+def _merge(m1, s1, t1, c1, m2, s2, t2, c2, inv_t, greedy):
+    """Two parts' (max, sum of exp(x - max), sum of exp((x - max) / T) or the max's first column): for a greedy
+    row ties keep the smaller column. Symmetric, so the two lanes of a butterfly get the same bits."""
+    m = max(m1, m2)
+    s = s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
+    if greedy:
+        c = c1 if (m1 > m2 or (m1 == m2 and c1 < c2)) else c2
+        return m, s, t1, c
+    return m, s, _rescaled(t1, m1 - m, inv_t) + _rescaled(t2, m2 - m, inv_t), c1
+
+
+@cuda.jit(device=True, inline=True)
+def _rescaled(t, shift, inv_t):
+    """t * exp(shift / T) for shift <= 0; 0 for t = 0 (whose max may be NEG_BIG: the product would overflow)."""
+    return t * math.exp(shift * inv_t) if t > float32(0.0) else float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _warp_merge(m, s, t, c, bad, inv_t, greedy):
+    """The 32 lanes' parts merged (xor butterfly: every lane ends with the same result)."""
+    for k in range(5):
+        d = 1 << k
+        m2 = cuda.shfl_xor_sync(_FULL, m, d)
+        s2 = cuda.shfl_xor_sync(_FULL, s, d)
+        t2 = cuda.shfl_xor_sync(_FULL, t, d)
+        c2 = cuda.shfl_xor_sync(_FULL, c, d)
+        bad |= cuda.shfl_xor_sync(_FULL, bad, d)
+        m, s, t, c = _merge(m, s, t, c, m2, s2, t2, c2, inv_t, greedy)
+    return m, s, t, c, bad
+
+
+@cuda.jit(device=True, inline=True)
+def _inclusive_scan(a, lane):
+    """Sum of lanes 0..lane's ``a``, in a fixed order."""
+    for k in range(5):
+        d = 1 << k
+        b = cuda.shfl_sync(_FULL, a, max(lane - d, 0))
+        if lane >= d:
+            a += b
+    return a
+
+
+@cuda.jit(device=True, inline=True)
+def _warp_min(v):
+    for k in range(5):
+        v = min(v, cuda.shfl_xor_sync(_FULL, v, 1 << k))
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def _warp_max(v):
+    for k in range(5):
+        v = max(v, cuda.shfl_xor_sync(_FULL, v, 1 << k))
+    return v
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(threads: int, dtype_name: str):
+def _kernel(warps: int, dtype_name: str):
     # Raw addresses (``runtime.launch``: no per-array wrapping on the host). logits: dtype_name [rows, vocab];
-    # params: int64 [3, rows] = keys, counters, float32 bits of the temperatures; part: 32-bit words [4, rows,
-    # splits] = m, s, best (float32), best column (int32); out: float32 [2, rows] = token ids, log-probabilities.
+    # params: int64 [3, rows] = keys, counters, float32 bits of the temperatures; records: 32-bit words
+    # [rows, segments, 4]; counters: int32 [rows]; out: float32 [2, rows] = token ids, log-probabilities.
     lo, hi, _ = word_codec(dtype_name)
     size = 4 if dtype_name == "float32" else 2  # bytes per logit
+    threads = 32 * warps
 
     if size == 4:
         @cuda.jit(device=True, inline=True)
@@ -123,168 +205,258 @@ def _kernels(threads: int, dtype_name: str):
             return as_f32(ld_i32_at(address))
 
         @cuda.jit(device=True, inline=True)
-        def scan(base, first, last, vocab, tid, greedy, inv_t, h, m, s, best, best_col):
-            """Words (= columns) [first, last) of the row at ``base``, from ``first + tid`` on."""
-            for col in range(first + tid, min(last, vocab), threads):
-                m, s, best, best_col = _take(logit(base + col * 4), col, greedy, inv_t, h, m, s, best, best_col)
-                if best_col > BAD_COL:
-                    break
-            return m, s, best, best_col
+        def load_unit(row_base, col, vocab, aligned):
+            """Columns col .. col + 7 (past the vocabulary: -inf) as float32."""
+            if col >= vocab:
+                return _past_end()
+            if aligned and col + 8 <= vocab:
+                a0, a1, a2, a3 = ld_v4_at(row_base + col * 4)
+                b0, b1, b2, b3 = ld_v4_at(row_base + col * 4 + 16)
+                return (as_f32(a0), as_f32(a1), as_f32(a2), as_f32(a3),
+                        as_f32(b0), as_f32(b1), as_f32(b2), as_f32(b3))
+            return _unit_by_column(row_base, col, vocab)
     else:
         @cuda.jit(device=True, inline=True)
         def logit(address):
             return lo(ld_u16_at(address))
 
         @cuda.jit(device=True, inline=True)
-        def take_pair(w, col, greedy, inv_t, h, m, s, best, best_col):
-            """A word holding columns ``col`` (low half) and ``col + 1``."""
-            m, s, best, best_col = _take(lo(w), col, greedy, inv_t, h, m, s, best, best_col)
-            return _take(hi(w), col + 1, greedy, inv_t, h, m, s, best, best_col)
+        def load_unit(row_base, col, vocab, aligned):
+            """Columns col .. col + 7 (past the vocabulary: -inf) as float32."""
+            if col >= vocab:
+                return _past_end()
+            if aligned and col + 8 <= vocab:
+                w0, w1, w2, w3 = ld_v4_at(row_base + col * 2)
+                return lo(w0), hi(w0), lo(w1), hi(w1), lo(w2), hi(w2), lo(w3), hi(w3)
+            return _unit_by_column(row_base, col, vocab)
 
-        @cuda.jit(device=True, inline=True)
-        def take_word(base, k, lead, vocab, greedy, inv_t, h, m, s, best, best_col):
-            """Word ``k`` of the row whose column 0 is at ``base``: its two columns, or the one that is the row's."""
-            col = 2 * k - lead           # the column in the word's low half
-            if col >= 0 and col + 1 < vocab:
-                w = ld_i32_at(base + (col * 2))  # base - 2 * lead is 4-byte aligned, so this word is too
-                return take_pair(w, col, greedy, inv_t, h, m, s, best, best_col)
-            if col < 0:                  # the row's first word: its low half is the previous row's
-                return _take(logit(base), 0, greedy, inv_t, h, m, s, best, best_col)
-            # the row's last word: its high half is past the row
-            return _take(logit(base + col * 2), col, greedy, inv_t, h, m, s, best, best_col)
+    @cuda.jit(device=True, inline=True)
+    def _past_end():
+        x = as_f32(0xFF800000)
+        return x, x, x, x, x, x, x, x
 
-        @cuda.jit(device=True, inline=True)
-        def scan(base, first, last, vocab, tid, greedy, inv_t, h, m, s, best, best_col):
-            """Words [first, last) of the row whose column 0 is at ``base``, from ``first + tid`` on, in rising
-            order. Four words are loaded before any is used: one load at a time left the loop waiting on memory
-            latency (about a quarter of the bandwidth)."""
-            lead = (base >> 1) & 1       # 1: column 0 is the high half of its word
-            words = (vocab + lead + 1) // 2 if vocab > 0 else 0
-            stop = min(last, words)
-            both = min(stop, (vocab + lead) // 2)  # words lead <= k < both hold two of the row's columns
-            k = first + tid
-            if k < lead and k < stop:    # the row's first word
-                m, s, best, best_col = take_word(base, k, lead, vocab, greedy, inv_t, h, m, s, best, best_col)
-                k += threads
-            while k + 3 * threads < both and best_col <= BAD_COL:
-                col = 2 * k - lead
-                w0 = ld_i32_at(base + col * 2)
-                w1 = ld_i32_at(base + (col + 2 * threads) * 2)
-                w2 = ld_i32_at(base + (col + 4 * threads) * 2)
-                w3 = ld_i32_at(base + (col + 6 * threads) * 2)
-                m, s, best, best_col = take_pair(w0, col, greedy, inv_t, h, m, s, best, best_col)
-                m, s, best, best_col = take_pair(w1, col + 2 * threads, greedy, inv_t, h, m, s, best, best_col)
-                m, s, best, best_col = take_pair(w2, col + 4 * threads, greedy, inv_t, h, m, s, best, best_col)
-                m, s, best, best_col = take_pair(w3, col + 6 * threads, greedy, inv_t, h, m, s, best, best_col)
-                k += 4 * threads
-            while k < stop and best_col <= BAD_COL:
-                m, s, best, best_col = take_word(base, k, lead, vocab, greedy, inv_t, h, m, s, best, best_col)
-                k += threads
-            return m, s, best, best_col
+    @cuda.jit(device=True, inline=True)
+    def column(row_base, col, vocab):
+        return logit(row_base + col * size) if col < vocab else as_f32(0xFF800000)
+
+    @cuda.jit(device=True, inline=True)
+    def _unit_by_column(row_base, col, vocab):
+        return (column(row_base, col, vocab), column(row_base, col + 1, vocab),
+                column(row_base, col + 2, vocab), column(row_base, col + 3, vocab),
+                column(row_base, col + 4, vocab), column(row_base, col + 5, vocab),
+                column(row_base, col + 6, vocab), column(row_base, col + 7, vocab))
+
+    @cuda.jit(device=True, inline=True)
+    def take_unit(u, col, vocab, m, s, t, c, bad, inv_t, greedy):
+        """The lane's (m, s, t or c, bad) after the 8 logits ``u`` of columns col .. col + 7: the running max
+        rises once per unit, then the 8 weights are added."""
+        if col >= vocab:  # a unit past the row's end (in its last segment)
+            return m, s, t, c, bad
+        x0, x1, x2, x3, x4, x5, x6, x7 = u
+        top, first = NEG_BIG, col
+        top, first, bad = _top(x0, col, top, first, bad)
+        top, first, bad = _top(x1, col + 1, top, first, bad)
+        top, first, bad = _top(x2, col + 2, top, first, bad)
+        top, first, bad = _top(x3, col + 3, top, first, bad)
+        top, first, bad = _top(x4, col + 4, top, first, bad)
+        top, first, bad = _top(x5, col + 5, top, first, bad)
+        top, first, bad = _top(x6, col + 6, top, first, bad)
+        top, first, bad = _top(x7, col + 7, top, first, bad)
+        if top > m:
+            if greedy:
+                c = first
+            if s > float32(0.0):  # (at the first finite logit s = t = 0, and m - top might overflow over T)
+                s *= math.exp(m - top)
+                t *= math.exp((m - top) * inv_t)
+            m = top
+        s, t = _add(x0, m, s, t, inv_t, greedy)
+        s, t = _add(x1, m, s, t, inv_t, greedy)
+        s, t = _add(x2, m, s, t, inv_t, greedy)
+        s, t = _add(x3, m, s, t, inv_t, greedy)
+        s, t = _add(x4, m, s, t, inv_t, greedy)
+        s, t = _add(x5, m, s, t, inv_t, greedy)
+        s, t = _add(x6, m, s, t, inv_t, greedy)
+        s, t = _add(x7, m, s, t, inv_t, greedy)
+        return m, s, t, c, bad
+
+    @cuda.jit(device=True, inline=True)
+    def unit_weight(u, m_seg, inv_t):
+        x0, x1, x2, x3, x4, x5, x6, x7 = u
+        return (_weight(x0, m_seg, inv_t) + _weight(x1, m_seg, inv_t) + _weight(x2, m_seg, inv_t)
+                + _weight(x3, m_seg, inv_t) + _weight(x4, m_seg, inv_t) + _weight(x5, m_seg, inv_t)
+                + _weight(x6, m_seg, inv_t) + _weight(x7, m_seg, inv_t))
+
+    @cuda.jit(device=True, inline=True)
+    def walk_unit(u, col, m_seg, inv_t, run, target, found, last_positive):
+        """Columns col .. col + 7 added to ``run`` in order: the first where it passes ``target`` is ``found``
+        (once), and ``last_positive`` the last of positive weight."""
+        x0, x1, x2, x3, x4, x5, x6, x7 = u
+        run, found, last_positive = _step(x0, col, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x1, col + 1, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x2, col + 2, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x3, col + 3, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x4, col + 4, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x5, col + 5, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x6, col + 6, m_seg, inv_t, run, target, found, last_positive)
+        run, found, last_positive = _step(x7, col + 7, m_seg, inv_t, run, target, found, last_positive)
+        return run, found, last_positive
+
+    @cuda.jit(device=True, inline=True)
+    def scan_segment(row_base, col0, vocab, aligned, inv_t, greedy, lane):
+        """A lane's part of the segment starting at ``col0``: its four units, loaded before any is used."""
+        col = col0 + lane * 8
+        u0 = load_unit(row_base, col, vocab, aligned)
+        u1 = load_unit(row_base, col + 256, vocab, aligned)
+        u2 = load_unit(row_base, col + 512, vocab, aligned)
+        u3 = load_unit(row_base, col + 768, vocab, aligned)
+        m, s, t, c, bad = NEG_BIG, float32(0.0), float32(0.0), int32(col), int32(0)
+        m, s, t, c, bad = take_unit(u0, col, vocab, m, s, t, c, bad, inv_t, greedy)
+        m, s, t, c, bad = take_unit(u1, col + 256, vocab, m, s, t, c, bad, inv_t, greedy)
+        m, s, t, c, bad = take_unit(u2, col + 512, vocab, m, s, t, c, bad, inv_t, greedy)
+        m, s, t, c, bad = take_unit(u3, col + 768, vocab, m, s, t, c, bad, inv_t, greedy)
+        return m, s, t, c, bad
+
+    @cuda.jit(device=True, inline=True)
+    def pick_column(row_base, col0, vocab, aligned, m_seg, inv_t, target, lane):
+        """The column of segment ``col0`` where the running weight exp((x - m_seg) / T), in column order, first
+        exceeds ``target`` (past the end: the last column of positive weight). Every lane returns it."""
+        col = col0 + lane * 8
+        run = float32(0.0)  # the weight of the units before (all lanes hold the same)
+        found = -1
+        for k in range(UNITS):  # unit rows in column order: lane 0's unit, lane 1's, ..., then the next row
+            if found < 0:
+                u = load_unit(row_base, col + 256 * k, vocab, aligned)
+                w = unit_weight(u, m_seg, inv_t)
+                through = run + _inclusive_scan(w, lane)
+                crossing = _warp_min(lane if through > target else 32)
+                if lane == crossing:
+                    found = walk_unit(u, col + 256 * k, m_seg, inv_t, through - w, target, -1, -1)[1]
+                found = _warp_max(found)
+                run = cuda.shfl_sync(_FULL, through, 31)
+        last_positive = -1
+        if found < 0:  # rounding put the target past the end
+            for k in range(UNITS):
+                last_positive = walk_unit(load_unit(row_base, col + 256 * k, vocab, aligned), col + 256 * k, m_seg,
+                                          inv_t, NEG_BIG, target, -1, last_positive)[2]
+        return found if found >= 0 else _warp_max(last_positive)
 
     @cuda.jit(fastmath=True)
-    def partial(logits, params, rows, vocab, chunk, splits, part):
-        """Block (row, split) reads words [split * chunk, (split + 1) * chunk) of its row."""
+    def sample(logits, params, rows, vocab, aligned, splits, segments, records, counters, out):
         row, split = cuda.blockIdx.x, cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        t = as_f32(ld_i32_at(params + (2 * rows + row) * 8))
-        greedy = t == float32(0.0)
-        inv_t = float32(1.0) / t if not greedy else float32(0.0)
-        h = row_hash(ld_i64_at(params + row * 8), ld_i64_at(params + (rows + row) * 8))
-        start = split * chunk
-        m, s, best, best_col = scan(logits + row * vocab * size, start, start + chunk, vocab, tid, greedy, inv_t, h,
-                                    NEG_BIG, float32(0.0), NEG_BIG, int64(BAD_COL))
-        sm = cuda.shared.array(threads, float32)
-        ss = cuda.shared.array(threads, float32)
-        sb = cuda.shared.array(threads, float32)
-        sc = cuda.shared.array(threads, int64)
-        sm[tid], ss[tid], sb[tid], sc[tid] = m, s, best, best_col
+        warp, lane = cuda.threadIdx.x // 32, cuda.threadIdx.x % 32
+        temp = as_f32(ld_i32_at(params + (2 * rows + row) * 8))
+        greedy = temp == float32(0.0)
+        inv_t = float32(1.0) / temp if not greedy else float32(0.0)
+        row_base = logits + row * vocab * size
+        row_records = records + row * segments * 16
+        # --- every block: its segments' records ---
+        seg = split * warps + warp
+        while seg < segments:
+            m, s, t, c, bad = scan_segment(row_base, seg * SEGMENT, vocab, aligned, inv_t, greedy, lane)
+            m, s, t, c, bad = _warp_merge(m, s, t, c, bad, inv_t, greedy)
+            if lane == 0:
+                st_v4_at(row_records + seg * 16, f32_bits(m), f32_bits(s), c if greedy else f32_bits(t), bad)
+            seg += splits * warps
+        # --- the row's last block: merge, pick, write ---
+        last = cuda.shared.array(1, int32)
+        cuda.threadfence()                     # this block's records, visible GPU-wide before it counts
         cuda.syncthreads()
-        stride = threads // 2
-        while stride > 0:
-            if tid < stride:
-                m1, s1, b1, c1 = _merge(sm[tid], ss[tid], sb[tid], sc[tid],
-                                        sm[tid + stride], ss[tid + stride], sb[tid + stride], sc[tid + stride])
-                sm[tid], ss[tid], sb[tid], sc[tid] = m1, s1, b1, c1
-            cuda.syncthreads()
-            stride //= 2
-        if tid == 0:
-            plane = rows * splits * 4
-            at = part + (row * splits + split) * 4
-            st_u32_at(at, f32_bits(sm[0]))
-            st_u32_at(at + plane, f32_bits(ss[0]))
-            st_u32_at(at + 2 * plane, f32_bits(sb[0]))
-            st_u32_at(at + 3 * plane, sc[0])
-
-    @cuda.jit(fastmath=True)
-    def finish(logits, part, rows, vocab, splits, out):
-        """Thread ``row`` merges its row's splits and writes the token and its log-probability."""
-        row = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if row >= rows:
+        if cuda.threadIdx.x == 0:
+            last[0] = 1 if atomic_add_at(counters + row * 4, 1) == splits - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 0 or warp != 0:
             return
-        plane = rows * splits * 4
-        m, s, best, col = NEG_BIG, float32(0.0), NEG_BIG, int64(BAD_COL)
-        for split in range(splits):
-            at = part + (row * splits + split) * 4
-            m, s, best, col = _merge(m, s, best, col, as_f32(ld_i32_at(at)), as_f32(ld_i32_at(at + plane)),
-                                     as_f32(ld_i32_at(at + 2 * plane)), int64(ld_i32_at(at + 3 * plane)))
-        if col >= BAD_COL or s == float32(0.0):  # NaN/+inf seen, or every token masked
-            st_u32_at(out + row * 4, f32_bits(float32(0.0)))
-            st_u32_at(out + (rows + row) * 4, f32_bits(float32(math.nan)))
-        else:
-            x = logit(logits + (row * vocab + col) * size)
-            st_u32_at(out + row * 4, f32_bits(float32(col)))
-            st_u32_at(out + (rows + row) * 4, f32_bits(x - (m + math.log(s))))
-    return partial, finish
+        cuda.threadfence()
+        if lane == 0:
+            st_u32_at(counters + row * 4, 0)
+        per_lane = (segments + 31) // 32
+        first_seg = min(lane * per_lane, segments)
+        end_seg = min(first_seg + per_lane, segments)
+        m, s, t, c, bad = NEG_BIG, float32(0.0), float32(0.0), int32(1 << 30), int32(0)
+        for j in range(first_seg, end_seg):
+            rm, rs, rt, rbad = ld_v4_cg_at(row_records + j * 16)
+            bad |= int32(rbad)
+            m, s, t, c = _merge(m, s, t, c, as_f32(rm), as_f32(rs), as_f32(rt), int32(rt), inv_t, greedy)
+        lane_m, lane_t = m, t
+        big, total, _, col, bad = _warp_merge(m, s, t, c, bad, inv_t, greedy)
+        x = big
+        if not greedy and bad == 0 and total > float32(0.0):
+            # the lanes' weights in units of exp((x - big) / T), in column order: which lane's run holds the draw
+            weight = _rescaled(lane_t, lane_m - big, inv_t)
+            before = _inclusive_scan(weight, lane) - weight
+            weights = cuda.shfl_sync(_FULL, before + weight, 31)
+            p = ld_i64_at(params + row * 8)
+            target = uniform(row_hash(p, ld_i64_at(params + (rows + row) * 8))) * weights
+            crossing = _warp_min(lane if before + weight > target else 32)
+            if crossing == 32:
+                crossing = _warp_max(lane if weight > float32(0.0) else -1)
+            # lane ``crossing`` walks its segments to the one where the draw falls
+            seg_found, seg_m, rest = int32(-1), float32(0.0), float32(0.0)
+            if lane == crossing:
+                run = before
+                for j in range(first_seg, end_seg):
+                    rm, _, rt, _ = ld_v4_cg_at(row_records + j * 16)
+                    w = _rescaled(as_f32(rt), as_f32(rm) - big, inv_t)
+                    if w > float32(0.0):  # the last segment of positive weight so far: the end's fallback
+                        seg_found, seg_m = j, as_f32(rm)
+                        rest = (target - run) / math.exp((seg_m - big) * inv_t)  # in units of exp((x - seg_m) / T)
+                        if run + w > target:
+                            break
+                    run += w
+            seg_found = cuda.shfl_sync(_FULL, seg_found, crossing)
+            seg_m = cuda.shfl_sync(_FULL, seg_m, crossing)
+            rest = cuda.shfl_sync(_FULL, rest, crossing)
+            col = pick_column(row_base, seg_found * SEGMENT, vocab, aligned, seg_m, inv_t, rest, lane)
+            x = logit(row_base + col * size)
+        if lane == 0:
+            if bad != 0 or total == float32(0.0):  # NaN/+inf seen, or every token masked
+                st_u32_at(out + row * 4, f32_bits(float32(0.0)))
+                st_u32_at(out + (rows + row) * 4, f32_bits(float32(math.nan)))
+            else:
+                st_u32_at(out + row * 4, f32_bits(float32(col)))
+                st_u32_at(out + (rows + row) * 4, f32_bits(x - (big + math.log(total))))
+    return sample
 
 
-@cuda.jit(device=True, inline=True)
-def _merge(m1, s1, b1, c1, m2, s2, b2, c2):
-    """Two threads' (or splits') (max, sum of exp(x - max), best score, its column): a bad column (>= BAD_COL)
-    wins, ties keep the smaller column."""
-    m = max(m1, m2)
-    s = s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
-    if c2 > BAD_COL or c1 > BAD_COL:
-        return m, s, b1, max(c1, c2)
-    if b2 > b1 or (b2 == b1 and c2 < c1):
-        return m, s, b2, c2
-    return m, s, b1, c1
+def num_splits(rows: int, vocab: int, sms: int, warps: int = WARPS) -> int:
+    """Blocks per row: enough blocks to cover the GPU a few times over, at most one per ``warps`` segments."""
+    segments = -(-vocab // SEGMENT)
+    return max(1, min(-(-4 * sms // rows), -(-segments // warps)))
 
 
-def num_splits(rows: int, vocab: int, sms: int) -> int:
-    """Blocks per row: enough blocks to cover the GPU a few times over, each reading at least 4,096 columns."""
-    return max(1, min(-(-4 * sms // rows), vocab // 4096))
-
-
-def sample_tokens(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, params: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """One token per row of ``logits [rows, vocab]`` (float32, bfloat16 or float16, read as they are). ``params``
-    int64 [3, rows]: each row's noise key and counter (>= 0) and, in the low 32 bits of the third, its
-    temperature's float32 bits (``temperature_bits``): 0 is greedy argmax, else a draw from softmax(logits / T).
-    Returns float32 [2, rows]: the token ids (exact: a vocabulary is far below 2**24) and their log-probabilities
-    (NaN for a row with NaN or +inf)."""
+    int64 [3, rows]: each row's key and counter (>= 0) and, in the low 32 bits of the third, its temperature's
+    float32 bits (``temperature_bits``): 0 is greedy argmax, else a draw from softmax(logits / T). ``splits``:
+    blocks per row (default ``num_splits``; the result does not depend on it). Returns float32 [2, rows]: the
+    token ids (exact: a vocabulary is far below 2**24) and their log-probabilities (NaN for a row with NaN or
+    +inf, or with every logit -inf)."""
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2 or not logits.is_contiguous():
         raise ValueError(f"logits must be contiguous [rows, vocab], got {logits.dtype} {list(logits.shape)}")
     rows, vocab = logits.shape
-    if vocab >= BAD_COL:
-        raise ValueError(f"logits has {vocab} columns; at most {BAD_COL - 1}")
+    if vocab >= 1 << 30:
+        raise ValueError(f"logits has {vocab} columns; at most {(1 << 30) - 1}")
     if params.dtype != torch.int64 or tuple(params.shape) != (3, rows) or params.device != logits.device \
             or not params.is_contiguous():
         raise ValueError(f"params must be contiguous int64 [3, {rows}] on {logits.device}, got {params.dtype} "
                          f"{list(params.shape)} on {params.device}")
     out = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
-    if rows == 0:
-        return out
-    splits = 2 if simulator_enabled() else num_splits(rows, vocab, num_sms())
-    threads = 32 if simulator_enabled() else SAMPLE_THREADS  # the simulator runs a Python thread per CUDA thread
-    words = vocab if logits.dtype == torch.float32 else vocab // 2 + 1  # the most 32-bit words a row touches
-    chunk = -(-words // splits)
-    part = torch.empty(4, rows, splits, dtype=torch.float32, device=logits.device)
-    partial, finish = _kernels(threads, DTYPE_NAMES[logits.dtype])
-    launch(partial, (rows, splits), threads, logits.data_ptr(), params.data_ptr(), rows, vocab, chunk, splits,
-           part.data_ptr())
-    launch(finish, (-(-rows // 128),), 128, logits.data_ptr(), part.data_ptr(), rows, vocab, splits,
+    if rows == 0 or vocab == 0:
+        return out.fill_(math.nan) if rows else out
+    warps = 1 if simulator_enabled() else WARPS
+    segments = -(-vocab // SEGMENT)
+    if splits is None:
+        splits = 1 if simulator_enabled() else num_splits(rows, vocab, num_sms(), warps)
+    elif not isinstance(splits, int) or isinstance(splits, bool) or not 1 <= splits <= segments:
+        raise ValueError(f"splits must be an int in [1, {segments}] for {vocab} columns, got {splits!r}")
+    size = logits.element_size()
+    aligned = int(logits.data_ptr() % 16 == 0 and vocab * size % 16 == 0)
+    records = torch.empty(rows, segments, 4, dtype=torch.float32, device=logits.device)
+    counters = arrival_counters(logits.device, rows)
+    launch(_kernel(warps, DTYPE_NAMES[logits.dtype]), (rows, splits), 32 * warps, logits.data_ptr(),
+           params.data_ptr(), rows, vocab, aligned, splits, segments, records.data_ptr(), counters.data_ptr(),
            out.data_ptr())
     return out
 
