@@ -1,8 +1,8 @@
 """Choosing the next token of every sequence in a step, vectorised over the batch.
 
 With the Numba backend, a batch whose rows use no top-k/top-p, penalties or top-N logprobs is sampled by one
-kernel in one pass over the logits (kernels/sampling.py: greedy argmax or the Gumbel-max trick, with the chosen
-token's log-probability from an online log-sum-exp). Otherwise, in torch: greedy rows take the argmax. The other
+kernel in one launch over the logits (kernels/sampling.py: greedy argmax or an inverse-CDF draw at one uniform
+per row, with the chosen token's log-probability from a log-sum-exp of the same pass). Otherwise, in torch: greedy rows take the argmax. The other
 rows divide by their temperature, keep their top-k / top-p tokens, and sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i, and lets a seeded request draw its E from its own ``torch.Generator`` while the rest of the
 batch shares one draw. Presence and frequency penalties come first, on the rows that set them, and apply to
@@ -160,8 +160,9 @@ class Sampler:
         return PendingSample(tokens, host, event, seqs, params, top_rows)
 
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending_rows: int):
-        """Greedy or Gumbel-max in one kernel. Noise keys: a seeded request's seed + completion index, counted by
-        its generated tokens (independent of the batch); the other rows share a fresh key per step."""
+        """Greedy or an inverse-CDF draw in one kernel. Keys of the rows' uniforms: a seeded request's seed +
+        completion index, counted by its generated tokens (independent of the batch); the other rows share a fresh
+        key per step."""
         from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # numba.cuda: on first use
 
         n = len(seqs)

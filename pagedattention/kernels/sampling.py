@@ -21,14 +21,14 @@ float32 conversion.
 grid (rows, splits), block WARPS warps        block (row, split): warp w takes the row's segments
                                                split * WARPS + w, then + splits * WARPS, ... (``num_splits``
                                                gives enough blocks to cover every SM a few times)
-segment (1,024 columns): lane l of the warp    32 columns of the segment, as four units of 8
-                                               (one 16-byte load for 2-byte logits, two for float32, when the
-                                               row is 16-byte aligned; else one load per column). A unit
+segment (1,024 columns): lane l of the warp    32 columns of the segment, as four units of 8 starting at
+                                               columns 8 l, + 256, + 512, + 768 (one 16-byte load for 2-byte
+                                               logits, two for float32, when the row is 16-byte aligned, so
+                                               each load of the warp reads 512 contiguous bytes; else one load
+                                               per column). A unit
                                                raises the lane's running max m once, then adds its 8 weights:
                                                s += exp(x - m), t += exp((x - m) / T); a greedy row keeps the
                                                first column of the max instead of t
-                                               (lane l's units start at columns 8 l, + 256, + 512, + 768:
-                                               each load of the warp reads 512 contiguous bytes)
                                                the 32 lanes merge (xor butterfly) into the segment's record
                                                [m, s, t or column, bad] (16 bytes at records[row, segment])
 the row's last block to finish (an arrival     warp 0 merges the row's records in column order: lane l takes a
@@ -197,7 +197,6 @@ def _kernel(warps: int, dtype_name: str):
     # [rows, segments, 4]; counters: int32 [rows]; out: float32 [2, rows] = token ids, log-probabilities.
     lo, hi, _ = word_codec(dtype_name)
     size = 4 if dtype_name == "float32" else 2  # bytes per logit
-    threads = 32 * warps
 
     if size == 4:
         @cuda.jit(device=True, inline=True)
