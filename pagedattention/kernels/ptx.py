@@ -38,6 +38,7 @@ __all__ = ["ld_v4", "st_v4", "ld_v4_at", "ld_v4_cg_at", "st_v4_at", "atomic_add_
 
 if simulator_enabled():
     import ctypes
+    import threading
 
     def _u32(x) -> int:
         return int(x) & 0xFFFFFFFF
@@ -81,7 +82,7 @@ if simulator_enabled():
         return ctypes.c_int32.from_address(int(address)).value
 
     ld_v4_cg_at = ld_v4_at
-    _atomic_lock = __import__("threading").Lock()
+    _atomic_lock = threading.Lock()  # the simulator's threads are real threads
 
     def atomic_add_at(address, value):
         with _atomic_lock:
