@@ -283,11 +283,13 @@ def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_compu
             x = runner.prepare(batch)
             assert graphs.bucket(x) == (bucket, bucket, False, bucket)
             graphs.output.fill_(float("nan"))
+            graphs.logits.fill_(float("nan"))
             with torch.inference_mode():
                 graphs.stage(graphs.bucket(x), x)
                 graphs.body(graphs.bucket(x))()
                 staged = engine.model.compute_logits(graphs.output[:n])
             torch.testing.assert_close(staged, runner.execute(x, eager=True), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(graphs.logits[:n], staged, rtol=1e-5, atol=1e-5)  # the graph's LM head
             out = engine.sampler(staged, batch.sample_seqs, engine.eos_token_ids)
             engine.scheduler.postprocess(batch, out.token_ids, out.logprobs)
         engine._abort_all()

@@ -5,9 +5,11 @@ time exceeds the GPU time they need. A graph replays them in one call. All graph
 buffers (their first rows) and share one memory pool; each step's inputs are staged into page-locked host
 buffers and copied in with one asynchronous copy per input.
 
-Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, ..., max_num_seqs; prefill steps of
-<= 4,096 tokens and <= 8 sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS; mixed steps at
-each decode batch size with a prompt part from MIXED_PROMPTS. Bigger steps run eagerly: their GPU time hides
+Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, 8, 16, then every 16 up to max_num_seqs
+(a step runs padded up to its bucket, and above 16 rows the GEMMs, the LM head and the sampler cost about their
+rows: powers of two would waste up to half of a step's work); prefill steps of <= 4,096 tokens and <= 8
+sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS; mixed steps at decode batch sizes 1, 2, 4,
+..., max_num_seqs with a prompt part from MIXED_PROMPTS. Bigger steps run eagerly: their GPU time hides
 their launches, and a graph's attention grid, sized for its bound on every sequence's length, would grow with
 tokens x sequences.
 
@@ -39,18 +41,22 @@ class Bucket(NamedTuple):
     num_decode: int   # decode rows (all of a decode bucket's)
 
 
-def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+DECODE_STEP = 16  # decode buckets above this many rows are this many rows apart
+
+
+def batch_sizes(max_num_seqs: int, step: int | None = None) -> list[int]:
+    """1, 2, 4, ... doubling up to ``step`` (all the way with None), then every ``step`` rows; max_num_seqs last."""
     sizes, bs = [], 1
     while bs < max_num_seqs:
         sizes.append(bs)
-        bs *= 2
+        bs = bs * 2 if step is None or bs < step else bs + step
     return sizes + [max_num_seqs]
 
 
 def graph_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[Bucket]:
     """Every captured bucket: decode ones, prefill ones, then mixed ones, each smallest first."""
-    sizes = decode_batch_sizes(max_num_seqs)
-    decode = [Bucket(bs, bs, False, bs) for bs in sizes]
+    decode = [Bucket(bs, bs, False, bs) for bs in batch_sizes(max_num_seqs, DECODE_STEP)]
+    sizes = batch_sizes(max_num_seqs)
     prefill = [Bucket(t, s, True, 0) for t in PREFILL_TOKENS if t <= max_num_batched_tokens
                for s in PREFILL_SEQS if s <= max_num_seqs and s <= t]
     mixed = sorted(Bucket(bs + t, bs + s, True, bs) for bs in sizes for t, s in MIXED_PROMPTS
@@ -82,6 +88,12 @@ class CudaGraphs:
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
         self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
+        # A decode graph ends with the LM head (every decode row samples), into these rows: one cuBLAS launch less
+        # per step on the host. Not under tensor parallelism, whose LM head gathers the vocabulary's shards.
+        self.logits = None
+        if isinstance(model.lm_head, torch.nn.Linear):
+            max_decode = max(b.num_seqs for b in self.decode_buckets)
+            self.logits = torch.empty(max_decode, model.lm_head.out_features, dtype=config.dtype, device=self.device)
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         # recorded after each step's copies out of the host buffers, which the next step rewrites
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -113,6 +125,8 @@ class CudaGraphs:
 
         def run():
             self.output[:t] = self.model(b["input_ids"][:t], b["positions"][:t], attn)
+            if self.logits is not None and not is_prefill:
+                torch.mm(self.output[:t], self.model.lm_head.weight.t(), out=self.logits[:t])
         return run
 
     def bucket(self, x) -> Bucket | None:
@@ -133,7 +147,7 @@ class CudaGraphs:
 
     def replay(self, bucket: Bucket, x) -> torch.Tensor:
         """Run step ``x`` through its bucket's graph; returns the hidden states of the bucket's rows (``x``'s
-        token rows at ``output_rows``)."""
+        token rows at ``output_rows``; a decode graph's logits are in ``logits``, if it has them)."""
         self.stage(bucket, x)
         self.graphs[bucket].replay()
         return self.output[:bucket.num_tokens]

@@ -129,6 +129,8 @@ class ModelRunner:
         rows = x.logit_rows
         if bucket is not None:
             hidden = self.graphs.replay(bucket, x)
+            if not x.is_prefill and self.graphs.logits is not None:
+                return self.graphs.logits[:x.num_seqs]  # the decode graph ran the LM head too
             rows = self.graphs.output_rows(bucket, x, rows)
         else:
             hidden = self.model(*self._to_device(x))

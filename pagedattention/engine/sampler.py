@@ -63,7 +63,8 @@ class PendingSample:
         host, n, seqs, params = self.host, len(self.seqs), self.seqs, self.params
         token_ids, chosen_logprobs = host[:n].long().tolist(), host[n:2 * n].tolist()
         top_logprobs = Sampler._top_logprobs(params, token_ids, chosen_logprobs, self.top_rows, host[2 * n:])
-        bad = [row for row, lp in enumerate(chosen_logprobs) if not math.isfinite(lp)]
+        finite = host[n:2 * n].isfinite()
+        bad = [] if finite.all() else (~finite).nonzero().flatten().tolist()
         for row in bad:
             token_ids[row], chosen_logprobs[row], top_logprobs[row] = -1, math.nan, None
         output = SamplerOutput(token_ids, chosen_logprobs, top_logprobs)
@@ -124,8 +125,8 @@ class Sampler:
         params = [s.sampling_params for s in seqs]
         self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
         vocab = logits.shape[1]
-        if self.use_kernel and all(p.logprobs is None and not p.has_penalties and p.top_p == 1.0
-                                   and not 0 < p.top_k < vocab for p in params):
+        if self.use_kernel and all(p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0
+                                               and p.top_k >= vocab) for p in params):
             packed = self._sample_in_one_pass(logits, seqs, params, num_pending_rows)  # already packed
             tokens, top_rows = packed[:len(seqs)], []
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 # Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS). Dividing float32 logits by a smaller
 # temperature can overflow to inf, and softmax turns inf into NaN; from 1e-5 up the quotient stays finite
@@ -143,3 +144,9 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @cached_property
+    def plain(self) -> bool:
+        """No top-k/top-p filter, penalty or top-N logprobs: the one-pass sampling kernel serves it (a top_k at
+        least the vocabulary's size filters nothing either, but that takes the vocabulary to know)."""
+        return self.logprobs is None and not self.has_penalties and self.top_p == 1.0 and self.top_k <= 0

@@ -96,6 +96,8 @@ class Scheduler:
         self.batch_quota = 0
 
     def add(self, seq: Sequence) -> None:
+        params = seq.sampling_params
+        seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -210,9 +212,8 @@ class Scheduler:
         config = self.config
         if self.beam_groups:
             return None
-        max_model_len = config.max_model_len
-        seqs = [seq for seq in self.running
-                if seq.num_output_tokens + 1 < seq.sampling_params.max_tokens and len(seq.token_ids) + 1 < max_model_len]
+        below = config.max_model_len - 1
+        seqs = [seq for seq in self.running if len(seq.token_ids) < below and len(seq.token_ids) + 1 < seq.max_len]
         if not seqs:
             return None
         admit = bool(self.waiting) and self._admission_possible() and self._enough_seats()
@@ -313,14 +314,17 @@ class Scheduler:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self._cache_blocks(seq)
+        finished, max_model_len = SequenceStatus.FINISHED, self.config.max_model_len
         for seq, token_id, logprob in zip(batch.sample_seqs, token_ids, logprobs):
-            if seq.is_finished:  # ended while this (overlapped) step ran: its row was wasted
+            if seq.status is finished:  # ended while this (overlapped) step ran: its row was wasted
                 continue
             seq.append_token(token_id, logprob)
-            reason = self._stop_reason(seq, token_id)
-            if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq, reason)
+            n = len(seq.token_ids)  # the usual row ends nothing: three checks, not _stop_reason's
+            if token_id in seq.stop_ids or n >= seq.max_len or n >= max_model_len:
+                reason = self._stop_reason(seq, token_id)
+                if reason is not None:
+                    self.running.remove(seq)
+                    self._finish(seq, reason)
         if batch.beam_seqs:
             self._advance_beams(batch.beam_seqs, *beam_candidates)
 
@@ -354,11 +358,8 @@ class Scheduler:
         params = seq.sampling_params
         num_tokens = len(seq.token_ids)
         num_output_tokens = num_tokens - seq.num_prompt_tokens
-        if num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return "stop"
-            if params.stop_token_ids and token_id in params.stop_token_ids:
-                return "stop"
+        if num_output_tokens >= params.min_tokens and token_id in seq.stop_ids:
+            return "stop"
         if num_output_tokens >= params.max_tokens or num_tokens >= self.config.max_model_len:
             return "length"
         return None

@@ -17,7 +17,9 @@ import torch
 
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler, SamplerOutput, SamplingError
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
+
+FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass
@@ -152,7 +154,7 @@ class Stepper:
         """Wait for a launched step's tokens and process them."""
         batch = launched.batch
         out = self._sample_result(launched)
-        live = [not s.is_finished for s in batch.sample_seqs]  # those ended meanwhile get no token
+        live = [s.status is not FINISHED for s in batch.sample_seqs]  # those ended meanwhile get no token
         self.scheduler.postprocess(batch, out.token_ids, out.logprobs, launched.beams)
         for seq, top, alive in zip(batch.sample_seqs, out.top_logprobs, live):
             if top is not None and alive:

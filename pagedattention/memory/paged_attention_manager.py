@@ -218,11 +218,8 @@ class PagedAttentionManager:
             else:
                 rows[i][0].append(b)
         self.num_table_entries += len(needs) - len(copies)
-        slots = []
-        for s, (table, ctx) in zip(seq_ids, rows):
-            lens[s] = ctx + 1
-            slots.append(table[ctx // bs] * bs + ctx % bs)
-        return slots
+        lens.update(zip(seq_ids, [ctx + 1 for _, ctx in rows]))
+        return [table[ctx // bs] * bs + ctx % bs for table, ctx in rows]
 
     def fork_sequence(self, parent_id: Hashable, child_id: Hashable) -> None:
         """``child_id`` becomes a copy of ``parent_id`` sharing all its blocks; nothing is allocated."""
