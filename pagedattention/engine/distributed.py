@@ -275,7 +275,7 @@ class TensorParallelRunner:
         if pending_tokens is None:
             return self.local.prepare(batch)
         x = self.local.prepare(batch, pending_tokens)
-        return dataclasses.replace(x, input_ids=pending_tokens.cpu().numpy(), input_ids_device=None)
+        return dataclasses.replace(x, input_ids=pending_tokens.long().cpu().numpy(), input_ids_device=None)
 
     def execute(self, x: StepInputs, eager: bool = False) -> torch.Tensor:
         """Send the step (and the copy-on-writes since the last one) to every worker, run shard 0 with them;

@@ -35,7 +35,7 @@ class StepInputs:
     max_q_len: int             # the longest prompt part (1 in a decode step)
     max_context_len: int
     num_decode: int            # the decoding sequences, first in line
-    input_ids_device: torch.Tensor | None = None  # overlapped steps: the decoding tokens, still on the device
+    input_ids_device: torch.Tensor | None = None  # overlapped steps: the decoding tokens, on the device (int64/fp32)
 
     @property
     def num_tokens(self) -> int:
@@ -79,7 +79,8 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None) -> StepInputs:
         """``pending_tokens``: a step overlapped with the one before it; each decoding sequence's input token was
-        sampled by that step and is still on the device, one past ``seq.token_ids`` (int64 [batch.num_decode])."""
+        sampled by that step and is still on the device, one past ``seq.token_ids`` ([batch.num_decode]: int64,
+        or the one-pass sampling kernel's float32 ids, converted where they are copied)."""
         seqs, d = batch.seqs, batch.num_decode
         block_tables = self.manager.block_tables_array([s.seq_id for s in seqs])
         decoding = seqs[:d]
@@ -145,7 +146,7 @@ class ModelRunner:
             context_lens=to(x.context_lens), cu_seqlens_q=to(x.prompt_cu_seqlens_q) if x.is_prefill else None,
             max_q_len=x.max_q_len, max_context_len=x.max_context_len, num_decode_tokens=x.num_decode)
         if x.input_ids_device is not None and not x.is_prefill:  # an overlapped decode step: all on the device
-            return x.input_ids_device, to(x.positions), attn
+            return x.input_ids_device.long(), to(x.positions), attn
         input_ids = to(x.input_ids)
         if x.input_ids_device is not None:  # an overlapped mixed step: its decode tokens are on the device
             input_ids[:x.num_decode].copy_(x.input_ids_device)

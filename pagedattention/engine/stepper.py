@@ -126,7 +126,6 @@ class Stepper:
             else:
                 row_of = {id(seq): row for row, seq in enumerate(before)}
                 pending_tokens = self._rows(tokens, [row_of[id(seq)] for seq in decoding])
-            pending_tokens = pending_tokens.long()  # the one-pass kernel's ids are float32
         logits = self.runner.execute(self.runner.prepare(batch, pending_tokens))
         sample = None
         if batch.sample_seqs:
