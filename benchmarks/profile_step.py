@@ -7,7 +7,8 @@
 For each batch size, that many requests (random prompts of ~900 tokens, U[0.9, 1.1] x --context) are prefilled
 through the public loop (``add_request`` / ``step``) until one decode step runs them all; then decode steps are
 (1) timed whole, ``llm.step()`` (schedule + prepare + graph replay + LM head + sample + postprocess), without a
-profiler; (2) traced with torch.profiler: every CUDA kernel (Numba's appear by their mangled Python names,
+profiler, with the time the host spends blocked waiting for the GPU inside them (``host_wait_ms``; the rest of
+the step is the host's own work, so a step that never waits is host-bound); (2) traced with torch.profiler: every CUDA kernel (Numba's appear by their mangled Python names,
 cuBLAS's by theirs) is put in a part by its name, except that a step's last GEMM is the LM head and whatever
 runs after it is sampling (the logits' float cast, temperature, the draw). Kernel names no rule knows are
 "other" and are printed, so the table hides nothing; a second table lists every kernel (launches and time per
@@ -28,6 +29,7 @@ same engine (continuous, ``generate``) and reported as a fraction of it. JSON: r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
@@ -237,6 +239,26 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int, temperat
             return ids
 
 
+@contextlib.contextmanager
+def waits_for_the_gpu():
+    """Seconds the host spends blocked in ``torch.cuda.Event.synchronize`` (the engine's only waits for the GPU:
+    a step's tokens, and the staging buffers' last copies), summed into the yielded ``[total]``. A step's wall
+    time minus it is the host's own work: a step that waits is GPU-bound, one that does not is host-bound."""
+    waited, synchronize = [0.0], torch.cuda.Event.synchronize
+
+    def timed(event):
+        start = time.perf_counter()
+        try:
+            return synchronize(event)
+        finally:
+            waited[0] += time.perf_counter() - start
+    torch.cuda.Event.synchronize = timed
+    try:
+        yield waited
+    finally:
+        torch.cuda.Event.synchronize = synchronize
+
+
 def traced_steps(llm: LLM, steps: int, on_gpu: bool, with_stack: bool = False) -> list[dict]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, with_stack=with_stack) as prof:
@@ -252,11 +274,13 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
     ids = start_decoding(llm, batch, context, warmup + timed + 2 * steps + 4, temperature, seed=batch)  # never ends
     for _ in range(warmup):
         llm.step()
-    walls = []
-    for _ in range(timed):
-        start = time.perf_counter()
-        llm.step()
-        walls.append(1e3 * (time.perf_counter() - start))
+    walls, waits = [], []
+    with waits_for_the_gpu() as waited:
+        for _ in range(timed):
+            start, before = time.perf_counter(), waited[0]
+            llm.step()
+            walls.append(1e3 * (time.perf_counter() - start))
+            waits.append(1e3 * (waited[0] - before))
     trace = traced_steps(llm, steps, on_gpu)
     host = traced_steps(llm, steps, on_gpu=False, with_stack=True)
     ran_whole = llm.last_step.num_seqs == batch and not llm.last_step.is_prefill
@@ -271,6 +295,7 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
             "kernels_per_step": sum(map(len, per_step)) / max(len(per_step), 1),
             "context_mean": context + warmup + timed + steps / 2,
             "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
+            "host_wait_ms": statistics.median(waits),
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
             "other_kernels_ms": others, "kernels": kernels,
             "host_phases_ms": host_phases(host, step_windows(host))}
@@ -329,6 +354,7 @@ def print_profile(report: dict) -> None:
     print(f"{'device busy / step bound':<30}" + "".join(f"{c:>20}" for c in busy))
     print(f"{'llm.step() wall':<30}" + "".join(f"{r['wall_ms']:>20.3f}" for r in rows))
     print(f"{'device idle':<30}" + "".join(f"{100 * r['device_idle_fraction']:>19.1f}%" for r in rows))
+    print(f"{'host waiting for the GPU':<30}" + "".join(f"{r['host_wait_ms']:>20.3f}" for r in rows))
     print("\nhost phases under the Python tracer (ms per step; inflated, compare shares):")
     for phase in rows[0]["host_phases_ms"] if rows else []:
         print(f"{phase:<30}" + "".join(f"{r['host_phases_ms'][phase]:>20.3f}" for r in rows))

@@ -117,6 +117,8 @@ def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
         row = {"batch": r["batch"], "context": round(r["context_mean"]), "llm.step() ms": r["wall_ms"],
                "GPU busy ms": r["device_busy_ms"], "GPU idle": f"{r['device_idle_fraction']:.0%}",
                "step bound ms": r["step_bound_ms"]}
+        if "host_wait_ms" in r:  # profiles from before it was measured lack it
+            row["host waits for GPU ms"] = r["host_wait_ms"]
         for part, ms in r["parts_ms"].items():
             bound = r["bounds_ms"].get(part)
             row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")

@@ -2,6 +2,7 @@
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -191,9 +192,20 @@ def test_tiny_profile_end_to_end(tmp_path, capsys):
         assert r["parts_ms"]["lm_head"] > 0 and r["parts_ms"]["sampling"] > 0
         assert set(r["bounds_ms"]) == {"attention", "gemm", "layer_ops", "lm_head", "sampling"}
         assert r["device_idle_fraction"] < 1 and r["wall_ms"] > 0
+        assert r["host_wait_ms"] == 0  # on the CPU nothing runs asynchronously: the host never waits
         phases = r["host_phases_ms"]  # the engine's phases are found by their functions' names
         assert all(phases[name] > 0 for name in ps.HOST_PHASES)
         assert sum(phases[name] for name in ps.HOST_PHASES) <= phases["llm.step (traced)"]
     assert 0 < report["w2_fraction_of_bound"] < 1
     out = capsys.readouterr().out
     assert "unclassified" in out and "W2 bound on cpu" in out
+
+
+def test_host_waits_are_the_time_blocked_in_event_synchronize(monkeypatch):
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: time.sleep(0.01))
+    blocking = torch.cuda.Event.synchronize
+    with ps.waits_for_the_gpu() as waited:
+        for _ in range(3):
+            torch.cuda.Event.synchronize(object())
+    assert 0.03 <= waited[0] < 0.5
+    assert torch.cuda.Event.synchronize is blocking  # restored

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pagedattention import LLM, BeamSearchParams, SamplingParams
+from pagedattention.engine.cuda_graphs import CudaGraphs
 from pagedattention.engine.distributed import TensorParallelError
 from pagedattention.models import CheckpointError, ModelConfig, load, load_model
 from pagedattention.models.parallel import TensorParallel
@@ -221,6 +222,17 @@ def test_one_process_builds_no_parallel_layer():
     model, _, _ = load(None)
     kinds = {type(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     assert kinds == {nn.Linear, nn.Embedding}
+
+
+def test_decode_graphs_run_the_lm_head_only_in_one_process():
+    """A shard's LM head computes its vocabulary rows and rank 0 gathers them, outside the graph: only a
+    one-process model's decode graphs end with the LM head (into ``logits``)."""
+    config = LLM(device="cpu", max_num_seqs=4, max_model_len=64).config
+    whole, _, _ = load(None)
+    assert CudaGraphs(whole, config).logits.shape == (4, whole.lm_head.out_features)
+    for rank in range(2):
+        shard, _, _ = load(None, tp=TensorParallel(rank, 2))
+        assert CudaGraphs(shard, config).logits is None
 
 
 # --- configuration ----------------------------------------------------------------------------------------------

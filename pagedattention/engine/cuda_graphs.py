@@ -91,7 +91,7 @@ class CudaGraphs:
         # A decode graph ends with the LM head (every decode row samples), into these rows: one cuBLAS launch less
         # per step on the host. Not under tensor parallelism, whose LM head gathers the vocabulary's shards.
         self.logits = None
-        if isinstance(model.lm_head, torch.nn.Linear):
+        if model.tp.size == 1:
             max_decode = max(b.num_seqs for b in self.decode_buckets)
             self.logits = torch.empty(max_decode, model.lm_head.out_features, dtype=config.dtype, device=self.device)
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}

@@ -194,6 +194,8 @@ class Sampler:
         """The {token id: logprob} of each row that asked for them; ``packed`` holds the top values of
         ``top_rows`` then their token ids, ``width`` per row."""
         out: list[dict[int, float] | None] = [None if p.logprobs is None else {} for p in params]
+        if out.count(None) == len(out):  # no row asked (the usual step)
+            return out
         width = packed.numel() // (2 * len(top_rows)) if top_rows else 0
         values, ids = packed[:width * len(top_rows)].tolist(), packed[width * len(top_rows):].long().tolist()
         for i, row in enumerate(top_rows):
