@@ -1,0 +1,191 @@
+"""``out = x @ weight.T (+ bias)`` for the few rows of a decode step, on the tensor cores, the weights read once.
+
+A decode step multiplies one row per sequence by each weight matrix. At batch <= 64 the weights' bytes are the
+whole cost (the Qwen2.5-0.5B shape's four projections read 2.1, 1.6, 17.4 and 8.7 MB a layer: 0.4 to 4 us at
+4.2 TB/s), yet cuBLAS takes 4-7 us per GEMM there, plus a split-K reduction kernel for the down projection
+(results/profile_NVIDIA_H200.json). This kernel computes the product transposed, ``out.T = weight @ x.T``
+("swap A/B"): 16 weight rows fill the wide side of an ``mma.m16n8k16`` and up to 8 tokens its narrow one, so a
+block streams its weight rows once for up to 64 tokens.
+
+Grid and threads::
+
+    grid    (N / (16 * WN), ceil(M / 64))
+            block (b, mb) computes out[64 mb : 64 mb + 64, 16 WN b : 16 WN (b + 1)]
+    threads 8 warps; warp w = wn * WK + wk (WN * WK = 8) takes weight rows n0 = 16 (WN b + wn) .. n0 + 15 and
+            the K chunks (32 columns each) wk, wk + WK, wk + 2 WK, ...; the WK warps of a row group add their
+            partial sums through shared memory, then the block's threads write two outputs (one word) each.
+            WN is chosen per weight shape (``row_groups_per_block``): enough blocks to cover the SMs, and as
+            many row groups per block as still do, since every block reads its 64 tokens of x again.
+
+Per chunk of columns kb .. kb + 31, lane = 4 g + t::
+
+    A (16 x 16 per k-step): weight rows n0 + g and n0 + g + 8, columns kb + 8t .. kb + 8t + 7: one 16-byte load
+        each (four words: w[0..3] of row g, v[0..3] of row g + 8).
+    B (16 x 8 per k-step and n-tile j): x row m = 64 mb + 8 j + g (clamped to M - 1; its column of the result is
+        dropped), columns kb + 8t .. kb + 8t + 7: one 16-byte load (x[0..3]).
+    The k dimension is permuted alike for A and B (a dot product does not care about the order of its terms):
+    in k-step s (0, 1) the fragment's columns 2t, 2t + 1 are physical columns kb + 8t + 4s + {0, 1} (word 2s)
+    and columns 2t + 8, 2t + 9 are kb + 8t + 4s + {2, 3} (word 2s + 1), so the mma's operands are
+        a = (w[2s], v[2s], w[2s + 1], v[2s + 1]),  b = (x[2s], x[2s + 1])
+    with no shuffle or shared-memory staging. A warp loads the weights of DEPTH of its chunks, then multiplies
+    them; x is small and read by every block, so it comes from L2/L1.
+    acc[4 j .. 4 j + 3] (C fragment of n-tile j) = out.T[n0 + g, 8 j + 2t], [n0 + g, 8 j + 2t + 1],
+        [n0 + g + 8, 8 j + 2t], [n0 + g + 8, 8 j + 2t + 1] (columns relative to 64 mb).
+
+A row's sum runs over the same chunks in the same order whatever M is, so a row's output does not depend on the
+other rows of the batch. Accumulation is float32; the output is rounded once, after the bias is added.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from numba import cuda, float32, uint32
+
+from . import validation as V
+from .common import num_sms, word_codec
+from .mma import mma_bf16, mma_f16
+from .ptx import ld_i32_at, ld_v4_at, st_u32_at
+from .runtime import launch
+
+WARPS = 8
+ROWS = 16      # weight rows per warp (the mma's M)
+TOKENS = 64    # x rows per block: 8 n-tiles of 8
+CHUNK = 32     # K columns per chunk: one 16-byte load per row and lane
+DEPTH = 4      # chunks whose weights a warp loads before multiplying any of them
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def row_groups_per_block(n: int, sms: int) -> int:
+    """WN: the most 16-row groups per block (8, 4, 2 or 1, dividing N / 16) that still give every SM a block;
+    1 when even that leaves SMs idle."""
+    groups = n // ROWS
+    for wn in (8, 4, 2):
+        if groups % wn == 0 and groups // wn >= sms:
+            return wn
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(dtype_name: str, wn: int, has_bias: bool):
+    mma = mma_bf16 if dtype_name == "bfloat16" else mma_f16
+    lo, hi, pack = word_codec(dtype_name)
+    WK = WARPS // wn
+    PARTIALS = (WARPS, ROWS, TOKENS)
+
+    @cuda.jit
+    def kernel(out_ptr, x_ptr, weight_ptr, bias_ptr, m_total, n_total, k_total):
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        g, t = lane // 4, lane % 4
+        group, wk = warp // WK, warp % WK
+        n0 = (cuda.blockIdx.x * wn + group) * ROWS
+        m0 = cuda.blockIdx.y * TOKENS
+        tiles = min(8, (m_total - m0 + 7) // 8)
+        row_bytes = k_total * 2
+        chunks = k_total // CHUNK
+
+        acc = cuda.local.array(32, float32)
+        for i in range(32):
+            acc[i] = 0.0
+        lane_column = 16 * t                             # bytes: columns 8t .. 8t + 7 of a chunk
+        row_g = weight_ptr + (n0 + g) * row_bytes + lane_column
+        row_g8 = row_g + 8 * row_bytes
+        x_rows = x_ptr + lane_column
+        # DEPTH of the warp's chunks at a time: all their weight loads are issued before any is used, so each
+        # warp keeps DEPTH * 1 KB in flight (a block or two per SM must still saturate the memory system)
+        weights = cuda.local.array(8 * DEPTH, uint32)
+        for first in range(wk, chunks, WK * DEPTH):
+            for d in range(DEPTH):
+                c = first + d * WK
+                if c < chunks:
+                    i = 8 * d
+                    weights[i], weights[i + 1], weights[i + 2], weights[i + 3] = ld_v4_at(row_g + c * 64)
+                    weights[i + 4], weights[i + 5], weights[i + 6], weights[i + 7] = ld_v4_at(row_g8 + c * 64)
+            for d in range(DEPTH):
+                c = first + d * WK
+                if c < chunks:
+                    w = 8 * d  # words w .. w + 3: row g; w + 4 .. w + 7: row g + 8
+                    for j in range(8):
+                        if j < tiles:
+                            m = min(m0 + 8 * j + g, m_total - 1)
+                            x0, x1, x2, x3 = ld_v4_at(x_rows + m * row_bytes + c * 64)
+                            i = 4 * j
+                            acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma(
+                                weights[w], weights[w + 4], weights[w + 1], weights[w + 5], x0, x1,
+                                acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+                            acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma(
+                                weights[w + 2], weights[w + 6], weights[w + 3], weights[w + 7], x2, x3,
+                                acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+
+        partials = cuda.shared.array(PARTIALS, float32)
+        for j in range(8):
+            col = 8 * j + 2 * t
+            partials[warp, g, col] = acc[4 * j]
+            partials[warp, g, col + 1] = acc[4 * j + 1]
+            partials[warp, g + 8, col] = acc[4 * j + 2]
+            partials[warp, g + 8, col + 1] = acc[4 * j + 3]
+        cuda.syncthreads()
+        # thread item: (row group, token column, pair of rows r, r + 1) -> one output word
+        for item in range(tid, wn * TOKENS * (ROWS // 2), cuda.blockDim.x):
+            pair = item % (ROWS // 2)
+            col = (item // (ROWS // 2)) % TOKENS
+            grp = item // (TOKENS * (ROWS // 2))
+            m = m0 + col
+            if m < m_total:
+                r = 2 * pair
+                n = (cuda.blockIdx.x * wn + grp) * ROWS + r
+                s0 = float32(0.0)
+                s1 = float32(0.0)
+                for k in range(WK):
+                    s0 += partials[grp * WK + k, r, col]
+                    s1 += partials[grp * WK + k, r + 1, col]
+                if has_bias:
+                    word = ld_i32_at(bias_ptr + n * 2)  # bias[n], bias[n + 1]
+                    s0 += lo(word)
+                    s1 += hi(word)
+                st_u32_at(out_ptr + (m * n_total + n) * 2, pack(s0, s1))
+
+    return kernel
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, row_groups: int | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K].T (+ bias [N])`` -> ``[M, N]`` (into ``out`` if given), float16 or bfloat16,
+    float32 accumulation. K must be a multiple of 32 and N of 16; tensors contiguous and 16-byte aligned.
+    ``row_groups``: 16-row groups per block, 1, 2, 4 or 8 dividing N / 16 (default ``row_groups_per_block``;
+    it changes the order in which a row's partial sums are added, so the last bit may differ)."""
+    V.check_tensor("x", x, ndim=2, dtypes=_DTYPES)
+    V.check_tensor("weight", weight, ndim=2, dtype=x.dtype)
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}] for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if k % CHUNK or k == 0:
+        raise ValueError(f"K (x's last dim) must be a positive multiple of {CHUNK}, got {k}")
+    if n % ROWS or n == 0:
+        raise ValueError(f"N (weight's first dim) must be a positive multiple of {ROWS}, got {n}")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1, dtype=x.dtype)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        V.check_tensor("out", out, ndim=2, dtype=x.dtype)
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"out must be [{m}, {n}], got {tuple(out.shape)}")
+    tensors = {"x": x, "weight": weight, "out": out, **({"bias": bias} if bias is not None else {})}
+    V.check_device(**tensors)
+    for name, t in tensors.items():
+        V.check_aligned(name, t)
+    if row_groups is None:
+        row_groups = row_groups_per_block(n, num_sms())
+    elif row_groups not in (1, 2, 4, 8) or (n // ROWS) % row_groups:
+        raise ValueError(f"row_groups must be 1, 2, 4 or 8 and divide N / {ROWS} = {n // ROWS}, got {row_groups!r}")
+    if m:
+        dtype_name = str(x.dtype).removeprefix("torch.")
+        launch(_kernel(dtype_name, row_groups, bias is not None), (n // (ROWS * row_groups), -(-m // TOKENS)),
+               32 * WARPS, out.data_ptr(), x.data_ptr(), weight.data_ptr(),
+               bias.data_ptr() if bias is not None else 0, m, n, k)
+    return out
