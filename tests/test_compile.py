@@ -58,7 +58,12 @@ def _configs():
     out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
     import torch
 
-    from pagedattention.kernels import layer_ops
+    from pagedattention.kernels import layer_ops, skinny_gemm
+
+    for dtype in ("float16", "bfloat16"):  # the decode GEMM: 1 row group per block (K split 8 ways), and 4 (2 ways)
+        for row_groups, bias in ((1, True), (4, False)):
+            out.append((f"skinny_gemm {dtype} wn{row_groups}{' bias' if bias else ''}",
+                        skinny_gemm._kernel(dtype, row_groups, bias), (i64,) * 7, None))
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")
@@ -187,3 +192,17 @@ def test_prefill_kernel_assembles_in_registers(report):
         assert r["shared_bytes"] <= 48 * 1024, (name, r)     # static shared memory limit
         assert r["ldmatrix"] > 0 and r["other_shared_loads"] == 0, (name, r)
         assert r["cp_async"] > 0 and r["mma"] > 0, (name, r)
+
+
+def test_skinny_gemm_keeps_its_operands_in_registers(report):
+    """The decode GEMM: its 32 accumulators and DEPTH chunks of weight words stay in registers (no spill, no local
+    memory), its loops over DEPTH chunks and 8 n-tiles unroll (two mma per chunk and tile), and every operand
+    arrives through a 16-byte load (two weight rows and eight token rows per chunk)."""
+    from pagedattention.kernels.skinny_gemm import DEPTH
+
+    gemm = {name: r for name, r in report.items() if name.startswith("skinny_gemm")}
+    assert len(gemm) == 4
+    for name, r in gemm.items():
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
+        assert r["mma"] == DEPTH * 8 * 2 and r["v4_address_loads"] == DEPTH * (2 + 8), (name, r)
+        assert r["shared_bytes"] <= 48 * 1024, (name, r)

@@ -72,6 +72,7 @@ def _kernel(dtype_name: str, wn: int, has_bias: bool):
     lo, hi, pack = word_codec(dtype_name)
     WK = WARPS // wn
     PARTIALS = (WARPS, ROWS, TOKENS)
+    WEIGHT_WORDS = 8 * DEPTH  # (a local array's size must be a constant of the closure)
 
     @cuda.jit
     def kernel(out_ptr, x_ptr, weight_ptr, bias_ptr, m_total, n_total, k_total):
@@ -94,7 +95,7 @@ def _kernel(dtype_name: str, wn: int, has_bias: bool):
         x_rows = x_ptr + lane_column
         # DEPTH of the warp's chunks at a time: all their weight loads are issued before any is used, so each
         # warp keeps DEPTH * 1 KB in flight (a block or two per SM must still saturate the memory system)
-        weights = cuda.local.array(8 * DEPTH, uint32)
+        weights = cuda.local.array(WEIGHT_WORDS, uint32)
         for first in range(wk, chunks, WK * DEPTH):
             for d in range(DEPTH):
                 c = first + d * WK
