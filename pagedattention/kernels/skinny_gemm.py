@@ -10,7 +10,8 @@ block streams its weight rows once for up to 64 tokens.
 Grid and threads::
 
     grid    (N / (16 * WN), ceil(M / 64))
-            block (b, mb) computes out[64 mb : 64 mb + 64, 16 WN b : 16 WN (b + 1)]
+            block (b, mb) computes out[64 mb : 64 mb + 64, 16 WN b : 16 WN (b + 1)] (above 64 tokens each
+            block row reads the weights again, from L2 where they fit)
     threads 8 warps; warp w = wn * WK + wk (WN * WK = 8) takes weight rows n0 = 16 (WN b + wn) .. n0 + 15 and
             the K chunks (32 columns each) wk, wk + WK, wk + 2 WK, ...; the WK warps of a row group add their
             partial sums through shared memory, then the block's threads write two outputs (one word) each.
@@ -20,7 +21,7 @@ Grid and threads::
 Per chunk of columns kb .. kb + 31, lane = 4 g + t::
 
     A (16 x 16 per k-step): weight rows n0 + g and n0 + g + 8, columns kb + 8t .. kb + 8t + 7: one 16-byte load
-        each (four words: w[0..3] of row g, v[0..3] of row g + 8).
+        each (four words: w[0..3] of row g, v[0..3] of row g + 8; ``weights[8d ..]`` for the d-th chunk).
     B (16 x 8 per k-step and n-tile j): x row m = 64 mb + 8 j + g (clamped to M - 1; its column of the result is
         dropped), columns kb + 8t .. kb + 8t + 7: one 16-byte load (x[0..3]).
     The k dimension is permuted alike for A and B (a dot product does not care about the order of its terms):
