@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     print(f"{'proj':>8} {'M':>4} {'N':>6} {'K':>5} {'kernel':>8} {'torch':>8} {'weights once':>13} {'vs torch':>9} "
           f"{'of bound':>9}")
     for r in results:
-        print(f"{r['projection']:>8} {r['batch']:4d} {r['n']:6d} {r['k']:5d} {r['kernel_us']:8.2f} {r['torch_us']:8.2f} "
-              f"{r['weights_once_us']:13.2f} {r['speedup_vs_torch']:8.2f}x {r['kernel_fraction_of_bound']:9.0%}")
+        print(f"{r['projection']:>8} {r['batch']:4d} {r['n']:6d} {r['k']:5d} {r['kernel_us']:8.2f} "
+              f"{r['torch_us']:8.2f} {r['weights_once_us']:13.2f} {r['speedup_vs_torch']:8.2f}x "
+              f"{r['kernel_fraction_of_bound']:9.0%}")
     for m in batches:
         rows = [r for r in results if r["batch"] == m]
         ours, theirs = sum(r["kernel_us"] for r in rows), sum(r["torch_us"] for r in rows)

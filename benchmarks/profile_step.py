@@ -8,12 +8,13 @@ For each batch size, that many requests (random prompts of ~900 tokens, U[0.9, 1
 through the public loop (``add_request`` / ``step``) until one decode step runs them all; then decode steps are
 (1) timed whole, ``llm.step()`` (schedule + prepare + graph replay + LM head + sample + postprocess), without a
 profiler, with the time the host spends blocked waiting for the GPU inside them (``host_wait_ms``; the rest of
-the step is the host's own work, so a step that never waits is host-bound); (2) traced with torch.profiler: every CUDA kernel (Numba's appear by their mangled Python names,
-cuBLAS's by theirs) is put in a part by its name, except that a step's last GEMM is the LM head and whatever
-runs after it is sampling (the logits' float cast, temperature, the draw). Kernel names no rule knows are
-"other" and are printed, so the table hides nothing; a second table lists every kernel (launches and time per
-step, time per launch), largest first. (3) traced again with Python's call stacks, for the host
-time of the engine's phases (inflated by the tracer: read the shares, not the milliseconds).
+the step is the host's own work, so a step that never waits is host-bound); (2) traced with torch.profiler:
+every CUDA kernel (Numba's appear by their mangled Python names, cuBLAS's by theirs) is put in a part by its
+name, except that a step's last GEMM is the LM head and whatever runs after it is sampling (the logits' float
+cast, temperature, the draw). Kernel names no rule knows are "other" and are printed, so the table hides
+nothing; a second table lists every kernel (launches and time per step, time per launch), largest first.
+(3) traced again with Python's call stacks, for the host time of the engine's phases (inflated by the tracer:
+read the shares, not the milliseconds).
 
 Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs read their weights once
 (+ activations) or do their FLOPs, whichever takes longer; norms/RoPE/SwiGLU move their activations once; the

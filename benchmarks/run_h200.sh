@@ -10,7 +10,7 @@
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
 # prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
-# gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS           120 s   json log
+# gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS         120 s   json log
 # throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2     570 s   json png png log
 # shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log

@@ -2,11 +2,11 @@
 
 With the Numba backend, a batch whose rows use no top-k/top-p, penalties or top-N logprobs is sampled by one
 kernel in one launch over the logits (kernels/sampling.py: greedy argmax or an inverse-CDF draw at one uniform
-per row, with the chosen token's log-probability from a log-sum-exp of the same pass). Otherwise, in torch: greedy rows take the argmax. The other
-rows divide by their temperature, keep their top-k / top-p tokens, and sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with
-probability p_i, and lets a seeded request draw its E from its own ``torch.Generator`` while the rest of the
-batch shares one draw. Presence and frequency penalties come first, on the rows that set them, and apply to
-greedy rows too.
+per row, with the chosen token's log-probability from a log-sum-exp of the same pass). Otherwise, in torch:
+greedy rows take the argmax. The other rows divide by their temperature, keep their top-k / top-p tokens, and
+sample with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, and
+lets a seeded request draw its E from its own ``torch.Generator`` while the rest of the batch shares one draw.
+Presence and frequency penalties come first, on the rows that set them, and apply to greedy rows too.
 
 The log-probabilities reported (of the chosen token, and the top-N with ``SamplingParams.logprobs``) are
 those of the model's distribution: log_softmax of the logits after min_tokens masking, before penalties,
