@@ -58,7 +58,10 @@ def _configs():
     out.append(("copy_blocks", cache_ops._copy_blocks_kernel, (u64s, types.Array(types.int64, 2, "C"), i64), None))
     import torch
 
-    from pagedattention.kernels import layer_ops, skinny_gemm
+    from pagedattention.kernels import layer_ops, sampling, skinny_gemm
+
+    for dtype in ("float32", "float16", "bfloat16"):  # the one-launch sampler (addresses and sizes)
+        out.append((f"sampling {dtype}", sampling._kernel(sampling.WARPS, dtype), (i64,) * 10, None))
 
     for dtype in ("float16", "bfloat16"):  # the decode GEMM: 1 row group per block (K split 8 ways), and 4 (2 ways)
         for row_groups, bias in ((1, True), (4, False)):
@@ -206,3 +209,12 @@ def test_skinny_gemm_keeps_its_operands_in_registers(report):
         assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
         assert r["mma"] == DEPTH * 8 * 2 and r["v4_address_loads"] == DEPTH * (2 + 8), (name, r)
         assert r["shared_bytes"] <= 48 * 1024, (name, r)
+
+
+def test_sampling_kernel_keeps_its_state_in_registers(report):
+    """The one-launch sampler: no spill or local memory, and its logits arrive through 16-byte loads."""
+    sampling = {name: r for name, r in report.items() if name.startswith("sampling")}
+    assert len(sampling) == 3
+    for name, r in sampling.items():
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
+        assert r["v4_address_loads"] > 0, (name, r)
