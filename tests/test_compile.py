@@ -66,7 +66,7 @@ def _configs():
     for dtype in ("float16", "bfloat16"):  # the decode GEMM: 1 row group per block (K split 8 ways), and 4 (2 ways)
         for row_groups, bias in ((1, True), (4, False)):
             out.append((f"skinny_gemm {dtype} wn{row_groups}{' bias' if bias else ''}",
-                        skinny_gemm._kernel(dtype, row_groups, bias), (i64,) * 7, None))
+                        skinny_gemm._kernel(dtype, row_groups, bias), (i64,) * 7, skinny_gemm.MAX_REGISTERS))
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")
@@ -198,9 +198,10 @@ def test_prefill_kernel_assembles_in_registers(report):
 
 
 def test_skinny_gemm_keeps_its_operands_in_registers(report):
-    """The decode GEMM: its 32 accumulators and DEPTH chunks of weight words stay in registers (no spill, no local
-    memory), its loops over DEPTH chunks and 8 n-tiles unroll (two mma per chunk and tile), and every operand
-    arrives through a 16-byte load (two weight rows and eight token rows per chunk)."""
+    """The decode GEMM: its 32 accumulators, DEPTH chunks of weight words and a chunk's x words stay in registers
+    under its 128-register cap (no spill, no local memory), its loops over DEPTH chunks and 8 n-tiles unroll (two
+    mma per chunk and tile), and every operand arrives through a 16-byte load (two weight rows and eight token
+    rows per chunk)."""
     from pagedattention.kernels.skinny_gemm import DEPTH
 
     gemm = {name: r for name, r in report.items() if name.startswith("skinny_gemm")}

@@ -28,8 +28,9 @@ Per chunk of columns kb .. kb + 31, lane = 4 g + t::
     in k-step s (0, 1) the fragment's columns 2t, 2t + 1 are physical columns kb + 8t + 4s + {0, 1} (word 2s)
     and columns 2t + 8, 2t + 9 are kb + 8t + 4s + {2, 3} (word 2s + 1), so the mma's operands are
         a = (w[2s], v[2s], w[2s + 1], v[2s + 1]),  b = (x[2s], x[2s + 1])
-    with no shuffle or shared-memory staging. A warp loads the weights of DEPTH of its chunks, then multiplies
-    them; x is small and read by every block, so it comes from L2/L1.
+    with no shuffle or shared-memory staging. A warp loads the weights of DEPTH of its chunks, then for each
+    chunk the x words of all its n-tiles, then multiplies; x is small and read by every block, so it comes from
+    L2/L1.
     acc[4 j .. 4 j + 3] (C fragment of n-tile j) = out.T[n0 + g, 8 j + 2t], [n0 + g, 8 j + 2t + 1],
         [n0 + g + 8, 8 j + 2t], [n0 + g + 8, 8 j + 2t + 1] (columns relative to 64 mb).
 
@@ -44,7 +45,7 @@ import torch
 from numba import cuda, float32, uint32
 
 from . import validation as V
-from .common import num_sms, word_codec
+from .common import max_registers_option, num_sms, word_codec
 from .mma import mma_bf16, mma_f16
 from .ptx import ld_i32_at, ld_v4_at, st_u32_at
 from .runtime import launch
@@ -54,6 +55,7 @@ ROWS = 16      # weight rows per warp (the mma's M)
 TOKENS = 64    # x rows per block: 8 n-tiles of 8
 CHUNK = 32     # K columns per chunk: one 16-byte load per row and lane
 DEPTH = 4      # chunks whose weights a warp loads before multiplying any of them
+MAX_REGISTERS = 128  # two blocks of 256 threads per SM (ptxas needs 127 uncapped)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -75,7 +77,7 @@ def _kernel(dtype_name: str, wn: int, has_bias: bool):
     PARTIALS = (WARPS, ROWS, TOKENS)
     WEIGHT_WORDS = 8 * DEPTH  # (a local array's size must be a constant of the closure)
 
-    @cuda.jit
+    @cuda.jit(**max_registers_option(MAX_REGISTERS))
     def kernel(out_ptr, x_ptr, weight_ptr, bias_ptr, m_total, n_total, k_total):
         tid = cuda.threadIdx.x
         warp, lane = tid // 32, tid % 32
@@ -97,6 +99,7 @@ def _kernel(dtype_name: str, wn: int, has_bias: bool):
         # DEPTH of the warp's chunks at a time: all their weight loads are issued before any is used, so each
         # warp keeps DEPTH * 1 KB in flight (a block or two per SM must still saturate the memory system)
         weights = cuda.local.array(WEIGHT_WORDS, uint32)
+        xs = cuda.local.array(32, uint32)  # one chunk's x words, 4 per n-tile
         for first in range(wk, chunks, WK * DEPTH):
             for d in range(DEPTH):
                 c = first + d * WK
@@ -107,17 +110,20 @@ def _kernel(dtype_name: str, wn: int, has_bias: bool):
             for d in range(DEPTH):
                 c = first + d * WK
                 if c < chunks:
+                    for j in range(8):  # every tile's x words first: their loads overlap
+                        if j < tiles:
+                            m = min(m0 + 8 * j + g, m_total - 1)
+                            i = 4 * j
+                            xs[i], xs[i + 1], xs[i + 2], xs[i + 3] = ld_v4_at(x_rows + m * row_bytes + c * 64)
                     w = 8 * d  # words w .. w + 3: row g; w + 4 .. w + 7: row g + 8
                     for j in range(8):
                         if j < tiles:
-                            m = min(m0 + 8 * j + g, m_total - 1)
-                            x0, x1, x2, x3 = ld_v4_at(x_rows + m * row_bytes + c * 64)
                             i = 4 * j
                             acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma(
-                                weights[w], weights[w + 4], weights[w + 1], weights[w + 5], x0, x1,
+                                weights[w], weights[w + 4], weights[w + 1], weights[w + 5], xs[i], xs[i + 1],
                                 acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
                             acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma(
-                                weights[w + 2], weights[w + 6], weights[w + 3], weights[w + 7], x2, x3,
+                                weights[w + 2], weights[w + 6], weights[w + 3], weights[w + 7], xs[i + 2], xs[i + 3],
                                 acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
 
         partials = cuda.shared.array(PARTIALS, float32)
