@@ -207,12 +207,7 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
     V.check_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"slot_mapping must have num_tokens = {num_tokens} entries, got {slot_mapping.shape[0]}")
-    if out is None:
-        out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
-    else:
-        V.check_tensor("out", out, ndim=3, dtype=query.dtype)
-        if tuple(out.shape) != (num_tokens, num_heads, head_dim):
-            raise ValueError(f"out must be [{num_tokens}, {num_heads}, {head_dim}], got {tuple(out.shape)}")
+    out = V.output(out, (num_tokens, num_heads, head_dim), query)
     V.check_device(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache,
                    value_cache=value_cache, slot_mapping=slot_mapping, out=out)
     _check_words(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache, value_cache=value_cache,
@@ -393,12 +388,7 @@ def silu_and_mul(gate_up, out=None):
     if width % 4:
         raise ValueError(f"gate_up's last dim must be 2 * an even size, got {width}")
     size = width // 2
-    if out is None:
-        out = torch.empty((num_tokens, size), dtype=gate_up.dtype, device=gate_up.device)
-    else:
-        V.check_tensor("out", out, ndim=2, dtype=gate_up.dtype)
-        if tuple(out.shape) != (num_tokens, size):
-            raise ValueError(f"out must be [{num_tokens}, {size}], got {tuple(out.shape)}")
+    out = V.output(out, (num_tokens, size), gate_up)
     V.check_device(gate_up=gate_up, out=out)
     _check_words(gate_up=gate_up, out=out)
     if num_tokens:

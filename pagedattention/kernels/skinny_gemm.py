@@ -177,12 +177,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         V.check_tensor("bias", bias, ndim=1, dtype=x.dtype)
         if bias.shape[0] != n:
             raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        V.check_tensor("out", out, ndim=2, dtype=x.dtype)
-        if tuple(out.shape) != (m, n):
-            raise ValueError(f"out must be [{m}, {n}], got {tuple(out.shape)}")
+    out = V.output(out, (m, n), x)
     tensors = {"x": x, "weight": weight, "out": out, **({"bias": bias} if bias is not None else {})}
     V.check_device(**tensors)
     for name, t in tensors.items():

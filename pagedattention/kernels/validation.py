@@ -147,6 +147,16 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def output(out, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked to be a dense ``shape`` tensor of ``like``'s dtype, or (None) a new one on ``like``'s device."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_tensor("out", out, ndim=len(shape), dtype=like.dtype)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be [{', '.join(map(str, shape))}], got {tuple(out.shape)}")
+    return out
+
+
 def check_out(out, like: torch.Tensor):
     """An output tensor shaped, typed and placed like ``like``."""
     check_tensor("out", out, ndim=like.dim(), dtype=like.dtype)
