@@ -64,9 +64,10 @@ def _configs():
         out.append((f"sampling {dtype}", sampling._kernel(sampling.WARPS, dtype), (i64,) * 10, None))
 
     for dtype in ("float16", "bfloat16"):  # the decode GEMM: 1 row group per block (K split 8 ways), and 4 (2 ways)
-        for row_groups, bias in ((1, True), (4, False)):
-            out.append((f"skinny_gemm {dtype} wn{row_groups}{' bias' if bias else ''}",
-                        skinny_gemm._kernel(dtype, row_groups, bias), (i64,) * 7, skinny_gemm.MAX_REGISTERS))
+        for row_groups, bias, tiles in ((1, True, 1), (4, False, 1), (4, False, 2), (1, True, 4)):
+            out.append((f"skinny_gemm {dtype} wn{row_groups}{' bias' if bias else ''} tiles{tiles}",
+                        skinny_gemm._kernel(dtype, row_groups, bias, tiles), (i64,) * 7,
+                        skinny_gemm.max_registers(tiles)))
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")
@@ -198,17 +199,18 @@ def test_prefill_kernel_assembles_in_registers(report):
 
 
 def test_skinny_gemm_keeps_its_operands_in_registers(report):
-    """The decode GEMM: its 32 accumulators, DEPTH chunks of weight words and a chunk's x words stay in registers
-    under its 128-register cap (no spill, no local memory), its loops over DEPTH chunks and 8 n-tiles unroll (two
-    mma per chunk and tile), and every operand arrives through a 16-byte load (two weight rows and eight token
-    rows per chunk)."""
+    """The decode GEMM, at 1, 2 and 4 tiles of 8 tokens: its accumulators, DEPTH chunks of weight words and their
+    x words stay in registers under the tile count's cap (no spill, no local memory), its loops over DEPTH chunks
+    and the tiles unroll (two mma per chunk and tile), and every operand arrives through a 16-byte load (two
+    weight rows and one per tile per chunk)."""
     from pagedattention.kernels.skinny_gemm import DEPTH
 
     gemm = {name: r for name, r in report.items() if name.startswith("skinny_gemm")}
-    assert len(gemm) == 4
+    assert len(gemm) == 8
     for name, r in gemm.items():
+        tiles = int(name.rsplit("tiles", 1)[1])
         assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
-        assert r["mma"] == DEPTH * 8 * 2 and r["v4_address_loads"] == DEPTH * (2 + 8), (name, r)
+        assert r["mma"] == DEPTH * tiles * 2 and r["v4_address_loads"] == DEPTH * (2 + tiles), (name, r)
         assert r["shared_bytes"] <= 48 * 1024, (name, r)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pagedattention.kernels.runtime import kernels_available
-from pagedattention.kernels.skinny_gemm import row_groups_per_block, skinny_gemm
+from pagedattention.kernels.skinny_gemm import row_groups_per_block, skinny_gemm, tiles_for
 
 pytestmark = pytest.mark.skipif(not kernels_available("cpu"), reason="needs the CUDA simulator")
 
@@ -38,9 +38,9 @@ def assert_rounded_from(out: torch.Tensor, ref: torch.Tensor):
     (1, 16, 32, 1, False),     # one token, one row group, one chunk
     (5, 32, 64, 2, True),      # two row groups in one block, the K split over 4 warps each
     (9, 64, 96, 4, True),      # two n-tiles, four row groups, an odd number of chunks
-    (70, 32, 64, 1, False),    # two blocks of tokens, the second with 6
+    (70, 32, 64, 1, False),    # three blocks of 32 tokens, the last with 6
     (3, 64, 288, 4, True),     # 9 chunks over 2 warps: a second round of loads, one chunk in it
-    (17, 16, 1280, 1, False),  # 40 chunks over 8 warps: 5 each, three n-tiles
+    (17, 16, 1280, 1, False),  # 40 chunks over 8 warps: 5 each, three of four n-tiles
 ])
 def test_matches_a_float64_matmul(dtype, m, n, k, row_groups, bias):
     x, weight, b = inputs(m, n, k, dtype, bias, seed=m * 1000 + n + k)
@@ -51,10 +51,16 @@ def test_matches_a_float64_matmul(dtype, m, n, k, row_groups, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_row_does_not_depend_on_the_other_rows(dtype):
+    """Also across kernels compiled for different tile counts (11 rows: two tiles; 3 and 1 rows: one)."""
     x, weight, b = inputs(11, 32, 64, dtype, True, seed=7)
     whole = skinny_gemm(x, weight, b)
     assert torch.equal(skinny_gemm(x[:3].clone(), weight, b), whole[:3])
     assert torch.equal(skinny_gemm(x[5:6].clone(), weight, b), whole[5:6])
+
+
+@pytest.mark.parametrize("m, tiles", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4), (33, 4), (256, 4)])
+def test_a_block_takes_the_fewest_tiles_of_8_tokens_that_hold_the_batch(m, tiles):
+    assert tiles_for(m) == tiles
 
 
 def test_no_rows_give_an_empty_result():
