@@ -1,7 +1,7 @@
 """Decode-sized GEMMs: the tensor-core kernel (kernels/skinny_gemm.py) against torch's (cuBLAS) at a model shape's
 four projections, and both against reading the weights once.
 
-    python benchmarks/bench_gemm.py [--model-shape qwen2.5-0.5b] [--batches 1,16,64,128,256] [--out DIR]
+    python benchmarks/bench_gemm.py [--model-shape qwen2.5-0.5b] [--batches 1,8,16,32,64,128,256] [--out DIR]
 
 A projection is timed as a decode step runs it: one launch per layer, each on its own weight matrix (so none
 comes from L2), captured in one CUDA graph and replayed 10 times; us per launch. The bound is the weight bytes
@@ -67,7 +67,7 @@ def measure(name: str, n: int, k: int, has_bias: bool, m: int, layers: int, copy
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-shape", choices=list(common.MODEL_SHAPES), default=common.DEFAULT_SHAPE)
-    parser.add_argument("--batches", default="1,16,64,128,256")
+    parser.add_argument("--batches", default="1,8,16,32,64,128,256")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
