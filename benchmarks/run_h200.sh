@@ -11,6 +11,7 @@
 # prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
 # gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS         120 s   json log
+# rope_decode  bench_rope_decode.py: RoPE + cache write + attention, fused or not 120 s   json log
 # throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2     570 s   json png png log
 # shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log
@@ -58,6 +59,7 @@ stage() {
         prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         gemm) run_stage gemm 120 $py benchmarks/bench_gemm.py --out "$out" ;;
+        rope_decode) run_stage rope_decode 120 $py benchmarks/bench_rope_decode.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
                         --workloads W1,W2,W3 --max-num-seqs "$caps" --hf "${HF:-auto}" --out "$out" ;;
         shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
@@ -71,11 +73,11 @@ stage() {
         demo_memory) run_stage demo_memory 120 $py -m pagedattention demo memory --unshared --no-progress \
                          --json "$out/demo_memory_gpu.json" ;;
         *) rm -f "$out/$1.log"
-           echo "unknown stage $1 (kernels prefill profile gemm throughput shapes sharing serving demo_memory)"; return 2 ;;
+           echo "unknown stage $1 (kernels prefill profile gemm rope_decode throughput shapes sharing serving demo_memory)"; return 2 ;;
     esac
 }
 started=$SECONDS
-for s in ${@:-kernels prefill profile gemm throughput shapes sharing serving demo_memory}; do
+for s in ${@:-kernels prefill profile gemm rope_decode throughput shapes sharing serving demo_memory}; do
     stage "$s"
 done
 echo

@@ -33,7 +33,9 @@ def _configs():
     words = types.Array(types.int32, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
     i64, f32s = types.int64, types.float32
-    v2_sig = (words, f32, f32, f32, words, words, words, words, words, words, i64, i64, i64, i64, i64, i64, f32s)
+    rope = (words, i64, words, i64, words, words, types.Array(types.int64, 1, "C"), i64)  # the fused kernel's extras
+    v2_sig = (words, f32, f32, f32, words, words, i64, words, words, words, words, i64, i64, i64, i64, i64, i64,
+              f32s) + rope
     w3, w4 = types.Array(types.int32, 3, "C"), types.Array(types.int32, 4, "C")
     v1_sig = (w3, w3, w4, w4, types.Array(types.int32, 2, "C"), words, types.Array(types.float32, 3, "C"), f32s)
     out = []
@@ -46,6 +48,9 @@ def _configs():
             for head_dim, chunks, registers in ((64, 1, 128), (128, 1, None), (128, 2, None)):
                 name = f"tc {dtype} d{head_dim} chunks{chunks}"
                 out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers), v2_sig, registers))
+            for head_dim, chunks, registers in ((64, 1, 128), (128, 1, None)):  # fused with RoPE + cache write
+                name = f"tc rope {dtype} d{head_dim} chunks{chunks}"
+                out.append((name, tc.build_tc_kernel(dtype, head_dim, chunks, registers, True), v2_sig, registers))
         out.append((f"v1 {dtype}", v1.build_v1_kernel(dtype), v1_sig, None))
     from pagedattention.kernels.paged_prefill import build_tensor_core_kernel
 
@@ -173,13 +178,16 @@ def test_tensor_core_kernels_use_registers_only(report):
     """The tensor-core decode kernels: 16-byte loads, the products on the tensor cores (mma instructions in
     the PTX), and no spill, except a small one at head_dim 64 under the 128-register cap: uncapped, ptxas
     needs only 112 registers and spills nothing, but the capped build measured faster on the H100 (14/2 d64
-    bf16 B64 ctx2048, 512-token partitions; benchmarks/kernel_notes.md)."""
+    bf16 B64 ctx2048, 512-token partitions; benchmarks/kernel_notes.md). The variants fused with RoPE store
+    the new token's k and v with 16-byte stores and read the cache through the coherent path."""
     tc = {name: r for name, r in report.items() if name.startswith("tc")}
-    assert len(tc) == 6
+    assert len(tc) == 10
     for name, r in tc.items():
         assert r["spill_bytes"] <= (64 if "d64" in name else 0) and r["local_bytes"] == 0, (name, r)
         assert r["v4_loads"] > 0 and r["mma"] > 0, (name, r)
         assert r["shared_bytes"] <= 48 * 1024, (name, r)
+        fused = name.startswith("tc rope")
+        assert (r["v4_stores"] > 0 and r["v4_address_loads"] > 0) == fused, (name, r)
 
 
 if __name__ == "__main__":

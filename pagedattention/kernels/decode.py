@@ -3,6 +3,9 @@
 V2 runs on the CUDA cores (paged_attention_v2.py) or, for wide GQA groups and split launches in fp16/bf16,
 on the tensor cores (paged_attention_tc.py); ``tc_config`` decides. Both end with the same split-KV merge,
 done by the last partition block of each sequence to finish (``paged_attention_v2.build_partition_merge``).
+``rope_paged_attention`` is the model's decode call: RoPE and the new token's cache write folded into the
+tensor-core kernel (one launch per layer fewer), or ``layer_ops.rope_write_kv`` first where that kernel does not
+serve the shape.
 
 Host side of the kernels: validation, the split-KV plan (how many partitions per sequence), scratch buffers and
 the launches on torch's current stream. With ``max_context_len`` given nothing here reads a GPU tensor, so a
@@ -11,12 +14,14 @@ call can be captured in a CUDA graph and replayed after ``context_lens``/``block
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import validation as V
 from .common import DTYPE_NAMES, THREADS, num_sms
+from .layer_ops import check_rope_inputs, rope_write_kv
 from .paged_attention_v1 import build_v1_kernel
 from .paged_attention_v2 import build_v2_kernel
 from .paged_attention_tc import build_tc_kernel, tc_supported
@@ -125,16 +130,25 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
 def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, out, max_context_len):
     _, block_size, num_kv_heads, head_dim = V.check_cache(key_cache, value_cache)
     num_seqs, num_heads = V.check_query(query, num_kv_heads, head_dim, key_cache.dtype)
+    V.check_device(query=query, key_cache=key_cache, value_cache=value_cache)
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        V.check_aligned(name, t)
+    max_blocks, scale, max_context_len = _check_step(query, block_tables, context_lens, block_size, scale, out,
+                                                     max_context_len)
+    return num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, max_context_len
+
+
+def _check_step(query, block_tables, context_lens, block_size, scale, out, max_context_len):
+    """The checks every decode call shares, after the query's and the caches' own; returns
+    ``(max_blocks_per_seq, scale, max_context_len)``."""
+    num_seqs, _, head_dim = query.shape
     max_blocks = V.check_block_tables(block_tables, num_seqs)
     V.check_context_lens(context_lens, num_seqs)
-    V.check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                   context_lens=context_lens)
+    V.check_device(query=query, block_tables=block_tables, context_lens=context_lens)
     if query.dtype == torch.bfloat16 and not simulator_enabled():
         major, _ = torch.cuda.get_device_capability(query.device)
         if major < 8:
             raise TypeError("bfloat16 needs a GPU of compute capability 8.0 or newer")
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        V.check_aligned(name, t)
     scale = V.check_scale(scale, head_dim)
     if out is not None:
         V.check_out(out, query)
@@ -142,7 +156,7 @@ def _validate(query, key_cache, value_cache, block_tables, context_lens, scale, 
         max_context_len = V.check_context_lens_values(context_lens, block_size, max_blocks)
     else:
         max_context_len = V.check_max_context_len(max_context_len, block_size, max_blocks)
-    return num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, max_context_len
+    return max_blocks, scale, max_context_len
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, version="v2",
@@ -181,8 +195,8 @@ def decode_v1(query, key_cache, value_cache, block_tables, context_lens, *, scal
 
 
 def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scale=None, out=None,
-                       max_context_len=None, partition_size=None, tokens_per_group=None, max_registers=None,
-                       max_heads_per_block=V.MAX_GROUP_PER_BLOCK, tensor_cores=None):
+              max_context_len=None, partition_size=None, tokens_per_group=None, max_registers=None,
+              max_heads_per_block=V.MAX_GROUP_PER_BLOCK, tensor_cores=None):
     """The one-pass kernel (see paged_attention_v2.py, and paged_attention_tc.py for the tensor-core variant
     used where ``tc_config`` picks it). ``partition_size`` (tokens) overrides the split-KV plan; the other
     keyword arguments after it are tuning knobs for benchmarks (``tensor_cores``: None = automatic, or a
@@ -192,25 +206,47 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
     out = torch.empty_like(query) if out is None else out
     if num_seqs == 0:
         return out
+    launch = _plan(query, num_kv_heads, max_context_len, partition_size, tokens_per_group, max_registers,
+                   max_heads_per_block, tensor_cores)
+    _launch(launch, out, query, _row_words_stride(query), key_cache, value_cache, block_tables, context_lens,
+            num_kv_heads, block_size, scale, _no_rope(query.device))
+    return out
+
+
+@dataclass(frozen=True)
+class _Launch:
+    kernel: object
+    num_units: int       # blocks per (sequence, partition): KV heads x head blocks
+    partition_size: int
+    num_partitions: int
+    tensor_cores: tuple | None
+
+
+def _plan(query, num_kv_heads, max_context_len, partition_size=None, tokens_per_group=None, max_registers=None,
+          max_heads_per_block=V.MAX_GROUP_PER_BLOCK, tensor_cores=None, rope=False) -> _Launch:
+    """The kernel, grid and split-KV plan of a V2 launch (``decode_v2``'s tuning knobs; ``rope``: the
+    tensor-core kernel fused with RoPE and the cache write, which the caller has checked is the one planned)."""
+    num_seqs, num_heads, head_dim = query.shape
     dtype_name = DTYPE_NAMES[query.dtype]
     sms = num_sms(query.device.index)
+    group = num_heads // num_kv_heads
     tc = tensor_cores
     if tc is None:
-        tc = tc_config(dtype_name, head_dim, num_heads // num_kv_heads, num_seqs * num_kv_heads, max_context_len, sms)
-    if tc and not tc_supported(dtype_name, head_dim, num_heads // num_kv_heads):
+        tc = tc_config(dtype_name, head_dim, group, num_seqs * num_kv_heads, max_context_len, sms)
+    if tc and not tc_supported(dtype_name, head_dim, group):
         raise ValueError(f"tensor_cores: no tensor-core kernel for {dtype_name}, head_dim {head_dim}, "
-                         f"group {num_heads // num_kv_heads}")
+                         f"group {group}")
     if tc:
         chunks, registers = tc
         registers = registers if max_registers is None else (max_registers or None)
         num_units = num_kv_heads
-        kernel = build_tc_kernel(dtype_name, head_dim, chunks, registers)
+        kernel = build_tc_kernel(dtype_name, head_dim, chunks, registers, rope)
     else:
-        group, tokens, registers = v2_config(num_heads // num_kv_heads, max_heads_per_block)
+        heads, tokens, registers = v2_config(group, max_heads_per_block)
         tokens = tokens_per_group or tokens
         registers = registers if max_registers is None else (max_registers or None)  # 0: no cap
-        num_units = num_kv_heads * (num_heads // num_kv_heads // group)
-        kernel = build_v2_kernel(dtype_name, head_dim, group, tokens, registers)
+        num_units = num_kv_heads * (group // heads)
+        kernel = build_v2_kernel(dtype_name, head_dim, heads, tokens, registers)
     if partition_size is None:
         partition_size, num_partitions = split_plan(num_seqs * num_units, max_context_len, sms,
                                                     blocks_per_sm(registers))
@@ -218,20 +254,86 @@ def decode_v2(query, key_cache, value_cache, block_tables, context_lens, *, scal
         raise ValueError(f"partition_size must be a positive int, got {partition_size!r}")
     else:
         num_partitions = -(-max_context_len // partition_size)
+    return _Launch(kernel, num_units, partition_size, num_partitions, tc or None)
+
+
+def _launch(plan: _Launch, out, query, q_row_words, key_cache, value_cache, block_tables, context_lens, num_kv_heads,
+            block_size, scale, rope_args):
+    """Launch a planned V2 kernel on torch's stream (scratch for a split; ``rope_args``: the fused kernel's
+    new k/v rows, cos, sin and slot mapping, or placeholders)."""
+    num_seqs, num_heads, head_dim = out.shape
     device = query.device
-    if num_partitions > 1:
-        rows = num_seqs * num_heads * num_partitions
+    if plan.num_partitions > 1:
+        rows = num_seqs * num_heads * plan.num_partitions
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         part_l = torch.empty(rows, dtype=torch.float32, device=device)
         part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
-        arrivals = arrival_counters(device, num_seqs * num_units)
+        arrivals = arrival_counters(device, num_seqs * plan.num_units)
         scratch = tuple(as_kernel_array(t) for t in (part_m, part_l, part_o, arrivals))
     else:
         scratch = _unused_scratch(device)
-    stream = current_stream()
-    out_w = _words(out)
-    kernel[(num_partitions, num_units, num_seqs), THREADS, stream](
-        out_w, *scratch, _words(query), _words(key_cache), _words(value_cache),
-        as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads, max_blocks,
-        block_size.bit_length() - 1, partition_size, num_partitions, np.float32(scale))
+    plan.kernel[(plan.num_partitions, plan.num_units, num_seqs), THREADS, current_stream()](
+        _words(out), *scratch, _row_words(query), q_row_words, _words(key_cache), _words(value_cache),
+        as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads,
+        block_tables.shape[1], block_size.bit_length() - 1, plan.partition_size, plan.num_partitions,
+        np.float32(scale), *rope_args)
+
+
+def _row_words_stride(t: torch.Tensor) -> int:
+    """32-bit words from one row (dim 0) of ``t`` to the next."""
+    return t.stride(0) * t.element_size() // 4
+
+
+def _row_words(t: torch.Tensor):
+    """Flat int32 word view of a tensor whose rows (dim 0) may lie apart (a slice of a fused projection): from
+    its first word to the last word of its last row, zero-copy."""
+    if t.is_contiguous():
+        return _words(t)
+    span = (t.shape[0] - 1) * t.stride(0) + t[0].numel()
+    flat = torch.as_strided(t, (span,), (1,), t.storage_offset())
+    return as_kernel_array(flat.view(torch.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_rope(device: torch.device):
+    """Placeholder arguments of a kernel launched without RoPE fusion (never read)."""
+    words = as_kernel_array(torch.zeros(4, dtype=torch.int32, device=device))
+    slots = as_kernel_array(torch.full((1,), -1, dtype=torch.int64, device=device))
+    return words, 0, words, 0, words, words, slots, 0
+
+
+def rope_paged_attention(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, block_tables,
+                         context_lens, *, scale=None, out=None, max_context_len=None, partition_size=None):
+    """A decode step's attention with RoPE and the new tokens' cache write: ``layer_ops.rope_write_kv`` then
+    ``paged_attention``, in one launch where the tensor-core kernel serves the shape (``tc_config``) and every
+    row allows 16-byte loads, else in those two.
+
+    query/key/value ``[num_seqs, H or KH, D]`` before RoPE, row i the new token of sequence i (rows may be slices
+    of the fused qkv projection); cos/sin float32 ``[num_seqs, D/2]``; slot_mapping int64 ``[num_seqs]`` (-1:
+    don't store); caches, block_tables, context_lens and the keywords as for ``decode_v2``. A stored token
+    must be its sequence's last cached position (``context_lens[i] - 1`` through ``block_tables``), as in every
+    decode step: the fused kernel stores it from the block that reads that position, and no other block sees it.
+    Returns the attention output ``[num_seqs, H, D]`` (dense, in ``out`` if given)."""
+    num_seqs, num_heads, num_kv_heads, head_dim = check_rope_inputs(query, key, value, cos, sin, key_cache,
+                                                                    value_cache, slot_mapping)
+    block_size = key_cache.shape[1]
+    _, scale, max_context_len = _check_step(query, block_tables, context_lens, block_size, scale, out,
+                                            max_context_len)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device) if out is None else out
+    if num_seqs == 0:
+        return out
+    plan = _plan(query, num_kv_heads, max_context_len, partition_size, rope=True)
+    if plan.tensor_cores is None or not all(_vector_rows(t) for t in (query, key, value, cos, sin)):
+        rotated = rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+        return decode_v2(rotated, key_cache, value_cache, block_tables, context_lens, scale=scale, out=out,
+                         max_context_len=max_context_len, partition_size=partition_size)
+    rope_args = (_row_words(key), _row_words_stride(key), _row_words(value), _row_words_stride(value), _words(cos),
+                 _words(sin), as_kernel_array(slot_mapping), key_cache.shape[0] * block_size)
+    _launch(plan, out, query, _row_words_stride(query), key_cache, value_cache, block_tables, context_lens,
+            num_kv_heads, block_size, scale, rope_args)
     return out
+
+
+def _vector_rows(t: torch.Tensor) -> bool:
+    """Whether every row (dim 0) of ``t`` starts on a 16-byte boundary (the fused kernel's loads)."""
+    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0

@@ -178,12 +178,8 @@ def _check_words(**tensors: torch.Tensor) -> None:
                              f"of {t.element_size()} bytes)")
 
 
-def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, out=None):
-    """Rotate ``query [n, H, D]`` and ``key [n, KH, D]`` by RoPE (dim i with dim i + D/2, angles from float32
-    ``cos``/``sin [n, D/2]``), store the rotated key and ``value [n, KH, D]`` at ``slot_mapping`` (int64 ``[n]``,
-    -1 = don't store) in the caches ``[num_blocks, block_size, KH, D]``; returns the rotated query (dense, in
-    ``out`` if given). query/key/value rows may be slices of a fused qkv tensor (each head's D values dense).
-    Graph-capturable: no host-device synchronisation."""
+def check_rope_inputs(query, key, value, cos, sin, key_cache, value_cache, slot_mapping):
+    """``rope_write_kv``'s arguments (see it); returns ``(num_tokens, num_heads, num_kv_heads, head_dim)``."""
     V.check_cache(key_cache, value_cache)
     _, _, num_kv_heads, head_dim = key_cache.shape
     V.check_tensor("query", query, ndim=3, dtype=key_cache.dtype, contiguous=False)
@@ -207,11 +203,24 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
     V.check_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"slot_mapping must have num_tokens = {num_tokens} entries, got {slot_mapping.shape[0]}")
+    tensors = dict(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache, value_cache=value_cache,
+                   slot_mapping=slot_mapping)
+    V.check_device(**tensors)
+    _check_words(**tensors)
+    return num_tokens, num_heads, num_kv_heads, head_dim
+
+
+def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, out=None):
+    """Rotate ``query [n, H, D]`` and ``key [n, KH, D]`` by RoPE (dim i with dim i + D/2, angles from float32
+    ``cos``/``sin [n, D/2]``), store the rotated key and ``value [n, KH, D]`` at ``slot_mapping`` (int64 ``[n]``,
+    -1 = don't store) in the caches ``[num_blocks, block_size, KH, D]``; returns the rotated query (dense, in
+    ``out`` if given). query/key/value rows may be slices of a fused qkv tensor (each head's D values dense).
+    Graph-capturable: no host-device synchronisation."""
+    num_tokens, num_heads, num_kv_heads, head_dim = check_rope_inputs(query, key, value, cos, sin, key_cache,
+                                                                      value_cache, slot_mapping)
     out = V.output(out, (num_tokens, num_heads, head_dim), query)
-    V.check_device(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache,
-                   value_cache=value_cache, slot_mapping=slot_mapping, out=out)
-    _check_words(query=query, key=key, value=value, cos=cos, sin=sin, key_cache=key_cache, value_cache=value_cache,
-                 slot_mapping=slot_mapping, out=out)
+    V.check_device(query=query, out=out)
+    _check_words(out=out)
     if num_tokens == 0:
         return out
     item = query.element_size()

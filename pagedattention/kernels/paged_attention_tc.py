@@ -37,6 +37,15 @@ O columns. Tokens past the context are masked (loads clamped to the last real to
 4 warps' states are merged through shared memory; with one partition the block writes the normalised output,
 otherwise (m, l, O / l) go to fp32 scratch and the last partition block of the sequence to finish combines them
 (``paged_attention_v2.build_partition_merge``).
+
+With ``rope`` the kernel also does ``layer_ops.rope_write_kv``'s work for the step's new token (one launch per
+layer fewer): q arrives before RoPE (rows of the qkv projection, ``q_row_words`` apart) and each lane rotates the
+words it loads (word x pairs with word x ^ W/2, the rotate-half partner, angles from float32 ``cos``/``sin``
+``[num_seqs, D/2]``). The block that holds the sequence's last position (``end == context_len``) rotates the
+new k and stores it and v at ``slot_mapping[seq]`` (threads 0 .. W/4 - 1 four k words each, the next W/4 four v
+words each) before its first tile, and meets a barrier before it loads its last tile (the one holding that
+position); no other block reads it. The K/V loads take the coherent path (``ld_v4_coherent``): the read-only one
+may not serve words written during the launch.
 """
 from __future__ import annotations
 
@@ -48,7 +57,7 @@ from numba import cuda, float32, uint32
 from .common import LOG2E, NEG_BIG, THREADS, max_registers_option, sequence_partition, word_codec
 from .mma import interleave_hi, interleave_lo, mma_bf16, mma_f16
 from .paged_attention_v2 import build_partition_merge
-from .ptx import ld_v4
+from .ptx import as_f32, ld_v4, ld_v4_coherent, st_v4
 
 WARPS = THREADS // 32
 
@@ -64,8 +73,10 @@ def tc_tile(chunks: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: int | None = None):
-    """The tensor-core decode kernel for one (dtype, head_dim, 16-token chunks per warp and iteration).
+def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: int | None = None,
+                    rope: bool = False):
+    """The tensor-core decode kernel for one (dtype, head_dim, 16-token chunks per warp and iteration); with
+    ``rope``, fused with RoPE and the new token's cache write (module docstring).
 
     Software pipeline, at head_dim 128 with one chunk: each tile's K and V rows are loaded one tile ahead, each
     load refilling the buffer just consumed, so they travel while the tile before computes; loading a tile at
@@ -75,9 +86,11 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     128-register cap the longer-lived registers cost more than the overlap gains (B256 ctx1024 14/2: 40.1
     against 39.2 us), and two chunks at head_dim 128 would spill."""
     mma = mma_bf16 if dtype_name == "bfloat16" else mma_f16
-    _, _, pack = word_codec(dtype_name)
+    lo, hi, pack = word_codec(dtype_name)
+    kv_load = ld_v4_coherent if rope else ld_v4
     D = head_dim
     W = D // 2            # words per head row
+    HALF = W // 2         # RoPE: word x pairs with word x ^ HALF (dims 2x, 2x+1 with 2x +- D/2)
     KS = D // 16          # k-steps of S = Q K^T
     KW = W // 4           # K words per lane and token (KW // 4 16-byte loads)
     VW = W // 8           # V words per lane and token (VW // 4 16-byte loads)
@@ -97,6 +110,27 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         return (((block << block_shift) + (token & ((1 << block_shift) - 1))) * num_kv_heads + kv_head) * W
 
     @cuda.jit(device=True, inline=True)
+    def rotate_word(w, partner, c0, c1, s0, s1, sign):
+        """RoPE of word ``w``'s two values: x cos - partner sin in the first half of the row, + in the second
+        (``sign``), rounded once, as rope_write_kv does; c and s are float32 bits. (The mask keeps the word
+        unsigned in the simulator, whose ``pack`` returns it signed; compiled, it is a no-op.)"""
+        return uint32(pack(lo(w) * as_f32(c0) + sign * (lo(partner) * as_f32(s0)),
+                           hi(w) * as_f32(c1) + sign * (hi(partner) * as_f32(s1))) & 0xFFFFFFFF)
+
+    @cuda.jit(device=True, inline=True)
+    def rotate4(words, row, x, w0, w1, w2, w3, cos_w, sin_w, seq):
+        """RoPE of words x .. x + 3 (w0 .. w3, x a multiple of 4) of the head row at ``words[row]``."""
+        p0, p1, p2, p3 = ld_v4(words, row + (x ^ HALF))
+        angle = seq * W + 2 * (x & (HALF - 1))           # cos/sin rows hold D/2 = W floats
+        c0, c1, c2, c3 = ld_v4(cos_w, angle)
+        c4, c5, c6, c7 = ld_v4(cos_w, angle + 4)
+        s0, s1, s2, s3 = ld_v4(sin_w, angle)
+        s4, s5, s6, s7 = ld_v4(sin_w, angle + 4)
+        sign = float32(-1.0) if x < HALF else float32(1.0)
+        return (rotate_word(w0, p0, c0, c1, s0, s1, sign), rotate_word(w1, p1, c2, c3, s2, s3, sign),
+                rotate_word(w2, p2, c4, c5, s4, s5, sign), rotate_word(w3, p3, c6, c7, s6, s7, sign))
+
+    @cuda.jit(device=True, inline=True)
     def load_k(kw, key_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads, block_shift):
         """The K words of the tile at ``base`` that lane (g, t) of ``warp`` holds (B fragments of S = Q K^T)."""
         for c in range(CH):
@@ -106,7 +140,7 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 row = row_word(block_tables, table, token, block_shift, num_kv_heads, kv_head) + t * KW
                 for i in range(KW // 4):
                     x = (c * 2 + n) * KW + 4 * i
-                    kw[x], kw[x + 1], kw[x + 2], kw[x + 3] = ld_v4(key_w, row + 4 * i)
+                    kw[x], kw[x + 1], kw[x + 2], kw[x + 3] = kv_load(key_w, row + 4 * i)
 
     @cuda.jit(device=True, inline=True)
     def load_v(vw, value_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads, block_shift):
@@ -118,11 +152,12 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                 row = row_word(block_tables, table, token, block_shift, num_kv_heads, kv_head) + g * VW
                 for i in range(VW // 4):
                     x = (c * 4 + r) * VW + 4 * i
-                    vw[x], vw[x + 1], vw[x + 2], vw[x + 3] = ld_v4(value_w, row + 4 * i)
+                    vw[x], vw[x + 1], vw[x + 2], vw[x + 3] = kv_load(value_w, row + 4 * i)
 
     @cuda.jit(fastmath=True, **max_registers_option(max_registers))
-    def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, key_w, value_w, block_tables, context_lens,
-               num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
+    def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, q_row_words, key_w, value_w, block_tables,
+               context_lens, num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale,
+               new_k_w, k_row_words, new_v_w, v_row_words, cos_w, sin_w, slot_mapping, num_slots):
         part = cuda.blockIdx.x
         kv_head = cuda.blockIdx.y
         seq = cuda.blockIdx.z
@@ -142,12 +177,32 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         scale_log2 = scale * float32(LOG2E)
 
         # A fragments of Q (rows g; rows g + 8 are zero): k-step k holds words t*KW + 2k and t*KW + 2k + 1.
+        # Loaded before the cache write below, so that the two rounds of loads travel together.
         q = cuda.local.array(Q_LEN, uint32)
+        q_row = seq * q_row_words + (head0 + g) * W
         for i in range(KW // 4):
             w0 = w1 = w2 = w3 = uint32(0)
             if g < group:
-                w0, w1, w2, w3 = ld_v4(query_w, (seq * num_heads + head0 + g) * W + t * KW + 4 * i)
+                x = t * KW + 4 * i
+                w0, w1, w2, w3 = ld_v4(query_w, q_row + x)
+                if rope:
+                    w0, w1, w2, w3 = rotate4(query_w, q_row, x, w0, w1, w2, w3, cos_w, sin_w, seq)
             q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3] = w0, w1, w2, w3
+        writer = rope and end == context_len
+        if writer:  # the new token's k (rotated) and v into the cache, by the block that reads that position
+            if tid < W // 2:
+                slot = slot_mapping[seq]                   # loaded alongside the words, stored only if valid
+                x = 4 * (tid % (W // 4))
+                if tid < W // 4:
+                    row = seq * k_row_words + kv_head * W
+                    w0, w1, w2, w3 = ld_v4(new_k_w, row + x)
+                    w0, w1, w2, w3 = rotate4(new_k_w, row, x, w0, w1, w2, w3, cos_w, sin_w, seq)
+                else:
+                    w0, w1, w2, w3 = ld_v4(new_v_w, seq * v_row_words + kv_head * W + x)
+                if slot >= 0 and slot < num_slots:
+                    cache = key_w if tid < W // 4 else value_w
+                    st_v4(cache, (slot * num_kv_heads + kv_head) * W + x, w0, w1, w2, w3)
+
         acc = cuda.local.array(ACC_LEN, float32)
         for i in range(ACC_LEN):
             acc[i] = 0.0
@@ -159,9 +214,13 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
         s = cuda.local.array(S_LEN, float32)              # [chunk][n-tile][2]
         table = seq * max_blocks
         # PIPELINED: the first tile is loaded here, each next one while the tile before computes (see the
-        # builder's docstring); otherwise each tile is loaded at the top of its iteration.
+        # builder's docstring); otherwise each tile is loaded at the top of its iteration. A writer block meets a
+        # barrier before it loads its last tile, the one holding the stored token: the store's round trip
+        # overlaps the tiles before.
         for base in range(start, end, TILE):
             if base == start or not PIPELINED:
+                if writer and base + TILE >= end:
+                    cuda.syncthreads()
                 load_k(kw, key_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads, block_shift)
                 load_v(vw, value_w, block_tables, table, base, end, warp, g, t, kv_head, num_kv_heads,
                        block_shift)
@@ -179,6 +238,8 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
                     s[(c * 2 + n) * 2] = c0 * scale_log2 if token < end else NEG_BIG
                     s[(c * 2 + n) * 2 + 1] = c1 * scale_log2 if token + 1 < end else NEG_BIG
             if following:
+                if writer and base + 2 * TILE >= end:
+                    cuda.syncthreads()
                 load_k(kw, key_w, block_tables, table, base + TILE, end, warp, g, t, kv_head, num_kv_heads,
                        block_shift)
             # Online softmax over the tile (row max shared by the 4 lanes of the row).

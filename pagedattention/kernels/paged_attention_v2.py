@@ -18,7 +18,8 @@ Grid and threads::
 
 Data (all tensors as flat 32-bit words; W = head_dim * itemsize / 4 words per head row)::
 
-    query_w [num_seqs * num_heads * W]                 row (s, h) at (s*num_heads + h)*W
+    query_w                                            row (s, h) at s*q_row_words + h*W (q_row_words =
+                                                       num_heads*W for a dense query; more for a slice of qkv)
     key_w, value_w [num_blocks * block_size * num_kv_heads * W]
         token j of sequence s: block = block_tables[s, j // block_size],
                                row = (block*block_size + j % block_size)*num_kv_heads + kv_head
@@ -79,8 +80,10 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
     merge_if_last = build_partition_merge(dtype_name, head_dim)
 
     @cuda.jit(fastmath=True, **max_registers_option(max_registers))
-    def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, key_w, value_w, block_tables, context_lens,
-               num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale):
+    def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, q_row_words, key_w, value_w, block_tables,
+               context_lens, num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale,
+               new_k_w, k_row_words, new_v_w, v_row_words, cos_w, sin_w, slot_mapping, num_slots):
+        # (the arguments after ``scale`` serve the tensor-core kernel's RoPE fusion: one launch for both kernels)
         part = cuda.blockIdx.x
         unit = cuda.blockIdx.y
         seq = cuda.blockIdx.z
@@ -102,7 +105,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
         # Query slices of the GB heads, fp32, pre-scaled. Element e of the lane: vector r + (e // (4*epw))*TG.
         q = cuda.local.array(Q_LEN, float32)
         for gh in range(GB):
-            row = (seq * num_heads + head0 + gh) * W
+            row = seq * q_row_words + (head0 + gh) * W
             for i in range(VPL):
                 w0, w1, w2, w3 = ld_v4(query_w, row + (lane + i * TG) * 4)
                 e = gh * EL + i * 4 * epw

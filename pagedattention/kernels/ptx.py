@@ -5,7 +5,8 @@ store through inline PTX or at a raw address lives here; the tensor-core instruc
 Why these exist:
 - Numba never merges adjacent loads into one vector load (it cannot prove alignment), and element-wise fp16
   loads leave most of the memory bandwidth unused. ``ld_v4`` issues one ``ld.global.nc.v4.u32`` (16 bytes,
-  read-only path) per call; callers keep several in flight per thread.
+  read-only path) per call; callers keep several in flight per thread. ``ld_v4_coherent`` is its twin for words
+  the same block wrote earlier in the launch (the fused RoPE + decode kernel reads back the key it stored).
 - Kernels launched with ``data_ptr()`` addresses instead of arrays (see ``runtime.launch``) read and write
   through ``ld_i32_at`` / ``st_u32_at`` (32 bits), ``ld_u16_at`` (one fp16/bf16 value, where a whole word
   would reach past the data), ``ld_i64_at`` (an int64 as two words) and ``ld_v4_at`` / ``st_v4_at`` (16 bytes)
@@ -31,8 +32,8 @@ from numba import cuda, int64
 
 from .runtime import simulator_enabled
 
-__all__ = ["ld_v4", "st_v4", "ld_v4_at", "ld_v4_cg_at", "st_v4_at", "atomic_add_at", "ld_i32_at", "ld_u16_at",
-           "ld_i64_at", "st_u32_at", "ld_f32_cg",
+__all__ = ["ld_v4", "ld_v4_coherent", "st_v4", "ld_v4_at", "ld_v4_cg_at", "st_v4_at", "atomic_add_at", "ld_i32_at",
+           "ld_u16_at", "ld_i64_at", "st_u32_at", "ld_f32_cg",
            "lo_f16", "hi_f16", "lo_bf16", "hi_bf16", "as_f32", "f32_bits", "pack_f16x2", "pack_bf16x2", "fmix32"]
 
 
@@ -66,6 +67,8 @@ if simulator_enabled():
     def ld_v4(words, i):
         """Words ``i .. i+3`` of a 1-D 32-bit array (``i`` a multiple of 4)."""
         return _u32(words[i]), _u32(words[i + 1]), _u32(words[i + 2]), _u32(words[i + 3])
+
+    ld_v4_coherent = ld_v4
 
     def st_v4(words, i, a, b, c, d):
         words[i], words[i + 1], words[i + 2], words[i + 3] = (_signed(_u32(a)), _signed(_u32(b)),
@@ -145,23 +148,29 @@ else:
         ary = context.make_array(arrty)(context, builder, value=arr)
         return builder.gep(ary.data, [index])
 
-    @intrinsic
-    def ld_v4(typingctx, words, i):
-        """One 16-byte read-only load of words ``i .. i+3`` (``i`` a multiple of 4, 16-byte aligned base)."""
-        if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype.bitwidth == 32):
-            return None
-        sig = types.UniTuple(types.uint32, 4)(words, types.intp)
+    def _ld_v4(instruction: str, side_effect: bool):
+        def ld(typingctx, words, i):
+            if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype.bitwidth == 32):
+                return None
+            sig = types.UniTuple(types.uint32, 4)(words, types.intp)
 
-        def codegen(context, builder, sig, args):
-            ptr = _word_pointer(context, builder, sig.args[0], args[0], args[1])
-            ptr = builder.bitcast(ptr, _i32.as_pointer())
-            struct = ir.LiteralStructType([_i32] * 4)
-            asm = ir.InlineAsm(ir.FunctionType(struct, [_i32.as_pointer()]),
-                               "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
-            ret = builder.call(asm, [ptr])
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
+            def codegen(context, builder, sig, args):
+                ptr = _word_pointer(context, builder, sig.args[0], args[0], args[1])
+                ptr = builder.bitcast(ptr, _i32.as_pointer())
+                struct = ir.LiteralStructType([_i32] * 4)
+                asm = ir.InlineAsm(ir.FunctionType(struct, [_i32.as_pointer()]), f"{instruction} {{$0, $1, $2, $3}}, [$4];",
+                                   "=r,=r,=r,=r,l", side_effect=side_effect)
+                ret = builder.call(asm, [ptr])
+                return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
 
-        return sig, codegen
+            return sig, codegen
+        return ld
+
+    #: One 16-byte read-only load of words ``i .. i+3`` (``i`` a multiple of 4, 16-byte aligned base).
+    ld_v4 = intrinsic(_ld_v4("ld.global.nc.v4.u32", side_effect=False))
+    #: The same through the coherent path, kept after the barrier before it: for words this block itself wrote
+    #: during the launch (the read-only path may only serve data that no thread changes while the kernel runs).
+    ld_v4_coherent = intrinsic(_ld_v4("ld.global.v4.u32", side_effect=True))
 
     @intrinsic
     def st_v4(typingctx, words, i, a, b, c, d):

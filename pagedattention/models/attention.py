@@ -5,6 +5,7 @@ Every step the engine describes where this step's tokens live (AttentionMetadata
 2. attends over the cache: ``paged_prefill_attention`` for packed multi-token queries (prompts, prompt
    chunks, recomputation) or ``paged_attention`` for one new token per sequence (decode). A mixed step
    (decode tokens first, then prompt tokens, ``num_decode_tokens``) runs each kernel on its part.
+A decode step does both in one call (``rope_decode``), which the CUDA backend runs as one kernel where it can.
 Because prefill reads K/V back from the cache, a chunk sees the earlier chunks and cached prefixes for free.
 
 Backends: "torch" runs the plain-torch references (CPU, tests); "numba" runs the CUDA kernels (or the same
@@ -45,6 +46,9 @@ class BackendOps:
     prefill: Callable
     # (q, key_cache, value_cache, block_tables, context_lens, *, scale, max_context_len, out=None)
     decode: Callable
+    # (q, k, v, cos, sin, key_cache, value_cache, slot_mapping, block_tables, context_lens, *, scale,
+    #  max_context_len) -> attention output: rope_write_kv then decode, for a decode step
+    rope_decode: Callable
     add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
     silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
     copy_blocks: Callable        # (key_caches, value_caches, src_to_dst) -> None: copy-on-write of whole blocks
@@ -69,11 +73,17 @@ def backend_ops(backend: str) -> BackendOps:
             return into(out, ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens,
                                                            scale=scale))
 
-        return BackendOps(ref.reference_rope_write_kv, prefill, decode, ref.reference_add_rms_norm_,
+        def rope_decode(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, block_tables, context_lens, *,
+                        scale, max_context_len):
+            q = ref.reference_rope_write_kv(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+            return ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
+
+        return BackendOps(ref.reference_rope_write_kv, prefill, decode, rope_decode, ref.reference_add_rms_norm_,
                           ref.reference_silu_and_mul, ref.reference_copy_blocks)
     if backend == "numba":
         # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
         from pagedattention.kernels import copy_blocks, layer_ops, paged_attention, paged_prefill_attention
+        from pagedattention.kernels.decode import rope_paged_attention
 
         def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len,
                     out=None):
@@ -84,8 +94,13 @@ def backend_ops(backend: str) -> BackendOps:
             return paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale,
                                    max_context_len=max_context_len or None, out=out)
 
-        return BackendOps(layer_ops.rope_write_kv, prefill, decode, layer_ops.add_rms_norm_, layer_ops.silu_and_mul,
-                          copy_blocks)
+        def rope_decode(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, block_tables, context_lens, *,
+                        scale, max_context_len):
+            return rope_paged_attention(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, block_tables,
+                                        context_lens, scale=scale, max_context_len=max_context_len or None)
+
+        return BackendOps(layer_ops.rope_write_kv, prefill, decode, rope_decode, layer_ops.add_rms_norm_,
+                          layer_ops.silu_and_mul, copy_blocks)
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -110,10 +125,10 @@ class PagedAttention(nn.Module):
         if attn.is_prefill and attn.cu_seqlens_q is None:
             raise ValueError("prefill AttentionMetadata needs cu_seqlens_q (int32 [num_seqs + 1])")
         ops, caches = self.ops, (self.key_cache, self.value_cache)
-        q = ops.rope_write_kv(q, k, v, cos, sin, *caches, attn.slot_mapping)
         if not attn.is_prefill:
-            return ops.decode(q, *caches, attn.block_tables, attn.context_lens, scale=self.scale,
-                              max_context_len=attn.max_context_len)
+            return ops.rope_decode(q, k, v, cos, sin, *caches, attn.slot_mapping, attn.block_tables,
+                                   attn.context_lens, scale=self.scale, max_context_len=attn.max_context_len)
+        q = ops.rope_write_kv(q, k, v, cos, sin, *caches, attn.slot_mapping)
         d = attn.num_decode_tokens
         if d == 0:
             return ops.prefill(q, *caches, attn.block_tables, attn.cu_seqlens_q, attn.context_lens,
