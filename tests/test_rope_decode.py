@@ -110,8 +110,9 @@ def test_rope_decode_rejects_bad_arguments_and_writes_nothing():
     slots = torch.tensor([0, 1], dtype=torch.int64, device=DEVICE)
     before = key_cache.clone(), value_cache.clone()
     args = [query, key, value, cos, sin, key_cache, value_cache, slots, tables, ctx]
-    for index, bad, error, name in ((3, cos[:, :16], ValueError, "cos"), (7, slots.int(), TypeError, "slot_mapping"),
-                                    (8, tables[:1], ValueError, "block_tables"), (0, query.float(), TypeError, "query")):
+    for index, bad, error, name in ((3, cos[:, :16], ValueError, "cos"), (0, query.float(), TypeError, "query"),
+                                    (7, slots.int(), TypeError, "slot_mapping"),
+                                    (8, tables[:1], ValueError, "block_tables")):
         broken = list(args)
         broken[index] = bad
         with pytest.raises(error, match=name):

@@ -158,8 +158,8 @@ else:
                 ptr = _word_pointer(context, builder, sig.args[0], args[0], args[1])
                 ptr = builder.bitcast(ptr, _i32.as_pointer())
                 struct = ir.LiteralStructType([_i32] * 4)
-                asm = ir.InlineAsm(ir.FunctionType(struct, [_i32.as_pointer()]), f"{instruction} {{$0, $1, $2, $3}}, [$4];",
-                                   "=r,=r,=r,=r,l", side_effect=side_effect)
+                asm = ir.InlineAsm(ir.FunctionType(struct, [_i32.as_pointer()]),
+                                   f"{instruction} {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l", side_effect=side_effect)
                 ret = builder.call(asm, [ptr])
                 return context.make_tuple(builder, sig.return_type, [builder.extract_value(ret, k) for k in range(4)])
 
