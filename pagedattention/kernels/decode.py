@@ -323,12 +323,14 @@ def rope_paged_attention(query, key, value, cos, sin, key_cache, value_cache, sl
     if num_seqs == 0:
         return out
     plan = _plan(query, num_kv_heads, max_context_len, partition_size, rope=True)
-    if plan.tensor_cores is None or not all(_vector_rows(t) for t in (query, key, value, cos, sin)):
-        rotated = rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
-        return decode_v2(rotated, key_cache, value_cache, block_tables, context_lens, scale=scale, out=out,
-                         max_context_len=max_context_len, partition_size=partition_size)
-    rope_args = (_row_words(key), _row_words_stride(key), _row_words(value), _row_words_stride(value), _words(cos),
-                 _words(sin), as_kernel_array(slot_mapping), key_cache.shape[0] * block_size)
+    if plan.tensor_cores is not None and all(_vector_rows(t) for t in (query, key, value, cos, sin)):
+        rope_args = (_row_words(key), _row_words_stride(key), _row_words(value), _row_words_stride(value),
+                     _words(cos), _words(sin), as_kernel_array(slot_mapping), key_cache.shape[0] * block_size)
+    else:  # rotate and store first, then the planned kernel (unfused) on the rotated, dense query
+        query = rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+        if plan.tensor_cores is not None:
+            plan = _plan(query, num_kv_heads, max_context_len, partition_size)
+        rope_args = _no_rope(query.device)
     _launch(plan, out, query, _row_words_stride(query), key_cache, value_cache, block_tables, context_lens,
             num_kv_heads, block_size, scale, rope_args)
     return out
