@@ -27,6 +27,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode attention kernels",
           "prefill": "Paged prefill kernel", "throughput": "Engine throughput: continuous vs static batching",
           "profile": "Decode step profile: GPU time per part against its bound",
+          "profile_prefill": "Prefill step profile: GPU time per part against its bound",
           "sharing": "Sharing: parallel sampling, beam search, prefix caching",
           "host": "Engine host time per decode step"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
@@ -131,6 +132,20 @@ def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
     return [("ms per step, measured / bound", rows), ("W2's physical bound", bound)]
 
 
+def prefill_profile_rows(data: dict) -> list[dict]:
+    """profile_prefill.py: ms of each traced prefill step per part, measured / bound."""
+    rows = []
+    for kind in data["kinds"]:
+        for r in kind["steps"]:
+            row = {"prompts": f"{kind['kind']} U{kind['prompt_lens']}", "tokens": r["tokens"],
+                   "sequences": r["sequences"], "GPU busy ms": sum(r["parts_ms"].values())}
+            for part, ms in r["parts_ms"].items():
+                bound = r["bounds_ms"].get(part)
+                row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")
+            rows.append(row)
+    return rows
+
+
 def memory_demo_rows(data: dict) -> list[dict]:
     """examples/demo_memory.py: naive copies vs the measured peak with sharing."""
     row = {
@@ -164,7 +179,13 @@ def one_table(presenter):
 
 
 PRESENTERS = {"kernels_": one_table(kernel_rows), "prefill_": one_table(prefill_rows),
-              "throughput_": one_table(throughput_rows), "profile_": profile_tables, "sharing_": sharing_tables}
+              "throughput_": one_table(throughput_rows), "profile_prefill_": one_table(prefill_profile_rows),
+              "profile_": profile_tables, "sharing_": sharing_tables}
+
+
+def benchmark_of(path: Path) -> str:
+    """The benchmark a result file comes from: its name's first word (``profile_prefill`` is two)."""
+    return "profile_prefill" if path.stem.startswith("profile_prefill_") else path.stem.split("_")[0]
 
 
 # --- any other file ------------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def section(path: Path) -> str:
     if not isinstance(data, dict):
         data = {"rows": data} if _is_rows(data) else {}
     card, date, command = (find_meta(data, k) for k in ("card", "date", "command"))
-    title = TITLES.get(path.stem.split("_")[0])
+    title = TITLES.get(benchmark_of(path))
     head = [f"### {title} ({path.name})" if title else f"### {path.name}", "",
             f"card: {card or 'not recorded'}; date: {date or 'not recorded'}"
             + (f"; copy roofline {data['copy_tbps']:.3f} TB/s" if isinstance(data.get("copy_tbps"), float) else "")
@@ -252,7 +273,7 @@ def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
     for f in files:
         data = json.loads(f.read_text())
         data = data if isinstance(data, dict) else {}
-        key = (f.stem.split("_")[0], find_meta(data, "card"), data.get("model_shape"))
+        key = (benchmark_of(f), find_meta(data, "card"), data.get("model_shape"))
         if key not in best or (len(f.stem), f.stem) < (len(best[key].stem), best[key].stem):
             best[key] = f
     chosen = [f for f in files if f in best.values()]
@@ -262,7 +283,7 @@ def canonical(files: list[Path]) -> tuple[list[Path], list[Path]]:
 def report(results: Path, all_files: bool = True) -> str:
     order = list(TITLES)
     def position(f: Path):  # by benchmark in TITLES order, GPU runs before CPU ones, then by name
-        kind = f.stem.split("_")[0]
+        kind = benchmark_of(f)
         return order.index(kind) if kind in order else len(order), "cpu" in f.stem.split("_")[1:], f.name
     files = sorted(results.glob("*.json"), key=position)
     if not files:

@@ -10,6 +10,7 @@
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
 # prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
+# profile_prefill  profile_prefill.py: W1/W2-like prefill steps per part        200 s   json log
 # gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS         120 s   json log
 # rope_decode  bench_rope_decode.py: RoPE + cache write + attention, fused or not 120 s   json log
 # throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2     570 s   json png png log
@@ -21,7 +22,7 @@
 # A stage writes its files as it finishes, so one that fails leaves the others' in place; each prints its wall
 # time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
 # so run the stages in groups of at most ~9 minutes (and at most 8 files, when results must be copied back):
-#     kernels prefill profile  |  throughput  |  shapes  |  gemm sharing demo_memory  |  serving
+#     kernels prefill profile profile_prefill  |  throughput  |  shapes  |  gemm sharing demo_memory  |  serving
 # Set-up it does itself: wheels in .whl/ (shared/device/prepare.sh fetches numpy for the GPU image) go to
 # .site/ on PYTHONPATH, the repository root goes on PYTHONPATH, the block allocator is built if missing.
 set -u
@@ -41,6 +42,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 timings=()
+all_stages="kernels prefill profile profile_prefill gemm rope_decode throughput shapes sharing serving demo_memory"
 run_stage() {  # run_stage NAME SECONDS COMMAND...: output to $out/NAME.log, its tail on the terminal
     local name=$1 limit=$2 start=$SECONDS code before; shift 2
     echo "== $name (limit $limit s): $*"
@@ -58,6 +60,7 @@ stage() {
         kernels) run_stage kernels 240 $py benchmarks/bench_kernels.py --out "$out" ${QUICK:+--quick} ;;
         prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
+        profile_prefill) run_stage profile_prefill 200 $py benchmarks/profile_prefill.py --out "$out" ;;
         gemm) run_stage gemm 120 $py benchmarks/bench_gemm.py --out "$out" ;;
         rope_decode) run_stage rope_decode 120 $py benchmarks/bench_rope_decode.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
@@ -73,11 +76,11 @@ stage() {
         demo_memory) run_stage demo_memory 120 $py -m pagedattention demo memory --unshared --no-progress \
                          --json "$out/demo_memory_gpu.json" ;;
         *) rm -f "$out/$1.log"
-           echo "unknown stage $1 (kernels prefill profile gemm rope_decode throughput shapes sharing serving demo_memory)"; return 2 ;;
+           echo "unknown stage $1 ($all_stages)"; return 2 ;;
     esac
 }
 started=$SECONDS
-for s in ${@:-kernels prefill profile gemm rope_decode throughput shapes sharing serving demo_memory}; do
+for s in ${@:-$all_stages}; do
     stage "$s"
 done
 echo

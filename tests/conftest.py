@@ -26,3 +26,20 @@ settings.register_profile("ci", max_examples=200, deadline=None,
 settings.register_profile("long", max_examples=5000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The sm_90 compile check (test_compile.py) goes last, and its compiler starts now in a subprocess, so
+    the minutes it takes overlap the rest of the suite instead of adding to it."""
+    compile_items = [item for item in items if item.path.name == "test_compile.py"]
+    if compile_items:
+        items[:] = [item for item in items if item.path.name != "test_compile.py"] + compile_items
+        import test_compile
+
+        test_compile.start_compiling()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    test_compile = sys.modules.get("test_compile")
+    if test_compile is not None:
+        test_compile.stop_compiling()

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -120,22 +121,54 @@ def compile_report() -> dict:
     return report
 
 
-@pytest.fixture(scope="module")
-def report():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+_compiler = None  # (process, its stdout file, its stderr file), once started
+
+
+def start_compiling() -> None:
+    """Start the compiling subprocess (once) if nvJitLink is installed. conftest.py calls this as soon as the
+    tests are collected and runs this file's tests last: the compiler (most of this file's time, on one core)
+    runs while the rest of the suite does."""
+    global _compiler
+    if _compiler is not None:
+        return
     try:
         import cuda.bindings.nvjitlink  # noqa: F401
     except ImportError:
+        return
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, stdout=stdout, stderr=stderr,
+                               text=True)
+    _compiler = (process, stdout, stderr)
+
+
+def stop_compiling() -> None:
+    """Kill the compiling subprocess if it still runs (a session that ends before this file's tests)."""
+    if _compiler is not None and _compiler[0].poll() is None:
+        _compiler[0].kill()
+
+
+@pytest.fixture(scope="module")
+def report():
+    start_compiling()
+    if _compiler is None:
         pytest.skip("nvJitLink missing: install numba-cuda[cu13]")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        if re.search(r"libnvvm|libnvrtc|nvJitLink|NvvmSupportError|cannot be found", proc.stderr):
-            pytest.skip(f"CUDA compiler libraries missing: {proc.stderr.strip().splitlines()[-1]}")
-        raise AssertionError(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    process, stdout, stderr = _compiler
+    try:
+        process.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    stdout.seek(0)
+    stderr.seek(0)
+    out, err = stdout.read(), stderr.read()
+    if process.returncode != 0:
+        if re.search(r"libnvvm|libnvrtc|nvJitLink|NvvmSupportError|cannot be found", err):
+            pytest.skip(f"CUDA compiler libraries missing: {err.strip().splitlines()[-1]}")
+        raise AssertionError(err)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_every_kernel_compiles_for_sm90(report):

@@ -209,3 +209,29 @@ def test_host_waits_are_the_time_blocked_in_event_synchronize(monkeypatch):
             torch.cuda.Event.synchronize(object())
     assert 0.03 <= waited[0] < 0.5
     assert torch.cuda.Event.synchronize is blocking  # restored
+
+
+def test_prefill_bounds_count_the_prefill_flops():
+    """At an unbounded copy rate and 1 FLOP/s, the GEMM, attention and LM-head bounds (seconds) are FLOPs and
+    add up to ``common.prefill_flops`` of the step's prompts."""
+    import profile_prefill
+
+    mc, lens = common.model_shape("qwen2.5-0.5b"), [100, 37, 512, 1]
+    bounds = profile_prefill.prefill_bounds(mc, lens, 2, copy_bw=1e30, rate=1.0)
+    flops = sum(common.prefill_flops(mc, n) for n in lens)
+    assert bounds["gemm"] + bounds["attention"] + bounds["lm_head"] == pytest.approx(flops, rel=1e-12)
+    assert bounds["layer_ops"] < 1e-15   # bytes only
+
+
+def test_tiny_prefill_profile_end_to_end(tmp_path):
+    import profile_prefill
+
+    assert profile_prefill.main(["--tiny", "--steps", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile_prefill_cpu_tiny.json").read_text())
+    assert [k["kind"] for k in report["kinds"]] == list(profile_prefill.KINDS)
+    for kind in report["kinds"]:
+        (step,) = kind["steps"]
+        low, high = kind["prompt_lens"]
+        assert low * step["sequences"] <= step["tokens"] <= report["tokens_per_step"]
+        assert step["parts_ms"]["gemm"] > 0 and step["parts_ms"]["attention"] > 0
+        assert all(step["bounds_ms"][k] > 0 for k in ("gemm", "attention", "layer_ops", "lm_head"))

@@ -1,0 +1,154 @@
+"""Where a prefill step's time goes: the GPU time of each part against its own bound.
+
+    python benchmarks/profile_prefill.py            # GPU: Qwen2.5-0.5B shape, W1- and W2-like prompt batches
+    python benchmarks/profile_prefill.py --tiny     # CPU smoke run of the same pipeline
+
+A step's prompts are drawn like W1's (U[128, 512] tokens) or W2's (U[100, 1024]) until the next would pass the
+engine's 8,192 tokens per step, added through the public loop and run by one ``llm.step()``. Each kind runs
+``--steps`` untraced steps (the first compiles what a new shape needs) and ``--steps`` traced ones; kernels are
+put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over one row per sequence).
+
+Bounds, per step: the GEMMs' FLOPs (2 x tokens x the layers' projection parameters) at the measured bf16 GEMM
+rate, or their weights at the copy bandwidth, whichever is longer; attention's causal FLOPs (QK^T and PV over
+the keys up to each token, ``common.prefill_flops``) at the same rate; the layer ops' activations moved once
+(RoPE reads q/k/v and writes q and the cache; each add + RMSNorm reads and writes x and the residual; SwiGLU
+reads gate and up, writes their product) at the copy bandwidth. JSON: results/profile_prefill_<card>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from profile_step import STEP_LABEL, classify_step, device_events, load_trace  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from pagedattention import LLM, SamplingParams  # noqa: E402
+
+KINDS = {"W1-like": (128, 512), "W2-like": (100, 1024)}   # prompt tokens, U[low, high]
+TINY_SCALE = 8   # --tiny: prompts and the step's token budget shrunk 8x (the tiny model's context is 256)
+
+
+def prefill_bounds(mc, prompt_lens: list[int], dtype_bytes: int, copy_bw: float, rate: float) -> dict:
+    """Seconds each part of one prefill step needs at least (module docstring)."""
+    tokens, d, layers = sum(prompt_lens), dtype_bytes, mc.num_hidden_layers
+    q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, mc.hidden_size,
+                   mc.intermediate_size)
+    linear = common.layer_linear_params(mc)
+    attention = sum(layers * 4 * q * n * (n + 1) / 2 for n in prompt_lens)
+    norms = (2 * layers + 1) * 4 * tokens * h * d
+    rope = layers * tokens * (2 * (q + 2 * kv) * d + 2 * mc.head_dim * 4)  # cos/sin: float32, head_dim / 2 each
+    qk_norm = layers * tokens * 2 * (q + kv) * d if mc.qk_norm else 0
+    swiglu = layers * tokens * 3 * i * d
+    return {"gemm": max(2 * tokens * layers * linear / rate, layers * linear * d / copy_bw),
+            "attention": attention / rate,
+            "layer_ops": (norms + rope + qk_norm + swiglu) / copy_bw,
+            "lm_head": max(2 * len(prompt_lens) * h * mc.vocab_size / rate, mc.vocab_size * h * d / copy_bw)}
+
+
+def prompt_batch(rng: random.Random, low: int, high: int, budget: int) -> list[int]:
+    lens = []
+    while sum(lens) + (n := rng.randint(low, high)) <= budget:
+        lens.append(n)
+    return lens
+
+
+def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | None:
+    """One step over prompts of ``lens`` (the device's events of its trace if ``traced``); the requests are then
+    aborted."""
+    vocab, on_gpu = llm.model_config.vocab_size, llm.config.device.type == "cuda"
+    params = SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final_only")
+    ids = [llm.add_request([rng.randrange(vocab) for _ in range(n)], params) for n in lens]
+    trace = None
+    if traced:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+            with record_function(STEP_LABEL):
+                llm.step()
+            if on_gpu:
+                torch.cuda.synchronize()   # the step's kernels may still run when step() returns
+        trace = device_events(load_trace(prof))
+    else:
+        llm.step()
+    if not llm.last_step.is_prefill or llm.last_step.num_seqs != len(lens):
+        raise RuntimeError(f"the step ran {llm.last_step.num_seqs} sequences, not a prefill of all {len(lens)}")
+    for request_id in ids:
+        llm.abort_request(request_id)
+    while llm.has_unfinished_requests():
+        llm.step()
+    return trace if traced else None
+
+
+def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, rate: float, seed: int,
+                 scale: int = 1) -> dict:
+    rng, (low, high) = random.Random(seed), (n // scale for n in KINDS[kind])
+    mc, dtype_bytes = llm.model_config, llm.config.dtype.itemsize
+    for _ in range(steps):
+        run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False)
+    rows = []
+    for _ in range(steps):
+        lens = prompt_batch(rng, low, high, budget)
+        events = sorted(run_prefill(llm, lens, rng, traced=True), key=lambda e: e["ts"])
+        parts, _, kernels = classify_step(events)
+        bounds = prefill_bounds(mc, lens, dtype_bytes, copy_bw, rate)
+        rows.append({"tokens": sum(lens), "sequences": len(lens),
+                     "parts_ms": {k: v / 1e3 for k, v in parts.items() if v},
+                     "bounds_ms": {k: 1e3 * v for k, v in bounds.items()},
+                     "kernels": sorted(([k[1], part, calls, us / 1e3] for k, (part, calls, us) in kernels.items()),
+                                       key=lambda r: -r[3])[:12]})
+    return {"kind": kind, "prompt_lens": [low, high], "steps": rows}
+
+
+def print_kind(report: dict) -> None:
+    print(f"\n{report['kind']} prefill steps (prompts U{report['prompt_lens']}), ms of device time per part "
+          f"[its bound]:")
+    for row in report["steps"]:
+        busy = sum(row["parts_ms"].values())
+        parts = "  ".join(f"{k} {v:.3f}" + (f" [{row['bounds_ms'][k]:.3f}]" if k in row["bounds_ms"] else "")
+                          for k, v in row["parts_ms"].items())
+        print(f"  {row['tokens']:5d} tokens, {row['sequences']:3d} seqs: busy {busy:.3f} ms  {parts}")
+    print("  largest kernels of the last step (ms, launches, part):")
+    for name, part, calls, ms in report["steps"][-1]["kernels"]:
+        print(f"    {ms:8.3f} {calls:4d}x  {part:10s} {name[:90]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="embedded tiny model on the CPU (a smoke run)")
+    parser.add_argument("--model-shape", choices=list(common.MODEL_SHAPES), default=common.DEFAULT_SHAPE)
+    parser.add_argument("--steps", type=int, default=2, help="untraced, then traced steps per kind (default 2)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    on_gpu = device == "cuda"
+    llm = LLM(None if args.tiny else common.model_shape(args.model_shape), device=device, max_num_seqs=256,
+              max_model_len=256 if args.tiny else 2048)
+    scale = TINY_SCALE if args.tiny else 1
+    budget = llm.config.max_num_batched_tokens // scale
+    mc = llm.model_config
+    gemm = (8192 if on_gpu else 256, mc.hidden_size, 2 * mc.intermediate_size)
+    copy_bw = common.copy_bandwidth(device) if on_gpu else common.copy_bandwidth(device, nbytes=64 << 20, reps=3)
+    rate = common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
+    kinds = [profile_kind(llm, kind, budget, args.steps, copy_bw, rate, seed, scale)
+             for seed, kind in enumerate(KINDS)]
+    for report in kinds:
+        print_kind(report)
+    tag = common.result_tag(common.card_name(device), args.tiny, None if args.tiny else args.model_shape)
+    result = {**common.run_info(device), "model": common.model_description(None if args.tiny else args.model_shape),
+              "dtype": str(llm.config.dtype).removeprefix("torch."), "tokens_per_step": budget,
+              "copy_tbps": copy_bw / 1e12, "matmul_tflops": rate / 1e12, "kinds": kinds}
+    busy = [statistics.mean(sum(r["parts_ms"].values()) for r in k["steps"]) for k in kinds]
+    print("\nmean busy ms per step: " + ", ".join(f"{k['kind']} {b:.3f}" for k, b in zip(kinds, busy)))
+    path = common.write_json(args.out / f"profile_prefill_{tag}.json", result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
