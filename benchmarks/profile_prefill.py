@@ -6,7 +6,10 @@
 A step's prompts are drawn like W1's (U[128, 512] tokens) or W2's (U[100, 1024]) until the next would pass the
 engine's 8,192 tokens per step, added through the public loop and run by one ``llm.step()``. Each kind runs
 ``--steps`` untraced steps (the first compiles what a new shape needs) and ``--steps`` traced ones; kernels are
-put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over one row per sequence).
+put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over one row per sequence). A
+prefill step runs eagerly (no CUDA graph); its ``llm.step()`` time, the span from its first kernel's start to its
+last one's end and the share of that span with no kernel running are recorded too, but they are taken under
+the profiler, which adds host time to every op: they bound the host's share from above, they do not measure it.
 
 Bounds, per step: the GEMMs' FLOPs (2 x tokens x the layers' projection parameters) at the measured bf16 GEMM
 rate, or their weights at the copy bandwidth, whichever is longer; attention's causal FLOPs (QK^T and PV over
@@ -27,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from profile_step import STEP_LABEL, classify_step, device_events, load_trace  # noqa: E402
+from profile_step import STEP_LABEL, classify_step, device_events, load_trace, step_windows  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from pagedattention import LLM, SamplingParams  # noqa: E402
@@ -61,8 +64,7 @@ def prompt_batch(rng: random.Random, low: int, high: int, budget: int) -> list[i
 
 
 def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | None:
-    """One step over prompts of ``lens`` (the device's events of its trace if ``traced``); the requests are then
-    aborted."""
+    """One step over prompts of ``lens`` (its trace if ``traced``); the requests are then aborted."""
     vocab, on_gpu = llm.model_config.vocab_size, llm.config.device.type == "cuda"
     params = SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final_only")
     ids = [llm.add_request([rng.randrange(vocab) for _ in range(n)], params) for n in lens]
@@ -73,7 +75,7 @@ def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> 
                 llm.step()
             if on_gpu:
                 torch.cuda.synchronize()   # the step's kernels may still run when step() returns
-        trace = device_events(load_trace(prof))
+        trace = load_trace(prof)
     else:
         llm.step()
     if not llm.last_step.is_prefill or llm.last_step.num_seqs != len(lens):
@@ -94,10 +96,14 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
     rows = []
     for _ in range(steps):
         lens = prompt_batch(rng, low, high, budget)
-        events = sorted(run_prefill(llm, lens, rng, traced=True), key=lambda e: e["ts"])
+        trace = run_prefill(llm, lens, rng, traced=True)
+        events = sorted(device_events(trace), key=lambda e: e["ts"])
         parts, _, kernels = classify_step(events)
+        (start, end), = step_windows(trace)
+        span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
         bounds = prefill_bounds(mc, lens, dtype_bytes, copy_bw, rate)
-        rows.append({"tokens": sum(lens), "sequences": len(lens),
+        rows.append({"tokens": sum(lens), "sequences": len(lens), "host_step_ms": (end - start) / 1e3,
+                     "device_span_ms": span / 1e3, "device_idle_in_span": 1 - sum(parts.values()) / span,
                      "parts_ms": {k: v / 1e3 for k, v in parts.items() if v},
                      "bounds_ms": {k: 1e3 * v for k, v in bounds.items()},
                      "kernels": sorted(([k[1], part, calls, us / 1e3] for k, (part, calls, us) in kernels.items()),
@@ -112,7 +118,9 @@ def print_kind(report: dict) -> None:
         busy = sum(row["parts_ms"].values())
         parts = "  ".join(f"{k} {v:.3f}" + (f" [{row['bounds_ms'][k]:.3f}]" if k in row["bounds_ms"] else "")
                           for k, v in row["parts_ms"].items())
-        print(f"  {row['tokens']:5d} tokens, {row['sequences']:3d} seqs: busy {busy:.3f} ms  {parts}")
+        print(f"  {row['tokens']:5d} tokens, {row['sequences']:3d} seqs: busy {busy:.3f} ms:  {parts}")
+        print(f"      traced: llm.step() {row['host_step_ms']:.3f} ms, first to last kernel "
+              f"{row['device_span_ms']:.3f} ms ({row['device_idle_in_span']:.0%} idle)")
     print("  largest kernels of the last step (ms, launches, part):")
     for name, part, calls, ms in report["steps"][-1]["kernels"]:
         print(f"    {ms:8.3f} {calls:4d}x  {part:10s} {name[:90]}")

@@ -138,7 +138,8 @@ def prefill_profile_rows(data: dict) -> list[dict]:
     for kind in data["kinds"]:
         for r in kind["steps"]:
             row = {"prompts": f"{kind['kind']} U{kind['prompt_lens']}", "tokens": r["tokens"],
-                   "sequences": r["sequences"], "GPU busy ms": sum(r["parts_ms"].values())}
+                   "sequences": r["sequences"], "GPU busy ms": sum(r["parts_ms"].values()),
+                   "llm.step() ms, traced": r["host_step_ms"]}
             for part, ms in r["parts_ms"].items():
                 bound = r["bounds_ms"].get(part)
                 row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")

@@ -77,8 +77,9 @@ def _configs():
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the fused per-layer kernels (scalar arguments)
         name = str(dtype).removeprefix("torch.")
-        out.append((f"rope_write_kv {name}", layer_ops._rope_write_kv_kernel(dtype), (i64,) * 16, None))
         for words in (4, 1):  # 16-byte items, and one word where rows do not split into them
+            out.append((f"rope_write_kv {name} {4 * words}B", layer_ops._rope_write_kv_kernel(dtype, words),
+                        (i64,) * 16, None))
             out.append((f"add_rms_norm {name} {4 * words}B", layer_ops._add_rms_norm_kernel(dtype, words),
                         (i64,) * 4 + (f32s,), None))
             out.append((f"silu_and_mul {name} {4 * words}B", layer_ops._silu_and_mul_kernel(dtype, words),
@@ -196,11 +197,11 @@ def test_v2_uses_registers_only(report):
 
 
 def test_layer_ops_kernels_use_registers_only(report):
-    """The fused per-layer kernels keep each thread's values (an item's 8 or 4, a pair) in registers, and the
-    16-byte variants of the norm and SwiGLU read and write their rows with 16-byte accesses."""
+    """The fused per-layer kernels keep each thread's values (an item's 8, 4, 2 or 1) in registers, and their
+    16-byte variants read and write rows with 16-byte accesses."""
     fused = ("rope_write_kv", "add_rms_norm", "silu_and_mul")
     layer = {name: r for name, r in report.items() if name.startswith(fused)}
-    assert len(layer) == 15
+    assert len(layer) == 18
     for name, r in layer.items():
         assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
         if name.endswith("16B"):

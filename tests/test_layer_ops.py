@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedattention.kernels.layer_ops import add_rms_norm_, rope_write_kv, silu_and_mul
+from pagedattention.kernels.layer_ops import add_rms_norm_, rope_item_words, rope_write_kv, silu_and_mul
 from pagedattention.kernels.reference import (reference_add_rms_norm_, reference_rope_write_kv,
                                               reference_silu_and_mul)
 from pagedattention.kernels.runtime import simulator_enabled
@@ -70,7 +70,14 @@ def rope_oracle(x, cos, sin):
 def make_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen, layout):
     """query/key/value ``[n, heads, D]``: views of one fused qkv projection (as the model splits it: rows
     strided by the whole qkv width), three separate contiguous tensors, or ("strided") slices of three wider
-    tensors, so that each of q, k, v has a row stride of its own."""
+    tensors, so that each of q, k, v has a row stride of its own, or ("offset") slices starting 2 elements into
+    rows of their own (off the 16-byte boundaries: the kernel then moves 32-bit words)."""
+    if layout == "offset":
+        views = []
+        for heads in (num_heads, num_kv_heads, num_kv_heads):
+            wide = randn((num_tokens, heads * head_dim + 2), dtype, gen)
+            views.append(wide[:, 2:].view(num_tokens, heads, head_dim))
+        return tuple(views)
     if layout == "strided":
         views = []
         for extra, heads in enumerate((num_heads, num_kv_heads, num_kv_heads), start=1):
@@ -135,12 +142,12 @@ def run_rope_case(dtype, num_heads, num_kv_heads, head_dim, block_size, num_bloc
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (6, 1, 32), (2, 2, 64)])
-@pytest.mark.parametrize("layout", ["fused", "separate", "strided"])
+@pytest.mark.parametrize("layout", ["fused", "separate", "strided", "offset"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_write_kv_rotates_and_stores_at_the_slots(dtype, layout, num_heads, num_kv_heads, head_dim):
-    """GQA groups of 2, 6 and 1; q/k/v as slices of a fused qkv row, as their own tensors or with row strides
-    of their own; one token with no slot (-1); positions from 0 (no rotation) to far out; the result in a given
-    ``out`` or a fresh tensor."""
+    """GQA groups of 2, 6 and 1; q/k/v as slices of a fused qkv row, as their own tensors, with row strides
+    of their own or off 16-byte boundaries; one token with no slot (-1); positions from 0 (no rotation) to far
+    out; the result in a given ``out`` or a fresh tensor."""
     run_rope_case(dtype, num_heads, num_kv_heads, head_dim, block_size=8, num_blocks=3, slots=[13, -1, 0],
                   positions=[0, 7, 4093], layout=layout, use_out=layout != "separate", seed=head_dim + num_heads)
 
@@ -158,7 +165,7 @@ def rope_problem(draw):
     skipped = draw(st.lists(st.booleans(), min_size=num_tokens, max_size=num_tokens))
     slots = [-1 if skip else slot for slot, skip in zip(slots, skipped)]
     positions = draw(st.lists(st.integers(0, 32767), min_size=num_tokens, max_size=num_tokens))
-    layout = draw(st.sampled_from(("fused", "separate", "strided")))
+    layout = draw(st.sampled_from(("fused", "separate", "strided", "offset")))
     use_out = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dtype, num_heads, num_kv_heads, head_dim, block_size, num_blocks, slots, positions, layout, use_out, seed
@@ -196,6 +203,19 @@ def test_reference_rope_write_kv_matches_definition(dtype, num_heads, num_kv_hea
     slots = torch.tensor([31, 0, -1, 17, 2], device=DEVICE)
     rotated = reference_rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slots)
     check_rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slots, rotated)
+
+
+@pytest.mark.parametrize("layout,head_dim,words", [("fused", 64, 4), ("strided", 16, 4), ("separate", 32, 4),
+                                                   ("offset", 64, 1), ("offset", 16, 1)])
+def test_rope_moves_16_byte_items_only_where_every_row_allows_them(layout, head_dim, words):
+    """The cases above cover both of the kernel's item sizes: 16-byte items where every row and half head
+    starts on a 16-byte boundary (the model's qkv slices), 32-bit words elsewhere."""
+    gen = torch.Generator().manual_seed(1)
+    query, key, value = make_qkv(3, 4, 2, head_dim, torch.bfloat16, gen, layout)
+    cos, sin = rope_angles([1, 2, 3], head_dim)
+    key_cache, value_cache = poisoned_cache(2, 8, 2, head_dim, torch.bfloat16)
+    out = torch.empty(3, 4, head_dim, dtype=torch.bfloat16, device=DEVICE)
+    assert rope_item_words(query, key, value, cos, sin, key_cache, value_cache, out) == words
 
 
 def test_rope_write_kv_skips_slots_past_the_cache():

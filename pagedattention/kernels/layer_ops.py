@@ -7,10 +7,9 @@ of those groups is one kernel, computed in float32 and rounded once, so the resu
 the dtype allows (torch's op-by-op versions round after every op).
 
 Every kernel takes raw addresses (``data_ptr()``) and sizes, launched through ``runtime.launch`` (no per-array
-wrapping on eager steps). RoPE moves *pairs* of adjacent elements (one 32-bit word of fp16/bf16, two of fp32;
-``_codec``). The norm and SwiGLU move *items* of 16 bytes (``_item_codec``: 8 fp16/bf16 or 4 fp32 values) when
+wrapping on eager steps). They move *items* of 16 bytes (``_item_codec``: 8 fp16/bf16 or 4 fp32 values) when
 every row is made of whole, 16-byte aligned items, else items of one 32-bit word: at 8,192 prefill tokens the
-word-sized loads left them at a sixth (norm) and a half (SwiGLU) of the memory bandwidth. RoPE and the norm
+word-sized loads left the norm, SwiGLU and RoPE at a sixth, a half and a third of the memory bandwidth. RoPE and the norm
 run one block per token, SwiGLU a row of blocks per token; the comment above each names its grid, thread
 roles, addresses and indices.
 """
@@ -31,32 +30,6 @@ from .runtime import launch, simulator_enabled
 NORM_THREADS = 1024  # at most; a power of two >= 32 (whole warps): one 16-byte item each up to 16-bit hidden 8,192
 NORM_WARPS = NORM_THREADS // 32
 _JIT = dict(cache=not simulator_enabled())
-
-
-@functools.lru_cache(maxsize=None)
-def _codec(dtype: torch.dtype):
-    """(load_pair(address) -> (a, b) float32, store_pair(address, a, b), bytes per element) for ``dtype``."""
-    if dtype == torch.float32:
-        @cuda.jit(device=True, inline=True)
-        def load_pair(address):
-            return as_f32(ld_i32_at(address)), as_f32(ld_i32_at(address + 4))
-
-        @cuda.jit(device=True, inline=True)
-        def store_pair(address, a, b):
-            st_u32_at(address, f32_bits(a))
-            st_u32_at(address + 4, f32_bits(b))
-        return load_pair, store_pair, 4
-    lo, hi, pack = word_codec(DTYPE_NAMES[dtype])
-
-    @cuda.jit(device=True, inline=True)
-    def load_half_pair(address):
-        word = ld_i32_at(address)
-        return lo(word), hi(word)
-
-    @cuda.jit(device=True, inline=True)
-    def store_half_pair(address, a, b):
-        st_u32_at(address, pack(a, b))
-    return load_half_pair, store_half_pair, 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,12 +88,15 @@ def _item_words(row_bytes: int, *tensors: torch.Tensor) -> int:
 # rotated k and v at the token's cache slot.
 #
 # grid   : (num_tokens,)            one block per token t
-# threads: one per item (up to 1024) item i = tid, tid + blockDim, ... over the token's work:
-#   items [0, (H + KH) * P)         rotation: head h = i // P (q heads 0..H-1, then k heads), pair p = i % P; P = D/4
-#                                   pairs of adjacent dims (e, e + 1), e = 2p, in the head's first half, each with
-#                                   its partner pair (e + D/2, e + D/2 + 1):
-#                                       x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (angle of dims e, e + 1)
-#   items [.., + KH * D/2)          v: pair j = i - (H + KH) P of the token's KH * D values, copied
+# threads: one per item (up to 1024) item i = tid, tid + blockDim, ... over the token's work; an item is E dims
+#                                   moved by 16-byte loads (E = 8 fp16/bf16, 4 fp32) where every row allows them,
+#                                   else by 32-bit words (E = 2 fp16/bf16, 1 fp32): at 8,192 prefill tokens the
+#                                   word-sized kernel ran at a third of the memory bandwidth
+#   items [0, (H + KH) * P)         rotation: head h = i // P (q heads 0..H-1, then k heads), item p = i % P of
+#                                   the head's first half, P = D / (2E): dims e .. e + E - 1, e = E p, each with its
+#                                   partner dim e' + D/2:
+#                                       x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (angle of dim e')
+#   items [.., + KH * D / E)        v: item j = i - (H + KH) P of the token's KH * D values, copied
 # q_ptr + t * q_stride + h * D * S  head h of token t's query (S bytes per element; rows may be slices of qkv)
 # out_ptr + (t * H + h) * D * S     the rotated query, [num_tokens, H, D] dense
 # cache + slot * KH * D * S         token t's row in a key/value cache ([num_blocks, block_size] flattened);
@@ -128,43 +104,54 @@ def _item_words(row_bytes: int, *tensors: torch.Tensor) -> int:
 # cos/sin + (t * D/2 + e) * 4       float32 [num_tokens, D/2]: cos/sin of position * inv_freq[e]
 # ---------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _rope_write_kv_kernel(dtype: torch.dtype):
-    load_pair, store_pair, S = _codec(dtype)
-    load_f32_pair = _codec(torch.float32)[0]           # cos and sin are float32 whatever the model's dtype
+def _rope_write_kv_kernel(dtype: torch.dtype, words: int):
+    load, store, E = _item_codec(dtype, words)
+    load_f32, _, EF = _item_codec(torch.float32, words)  # cos and sin are float32 whatever the model's dtype
+    S = dtype.itemsize
+    B = E * S
 
     @cuda.jit(**_JIT)
     def kernel(q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, cos_ptr, sin_ptr, out_ptr, key_cache_ptr,
                value_cache_ptr, slot_mapping_ptr, num_slots, num_heads, num_kv_heads, head_dim):
         t = cuda.blockIdx.x
         half = head_dim // 2
-        pairs = head_dim // 4
+        per_half = half // E
         slot = ld_i64_at(slot_mapping_ptr + 8 * t)
-        store = 0 <= slot < num_slots
+        store_kv = 0 <= slot < num_slots
         row_bytes = num_kv_heads * head_dim * S
-        rotations = (num_heads + num_kv_heads) * pairs
-        for i in range(cuda.threadIdx.x, rotations + num_kv_heads * half, cuda.blockDim.x):
+        rotations = (num_heads + num_kv_heads) * per_half
+        x1 = cuda.local.array(E, np.float32)
+        x2 = cuda.local.array(E, np.float32)
+        cs = cuda.local.array(E, np.float32)
+        sn = cuda.local.array(E, np.float32)
+        for i in range(cuda.threadIdx.x, rotations + num_kv_heads * head_dim // E, cuda.blockDim.x):
             if i >= rotations:  # v: copied as it is
-                offset = (i - rotations) * 2 * S
-                if store:
-                    a, b = load_pair(v_ptr + t * v_stride + offset)
-                    store_pair(value_cache_ptr + slot * row_bytes + offset, a, b)
+                offset = (i - rotations) * B
+                if store_kv:
+                    load(v_ptr + t * v_stride + offset, x1, 0)
+                    store(value_cache_ptr + slot * row_bytes + offset, x1, 0)
                 continue
-            h = i // pairs
-            e = 2 * (i % pairs)
+            h = i // per_half
+            e = (i % per_half) * E
             if h < num_heads:
                 src = q_ptr + t * q_stride + h * head_dim * S
                 dst = out_ptr + (t * num_heads + h) * head_dim * S
-            elif store:
+            elif store_kv:
                 src = k_ptr + t * k_stride + (h - num_heads) * head_dim * S
                 dst = key_cache_ptr + slot * row_bytes + (h - num_heads) * head_dim * S
             else:
                 continue
-            x1a, x1b = load_pair(src + e * S)
-            x2a, x2b = load_pair(src + (e + half) * S)
-            ca, cb = load_f32_pair(cos_ptr + (t * half + e) * 4)
-            sa, sb = load_f32_pair(sin_ptr + (t * half + e) * 4)
-            store_pair(dst + e * S, x1a * ca - x2a * sa, x1b * cb - x2b * sb)
-            store_pair(dst + (e + half) * S, x2a * ca + x1a * sa, x2b * cb + x1b * sb)
+            load(src + e * S, x1, 0)
+            load(src + (e + half) * S, x2, 0)
+            for c in range(0, E, EF):
+                load_f32(cos_ptr + (t * half + e + c) * 4, cs, c)
+                load_f32(sin_ptr + (t * half + e + c) * 4, sn, c)
+            for j in range(E):
+                a, b = x1[j], x2[j]
+                x1[j] = a * cs[j] - b * sn[j]
+                x2[j] = b * cs[j] + a * sn[j]
+            store(dst + e * S, x1, 0)
+            store(dst + (e + half) * S, x2, 0)
     return kernel
 
 
@@ -210,6 +197,14 @@ def check_rope_inputs(query, key, value, cos, sin, key_cache, value_cache, slot_
     return num_tokens, num_heads, num_kv_heads, head_dim
 
 
+def rope_item_words(query, key, value, cos, sin, key_cache, value_cache, out) -> int:
+    """4 (16-byte items) when every row and every half head of the arguments starts on a 16-byte boundary, else 1
+    (32-bit words; ``check_rope_inputs`` has made sure those line up)."""
+    half_bytes = query.shape[-1] // 2 * query.element_size()
+    rows = all(t.stride(0) * t.element_size() % 16 == 0 for t in (query, key, value, cos, sin))
+    return 4 if rows and _item_words(half_bytes, query, key, value, cos, sin, key_cache, value_cache, out) == 4 else 1
+
+
 def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping, out=None):
     """Rotate ``query [n, H, D]`` and ``key [n, KH, D]`` by RoPE (dim i with dim i + D/2, angles from float32
     ``cos``/``sin [n, D/2]``), store the rotated key and ``value [n, KH, D]`` at ``slot_mapping`` (int64 ``[n]``,
@@ -224,9 +219,11 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
     if num_tokens == 0:
         return out
     item = query.element_size()
-    items = (num_heads + num_kv_heads) * (head_dim // 4) + num_kv_heads * (head_dim // 2)
+    words = rope_item_words(query, key, value, cos, sin, key_cache, value_cache, out)
+    E = words * (2 if item == 2 else 1)
+    items = (num_heads + num_kv_heads) * (head_dim // (2 * E)) + num_kv_heads * (head_dim // E)
     threads = min(1024, -(-items // 32) * 32)  # one item per thread: a token's work in one round of loads
-    launch(_rope_write_kv_kernel(query.dtype), (num_tokens,), threads, query.data_ptr(), query.stride(0) * item,
+    launch(_rope_write_kv_kernel(query.dtype, words), (num_tokens,), threads, query.data_ptr(), query.stride(0) * item,
            key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item, cos.data_ptr(),
            sin.data_ptr(), out.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
            key_cache.shape[0] * key_cache.shape[1], num_heads, num_kv_heads, head_dim)
