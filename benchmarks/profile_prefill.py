@@ -26,13 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from profile_step import STEP_LABEL, classify_step, device_events, load_trace, step_windows  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
-
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 KINDS = {"W1-like": (128, 512), "W2-like": (100, 1024)}   # prompt tokens, U[low, high]

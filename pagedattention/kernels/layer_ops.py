@@ -9,9 +9,9 @@ the dtype allows (torch's op-by-op versions round after every op).
 Every kernel takes raw addresses (``data_ptr()``) and sizes, launched through ``runtime.launch`` (no per-array
 wrapping on eager steps). They move *items* of 16 bytes (``_item_codec``: 8 fp16/bf16 or 4 fp32 values) when
 every row is made of whole, 16-byte aligned items, else items of one 32-bit word: at 8,192 prefill tokens the
-word-sized loads left the norm, SwiGLU and RoPE at a sixth, a half and a third of the memory bandwidth. RoPE and the norm
-run one block per token, SwiGLU a row of blocks per token; the comment above each names its grid, thread
-roles, addresses and indices.
+word-sized loads left the norm, SwiGLU and RoPE at a sixth, a half and a third of the memory bandwidth. RoPE
+and the norm run one block per token, SwiGLU a row of blocks per token; the comment above each names its grid,
+thread roles, addresses and indices.
 """
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def _item_words(row_bytes: int, *tensors: torch.Tensor) -> int:
 #                                   else by 32-bit words (E = 2 fp16/bf16, 1 fp32): at 8,192 prefill tokens the
 #                                   word-sized kernel ran at a third of the memory bandwidth
 #   items [0, (H + KH) * P)         rotation: head h = i // P (q heads 0..H-1, then k heads), item p = i % P of
-#                                   the head's first half, P = D / (2E): dims e .. e + E - 1, e = E p, each with its
-#                                   partner dim e' + D/2:
-#                                       x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (angle of dim e')
+#                                   the head's first half, P = D / (2E): dims e .. e + E - 1 (e = E p), each dim
+#                                   d of them with its partner d + D/2:
+#                                       x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (angle of dim d)
 #   items [.., + KH * D / E)        v: item j = i - (H + KH) P of the token's KH * D values, copied
 # q_ptr + t * q_stride + h * D * S  head h of token t's query (S bytes per element; rows may be slices of qkv)
 # out_ptr + (t * H + h) * D * S     the rotated query, [num_tokens, H, D] dense
