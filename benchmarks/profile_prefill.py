@@ -4,12 +4,13 @@
     python benchmarks/profile_prefill.py --tiny     # CPU smoke run of the same pipeline
 
 A step's prompts are drawn like W1's (U[128, 512] tokens) or W2's (U[100, 1024]) until the next would pass the
-engine's 8,192 tokens per step, added through the public loop and run by one ``llm.step()``. Each kind runs
-``--steps`` untraced steps (the first compiles what a new shape needs) and ``--steps`` traced ones; kernels are
-put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over one row per sequence). A
-prefill step runs eagerly (no CUDA graph); its ``llm.step()`` time, the span from its first kernel's start to its
-last one's end and the share of that span with no kernel running are recorded too, but they are taken under
-the profiler, which adds host time to every op: they bound the host's share from above, they do not measure it.
+engine's 8,192 tokens per step, added through the public loop to an idle engine and run by one ``llm.step()``.
+Each kind runs one step that compiles what its shapes need, ``--steps`` untraced steps timed from the call
+until the device is done (the host's preparation and launches included: a prefill step runs eagerly, with no
+CUDA graph), then ``--steps`` traced ones. Kernels are put in parts by name as in profile_step.py (a step's last
+GEMM is the LM head, over one row per sequence). A traced step's ``llm.step()`` time, the span from its first
+kernel's start to its last one's end and the share of that span with no kernel running are recorded too, but
+the profiler adds host time to every op: untraced time minus traced GPU time is the host's exposed share.
 
 Bounds, per step: the GEMMs' FLOPs (2 x tokens x the layers' projection parameters) at the measured bf16 GEMM
 rate, or their weights at the copy bandwidth, whichever is longer; attention's causal FLOPs (QK^T and PV over
@@ -23,6 +24,7 @@ import argparse
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -62,8 +64,9 @@ def prompt_batch(rng: random.Random, low: int, high: int, budget: int) -> list[i
     return lens
 
 
-def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | None:
-    """One step over prompts of ``lens`` (its trace if ``traced``); the requests are then aborted."""
+def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | float:
+    """One step over prompts of ``lens``: its trace if ``traced``, else ms from ``llm.step()``'s call until the
+    device has finished the step. The requests are then aborted."""
     vocab, on_gpu = llm.model_config.vocab_size, llm.config.device.type == "cuda"
     params = SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final_only")
     ids = [llm.add_request([rng.randrange(vocab) for _ in range(n)], params) for n in lens]
@@ -76,22 +79,26 @@ def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> 
                 torch.cuda.synchronize()   # the step's kernels may still run when step() returns
         trace = load_trace(prof)
     else:
+        start = time.perf_counter()
         llm.step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start)
     if not llm.last_step.is_prefill or llm.last_step.num_seqs != len(lens):
         raise RuntimeError(f"the step ran {llm.last_step.num_seqs} sequences, not a prefill of all {len(lens)}")
     for request_id in ids:
         llm.abort_request(request_id)
     while llm.has_unfinished_requests():
         llm.step()
-    return trace if traced else None
+    return trace if traced else wall_ms
 
 
 def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, rate: float, seed: int,
                  scale: int = 1) -> dict:
     rng, (low, high) = random.Random(seed), (n // scale for n in KINDS[kind])
     mc, dtype_bytes = llm.model_config, llm.config.dtype.itemsize
-    for _ in range(steps):
-        run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False)
+    run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False)  # compiles what the shapes need
+    walls = [run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False) for _ in range(steps)]
     rows = []
     for _ in range(steps):
         lens = prompt_batch(rng, low, high, budget)
@@ -107,7 +114,7 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
                      "bounds_ms": {k: 1e3 * v for k, v in bounds.items()},
                      "kernels": sorted(([k[1], part, calls, us / 1e3] for k, (part, calls, us) in kernels.items()),
                                        key=lambda r: -r[3])[:12]})
-    return {"kind": kind, "prompt_lens": [low, high], "steps": rows}
+    return {"kind": kind, "prompt_lens": [low, high], "untraced_step_ms": walls, "steps": rows}
 
 
 def print_kind(report: dict) -> None:
@@ -120,6 +127,8 @@ def print_kind(report: dict) -> None:
         print(f"  {row['tokens']:5d} tokens, {row['sequences']:3d} seqs: busy {busy:.3f} ms:  {parts}")
         print(f"      traced: llm.step() {row['host_step_ms']:.3f} ms, first to last kernel "
               f"{row['device_span_ms']:.3f} ms ({row['device_idle_in_span']:.0%} idle)")
+    print(f"  untraced, llm.step() until the device is done: "
+          f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_ms'])} ms")
     print("  largest kernels of the last step (ms, launches, part):")
     for name, part, calls, ms in report["steps"][-1]["kernels"]:
         print(f"    {ms:8.3f} {calls:4d}x  {part:10s} {name[:90]}")

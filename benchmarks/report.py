@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -133,13 +134,17 @@ def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
 
 
 def prefill_profile_rows(data: dict) -> list[dict]:
-    """profile_prefill.py: ms of each traced prefill step per part, measured / bound."""
+    """profile_prefill.py: ms of each traced prefill step per part, measured / bound, and the kind's untraced steps
+    (the median; runs from before they were timed show none)."""
     rows = []
     for kind in data["kinds"]:
+        untraced = kind.get("untraced_step_ms")
         for r in kind["steps"]:
             row = {"prompts": f"{kind['kind']} U{kind['prompt_lens']}", "tokens": r["tokens"],
                    "sequences": r["sequences"], "GPU busy ms": sum(r["parts_ms"].values()),
                    "llm.step() ms, traced": r["host_step_ms"]}
+            if untraced:
+                row["llm.step() ms, untraced (median)"] = statistics.median(untraced)
             for part, ms in r["parts_ms"].items():
                 bound = r["bounds_ms"].get(part)
                 row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")

@@ -206,8 +206,9 @@ def test_the_prefill_profile_is_its_own_benchmark_beside_the_decode_profile(tmp_
     step = {"tokens": 8000, "sequences": 20, "host_step_ms": 9.5, "device_idle_in_span": 0.2,
             "parts_ms": {"gemm": 7.5, "sampling": 0.02}, "bounds_ms": {"gemm": 8.0}}
     (tmp_path / "profile_prefill_cardA.json").write_text(json.dumps(
-        {"card": "A", "kinds": [{"kind": "W1-like", "prompt_lens": [128, 512], "steps": [step]}]}))
+        {"card": "A", "kinds": [{"kind": "W1-like", "prompt_lens": [128, 512], "untraced_step_ms": [10.0, 12.5, 11.0],
+                                 "steps": [step]}]}))
     readme = report["report"](tmp_path, all_files=False)
     assert "(profile_cardA.json)" in readme
     assert "### Prefill step profile: GPU time per part against its bound (profile_prefill_cardA.json)" in readme
-    assert "| W1-like U[128, 512] | 8,000 | 20 | 7.52 | 9.5 | 7.500 / 8.000 | 0.020 |" in readme
+    assert "| W1-like U[128, 512] | 8,000 | 20 | 7.52 | 9.5 | 11 | 7.500 / 8.000 | 0.020 |" in readme

@@ -235,4 +235,5 @@ def test_tiny_prefill_profile_end_to_end(tmp_path):
         assert low * step["sequences"] <= step["tokens"] <= report["tokens_per_step"]
         assert step["parts_ms"]["gemm"] > 0 and step["parts_ms"]["attention"] > 0
         assert 0 <= step["device_idle_in_span"] < 1 and step["host_step_ms"] > 0
+        assert len(kind["untraced_step_ms"]) == 1 and kind["untraced_step_ms"][0] > 0
         assert all(step["bounds_ms"][k] > 0 for k in ("gemm", "attention", "layer_ops", "lm_head"))
