@@ -174,6 +174,38 @@ def test_overlapped_decode_steps_change_no_output(reference):
     assert any(reason == "stop" and tokens[-1] in (eos, 7, 100, 300) for tokens, reason, _ in plain)
 
 
+def test_back_to_back_prefill_steps_overlap_and_change_no_output():
+    """A burst of requests larger than one step's token budget, whose prompts do not fit beside the running
+    sequences in a mixed step (as where a GPU engine's mixed-step graphs hold few prompt tokens): each prefill
+    step after the first is launched while the one before it still runs (its prompts admitted whole, the
+    running sequences waiting to decode), and every request gets the tokens strictly alternating steps give."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 250, (int(n),), generator=gen).tolist() for n in torch.randint(4, 15, (12,))]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=5, ignore_eos=True)] * 6
+
+    def run(overlap: bool):
+        engine = LLM(device="cpu", max_num_batched_tokens=32, block_size=4, max_num_seqs=16)
+        engine.scheduler.mixed_prompt_limit = (3, 1)
+        behind_a_prefill = []
+        stepper = engine.stepper
+        launch = stepper.launch
+
+        def counting(batch, previous):
+            behind_a_prefill.append(batch.num_decode == 0 and previous is not None and previous.batch.is_prefill)
+            return launch(batch, previous)
+        stepper.launch = counting
+        if not overlap:
+            stepper.can_overlap = lambda batch: False
+        outputs = engine.generate(prompts, params, use_tqdm=False)
+        assert_idle(engine)
+        return [o.outputs[0].token_ids for o in outputs], sum(behind_a_prefill)
+    overlapped, num_overlapped = run(True)
+    plain, none = run(False)
+    assert overlapped == plain and all(len(tokens) in (5, 6) for tokens in plain)
+    assert num_overlapped >= 2 and none == 0
+
+
 def test_output_kinds_report_everything_deltas_or_only_the_end(llm, reference):
     kinds = {"cumulative": [], "delta": [], "final_only": []}
     ids = {llm.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,

@@ -176,11 +176,12 @@ def test_mixed_steps_run_the_numba_kernels_under_the_simulator():
     if not kernels_available("cpu"):
         pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")
     engine = LLM(device="cpu", attention_backend="numba")
-    params = SamplingParams(temperature=0.8, seed=5, max_tokens=2, ignore_eos=True)  # the one-pass sampler
+    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=n, ignore_eos=True) for n in (4, 2)]  # one-pass
     prompts = ["a", "Hi"]  # the simulator runs ~3,000 threads/s: short prompts
-    first = engine.add_request(prompts[0], params)
+    first = engine.add_request(prompts[0], params[0])
     engine.step()
-    second = engine.add_request(prompts[1], params)  # beside the first one's decode step
+    engine.step()  # the first one's prefill, then its first decode step
+    second = engine.add_request(prompts[1], params[1])  # beside its next decode step
     done, kinds = {}, []
     while engine.has_unfinished_requests():
         done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)

@@ -49,23 +49,40 @@ def blocks_held(scheduler):
     return scheduler.manager.num_blocks - scheduler.manager.num_free_blocks
 
 
-def test_admission_stops_at_the_token_budget_and_chunks_the_last_prompt():
+def test_admission_stops_at_the_token_budget_and_keeps_later_prompts_whole():
+    """Prompts are admitted whole while they fit; the next waits for a step of its own (prompts go before
+    decoding), so a step leaves no prompt part-way and the engine can plan the next one while it runs."""
     s = make_scheduler(max_num_batched_tokens=12)
     a, b, c = seq(5), seq(5), seq(5)
     for x in (a, b, c):
         s.add(x)
     is_prefill, plan = fake_step(s)
-    assert is_prefill
-    assert [(x, n) for x, n in plan] == [(a, 5), (b, 5), (c, 2)]
-    # c's whole prompt is reserved at admission even though only 2 tokens ran
-    assert s.manager.context_len(c.seq_id) == 5 and c.num_computed_tokens == 2
-    assert a.output_token_ids == [7] and b.output_token_ids == [7] and c.output_token_ids == []
-    # next step: c's prefill continues before anyone decodes
+    assert is_prefill and plan == [(a, 5), (b, 5)]
+    assert c.status is SequenceStatus.WAITING and c.num_computed_tokens == 0
+    assert a.output_token_ids == [7] and b.output_token_ids == [7]
     is_prefill, plan = fake_step(s)
-    assert is_prefill and plan == [(c, 3)]
-    assert c.output_token_ids == [7]
+    assert is_prefill and plan == [(c, 5)]
     is_prefill, plan = fake_step(s)
     assert not is_prefill and [x for x, _ in plan] == [a, b, c] and all(n == 1 for _, n in plan)
+
+
+def test_only_a_steps_first_prompt_is_cut_to_the_budget():
+    """A prompt first in its step takes what the budget allows and continues first in the next step, where
+    later prompts join it only whole; its whole prompt is reserved at admission."""
+    s = make_scheduler(max_num_batched_tokens=12)
+    x, y, z = seq(15), seq(5), seq(5)
+    for q in (x, y, z):
+        s.add(q)
+    is_prefill, plan = fake_step(s)
+    assert is_prefill and plan == [(x, 12)]
+    assert s.manager.context_len(x.seq_id) == 15 and x.num_computed_tokens == 12 and x.output_token_ids == []
+    is_prefill, plan = fake_step(s)
+    assert is_prefill and plan == [(x, 3), (y, 5)]  # z (5 more) would pass the budget: it waits
+    assert x.output_token_ids == [7] and y.output_token_ids == [7] and z.status is SequenceStatus.WAITING
+    is_prefill, plan = fake_step(s)
+    assert is_prefill and plan == [(z, 5)]
+    is_prefill, plan = fake_step(s)
+    assert not is_prefill and [q for q, _ in plan] == [x, y, z]
 
 
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_samples_once():

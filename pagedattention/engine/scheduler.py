@@ -161,8 +161,10 @@ class Scheduler:
     def _admit(self, scheduled: list[Sequence], budget: int, whole_prompts: bool = False,
                max_admitted: int | None = None) -> None:
         """Admit waiting requests, oldest first, into ``scheduled`` while seats, KV blocks and ``budget`` tokens
-        last (the last one admitted may get only a first chunk of its prompt), at most ``max_admitted`` of them.
-        ``whole_prompts`` (an overlapped step): stop at a beam search or a prompt that does not fit whole."""
+        last, at most ``max_admitted`` of them. A prompt that does not fit whole waits for the next step unless
+        it comes first in this one (then it gets a first chunk): a step that leaves no prompt part-way can be
+        overlapped with the next (stepper.py). ``whole_prompts`` (an overlapped step): never a chunk, and stop
+        at a beam search."""
         config, bs = self.config, self.manager.block_size
         static = config.scheduling == "static"
         num_seqs = self._num_seats() if self.waiting else 0
@@ -179,7 +181,7 @@ class Scheduler:
             if group is not None and self.beam_reserved_blocks + group.worst_case_blocks > self.num_blocks:
                 break  # the searches running could not all reach their worst case beside it
             cached = self.prefix_cache.match(seq.token_ids) if self.prefix_cache is not None else []
-            if whole_prompts and len(seq) - len(cached) * bs > budget:
+            if (whole_prompts or scheduled) and len(seq) - len(cached) * bs > budget:
                 break
             if not self._make_room(cdiv(len(seq), bs) - len(cached), cached):
                 break
@@ -230,6 +232,20 @@ class Scheduler:
         if not prompts:
             return self._decode_batch(seqs)
         return self._prefill_batch(seqs + prompts, num_decode=len(seqs))
+
+    def schedule_prompts_next(self) -> ScheduledBatch | None:
+        """The step after a prefill step whose tokens have not reached the host yet: a prefill step of waiting
+        requests admitted whole, up to the step's token budget, as ``schedule`` would run next (prompts
+        first). None when the oldest waiting request cannot go that way (a beam search, a prompt longer than
+        one step, no seat or no blocks): the running sequences then wait for the tokens and decode."""
+        if self.beam_groups or not self.waiting or not self._admission_possible():
+            return None
+        first = self.waiting[0]
+        if first.beam_group is not None or len(first) > self.config.max_num_batched_tokens:
+            return None
+        prompts: list[Sequence] = []
+        self._admit(prompts, self.config.max_num_batched_tokens, whole_prompts=True)
+        return self._prefill_batch(prompts) if prompts else None
 
     def _enough_seats(self) -> bool:
         """Whether ``MIN_MIXED_ADMISSION`` waiting requests (or all of them, if fewer wait; at most an eighth of

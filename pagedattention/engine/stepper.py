@@ -6,8 +6,11 @@ other. Between two decode steps they overlap: while the GPU runs decode step t, 
 step t + 1, whose input tokens are step t's, still on the device; only then does it wait for step t's tokens and
 process them. A request that ends is therefore seen one step late (its row in step t + 1 is wasted), and the
 host's work hides behind the GPU's instead of adding to it. Step t + 1 may also admit requests (a mixed step,
-scheduler.py), and a prefill step whose prompts all end overlaps the decode step after it. Whatever needs the
-tokens on the host first (preempting, beam search, penalties, min_tokens, a prompt in chunks) waits for them.
+scheduler.py), and a prefill step whose prompts all end overlaps the step after it. After a prefill step,
+waiting prompts go first, as in the synchronous ``schedule``: while one prefill step runs, the next admits more
+whole prompts (a burst of arrivals prefills back to back, with no host gap between its steps), and the running
+sequences decode once no waiting prompt fits and the last prefill's tokens are in. Whatever needs the tokens
+on the host first (preempting, beam search, penalties, min_tokens, a prompt in chunks) waits for them.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class Launched:
     batch: object                 # ScheduledBatch
     sample: PendingSample | None  # the sampler's queued work
     beams: tuple | None           # beam candidates (on the host)
+    prompts_only: bool = False    # a prefill step beside running sequences it does not sample: only more
+                                  # prompts may follow it before its tokens are in
 
 
 @dataclass
@@ -68,7 +73,12 @@ class Stepper:
     def _launch_next(self) -> list[Sequence]:
         """Launch the next step and finish the one before it (see the module's docstring)."""
         inflight, self.inflight = self.inflight, None
-        batch = self.scheduler.schedule_next() if inflight is not None else None
+        batch = None
+        if inflight is not None:
+            if inflight.batch.is_prefill and inflight.batch.num_decode == 0:  # prompts first, as in ``schedule``
+                batch = self.scheduler.schedule_prompts_next()
+            if batch is None and not inflight.prompts_only:
+                batch = self.scheduler.schedule_next()
         if batch is not None:
             launched = self.launch(batch, inflight)
             touched = self.finish(inflight)
@@ -95,15 +105,13 @@ class Stepper:
 
     def can_overlap(self, batch) -> bool:
         """Whether the next step may start before this one's tokens reach the host: a step of the
-        single-process runner that samples the next input of every running sequence (no prompt is left
-        part-way, no sequence sits it out) and whose sequences need none of their tokens on the host to sample
-        the next (no beams, penalties or min_tokens still to reach)."""
+        single-process runner that leaves no prompt part-way and whose sequences need none of their tokens on
+        the host to sample the next (no beams, penalties or min_tokens still to reach). A prefill step beside
+        other running sequences is then followed only by more prompts (``Launched.prompts_only``)."""
         if batch.beam_seqs or not isinstance(self.runner, ModelRunner):
             return False
         if batch.is_prefill and not all(batch.logit_mask):
             return False
-        if batch.num_decode == 0 and len(batch.sample_seqs) != len(self.scheduler.running):
-            return False  # a prefill step beside sequences whose inputs are on the host already
         return all(map(self._needs_no_host_tokens, batch.sample_seqs))
 
     @staticmethod
@@ -138,7 +146,8 @@ class Stepper:
         num_decode = batch.num_decode
         num_tokens = num_decode + sum(s.num_scheduled_tokens for s in batch.seqs[num_decode:])
         self.last_step = StepInfo(batch.is_prefill, len(batch.seqs), num_tokens, 0, num_decode)
-        return Launched(batch, sample, beams)
+        prompts_only = num_decode == 0 and len(batch.sample_seqs) != len(self.scheduler.running)
+        return Launched(batch, sample, beams, prompts_only)
 
     @staticmethod
     def _rows(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
