@@ -33,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from profile_step import STEP_LABEL, classify_step, device_events, load_trace, step_windows  # noqa: E402
+from profile_step import (STEP_LABEL, classify_step, device_events, layer_op_bytes, load_trace,  # noqa: E402
+                          measured_rates, step_windows)
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 KINDS = {"W1-like": (128, 512), "W2-like": (100, 1024)}   # prompt tokens, U[low, high]
@@ -42,18 +43,13 @@ TINY_SCALE = 8   # --tiny: prompts and the step's token budget shrunk 8x (the ti
 
 def prefill_bounds(mc, prompt_lens: list[int], dtype_bytes: int, copy_bw: float, rate: float) -> dict:
     """Seconds each part of one prefill step needs at least (module docstring)."""
-    tokens, d, layers = sum(prompt_lens), dtype_bytes, mc.num_hidden_layers
-    q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, mc.hidden_size,
-                   mc.intermediate_size)
+    tokens, d, layers, h = sum(prompt_lens), dtype_bytes, mc.num_hidden_layers, mc.hidden_size
+    q = mc.num_attention_heads * mc.head_dim
     linear = common.layer_linear_params(mc)
     attention = sum(layers * 4 * q * n * (n + 1) / 2 for n in prompt_lens)
-    norms = (2 * layers + 1) * 4 * tokens * h * d
-    rope = layers * tokens * (2 * (q + 2 * kv) * d + 2 * mc.head_dim * 4)  # cos/sin: float32, head_dim / 2 each
-    qk_norm = layers * tokens * 2 * (q + kv) * d if mc.qk_norm else 0
-    swiglu = layers * tokens * 3 * i * d
     return {"gemm": max(2 * tokens * layers * linear / rate, layers * linear * d / copy_bw),
             "attention": attention / rate,
-            "layer_ops": (norms + rope + qk_norm + swiglu) / copy_bw,
+            "layer_ops": layer_op_bytes(mc, tokens, d) / copy_bw,
             "lm_head": max(2 * len(prompt_lens) * h * mc.vocab_size / rate, mc.vocab_size * h * d / copy_bw)}
 
 
@@ -142,15 +138,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    on_gpu = device == "cuda"
     llm = LLM(None if args.tiny else common.model_shape(args.model_shape), device=device, max_num_seqs=256,
               max_model_len=256 if args.tiny else 2048)
     scale = TINY_SCALE if args.tiny else 1
     budget = llm.config.max_num_batched_tokens // scale
-    mc = llm.model_config
-    gemm = (8192 if on_gpu else 256, mc.hidden_size, 2 * mc.intermediate_size)
-    copy_bw = common.copy_bandwidth(device) if on_gpu else common.copy_bandwidth(device, nbytes=64 << 20, reps=3)
-    rate = common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
+    _, copy_bw, rate = measured_rates(llm)
     kinds = [profile_kind(llm, kind, budget, args.steps, copy_bw, rate, seed, scale)
              for seed, kind in enumerate(KINDS)]
     for report in kinds:

@@ -187,6 +187,29 @@ def host_phases(events: list[dict], windows) -> dict:
 
 # --- bounds --------------------------------------------------------------------------------------------
 
+def layer_op_bytes(mc, tokens: int, dtype_bytes: int) -> int:
+    """Bytes the fused layer ops move at least over ``tokens`` tokens: each add + RMSNorm reads and writes x and
+    the residual (and reads its weights), RoPE reads q/k/v and writes q and the cache (cos/sin in float32), the
+    q/k norms read and write q and k, SwiGLU reads gate and up and writes their product."""
+    d, h, layers = dtype_bytes, mc.hidden_size, mc.num_hidden_layers
+    q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    norms = (2 * layers + 1) * (4 * tokens * h + h) * d
+    rope = layers * tokens * (2 * (q + 2 * kv) * d + 2 * mc.head_dim * 4)
+    qk_norm = layers * tokens * 2 * (q + kv) * d if mc.qk_norm else 0
+    return norms + rope + qk_norm + layers * tokens * 3 * mc.intermediate_size * d
+
+
+def measured_rates(llm: LLM) -> tuple[tuple[int, int, int], float, float]:
+    """(the GEMM's M, K, N; copy bytes/s; GEMM FLOP/s) on the engine's device: the copy roofline and the bf16
+    rate of the model's gate_up projection over a prefill step's tokens (a CPU smoke run takes small sizes, its
+    numbers mean little)."""
+    device, mc = llm.config.device, llm.model_config
+    on_gpu = device.type == "cuda"
+    gemm = (8192 if on_gpu else 256, mc.hidden_size, 2 * mc.intermediate_size)
+    copy_bw = common.copy_bandwidth(device) if on_gpu else common.copy_bandwidth(device, nbytes=64 << 20, reps=3)
+    return gemm, copy_bw, common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
+
+
 def part_bounds(mc, batch: int, context: float, dtype_bytes: int, copy_bw: float, rate: float) -> dict:
     """Seconds each part of one decode step needs at least (module docstring), for ``batch`` sequences of
     ``context`` tokens."""
@@ -195,13 +218,9 @@ def part_bounds(mc, batch: int, context: float, dtype_bytes: int, copy_bw: float
     attention = layers * batch * (2 * context * kv + 2 * q) * d
     linear = common.layer_linear_params(mc)
     activations = layers * batch * d * (h + (q + 2 * kv) + q + h + h + 2 * i + i + h)
-    norms = (2 * layers + 1) * (4 * batch * h + h) * d
-    rope = layers * batch * (2 * (q + 2 * kv) * d + 2 * mc.head_dim * 4)
-    qk_norm = layers * batch * 2 * (q + kv) * d if mc.qk_norm else 0
-    swiglu = layers * batch * 3 * i * d
     return {"attention": attention / copy_bw,
             "gemm": max((layers * linear * d + activations) / copy_bw, 2 * batch * layers * linear / rate),
-            "layer_ops": (norms + rope + qk_norm + swiglu) / copy_bw,
+            "layer_ops": layer_op_bytes(mc, batch, d) / copy_bw,
             "lm_head": max((v * h + batch * h + batch * v) * d / copy_bw, 2 * batch * h * v / rate),
             "sampling": batch * v * d / copy_bw}
 
@@ -389,11 +408,7 @@ def main_with_engine(llm: LLM, out: Path, tag: str, *, tiny: bool, temperature: 
     device, mc = llm.config.device, llm.model_config
     batches = batches or ([1, 4, 8] if tiny else [1, 16, 64, 256])
     context, steps = context or (48 if tiny else 900), steps or (3 if tiny else 10)
-    on_gpu = device.type == "cuda"
-    # the gate_up projection over a prefill step's tokens; a CPU smoke run takes small sizes (its numbers mean little)
-    gemm = (8192 if on_gpu else 256, mc.hidden_size, 2 * mc.intermediate_size)
-    copy_bw = common.copy_bandwidth(device) if on_gpu else common.copy_bandwidth(device, nbytes=64 << 20, reps=3)
-    rate = common.matmul_rate(device, *gemm, dtype=llm.config.dtype)
+    gemm, copy_bw, rate = measured_rates(llm)
     rows = profile_engine(llm, batches, context, steps, temperature, copy_bw, rate)
     w2 = workloads.make_workload("W2", tiny=tiny, vocab_size=mc.vocab_size)
     bound = workload_bound(mc, w2, llm.config.dtype.itemsize, copy_bw, rate, cap=min(256, llm.config.max_num_seqs))

@@ -121,16 +121,19 @@ def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
                "step bound ms": r["step_bound_ms"]}
         if "host_wait_ms" in r:  # profiles from before it was measured lack it
             row["host waits for GPU ms"] = r["host_wait_ms"]
-        for part, ms in r["parts_ms"].items():
-            bound = r["bounds_ms"].get(part)
-            row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")
-        rows.append(row)
+        rows.append(row | measured_over_bound(r["parts_ms"], r["bounds_ms"]))
     b = data["w2_bound"]
     bound = [{"decode steps": b["decode_steps"], "mean batch": b["mean_batch"], "weights s": b["weights_s"],
               "KV s": b["kv_s"], "prefill s": b["prefill_s"], "bound s": b["seconds"],
               "bound output tok/s": b["output_tok_per_s"], "W2 measured tok/s": data.get("w2_output_tok_per_s"),
               "fraction of bound": data.get("w2_fraction_of_bound")}]
     return [("ms per step, measured / bound", rows), ("W2's physical bound", bound)]
+
+
+def measured_over_bound(parts_ms: dict, bounds_ms: dict) -> dict:
+    """A profile row's cells: each part's ms, and " / its bound" where it has one."""
+    return {part: f"{ms:.3f}" + (f" / {bounds_ms[part]:.3f}" if part in bounds_ms else "")
+            for part, ms in parts_ms.items()}
 
 
 def prefill_profile_rows(data: dict) -> list[dict]:
@@ -145,10 +148,7 @@ def prefill_profile_rows(data: dict) -> list[dict]:
                    "llm.step() ms, traced": r["host_step_ms"]}
             if untraced:
                 row["llm.step() ms, untraced (median)"] = statistics.median(untraced)
-            for part, ms in r["parts_ms"].items():
-                bound = r["bounds_ms"].get(part)
-                row[part] = f"{ms:.3f}" + (f" / {bound:.3f}" if bound is not None else "")
-            rows.append(row)
+            rows.append(row | measured_over_bound(r["parts_ms"], r["bounds_ms"]))
     return rows
 
 

@@ -237,11 +237,9 @@ class Scheduler:
         """The step after a prefill step whose tokens have not reached the host yet: a prefill step of waiting
         requests admitted whole, up to the step's token budget, as ``schedule`` would run next (prompts
         first). None when the oldest waiting request cannot go that way (a beam search, a prompt longer than
-        one step, no seat or no blocks): the running sequences then wait for the tokens and decode."""
-        if self.beam_groups or not self.waiting or not self._admission_possible():
-            return None
-        first = self.waiting[0]
-        if first.beam_group is not None or len(first) > self.config.max_num_batched_tokens:
+        one step, no seat or no blocks; ``_admit`` stops there): the running sequences then wait for the tokens
+        and decode."""
+        if self.beam_groups:
             return None
         prompts: list[Sequence] = []
         self._admit(prompts, self.config.max_num_batched_tokens, whole_prompts=True)

@@ -220,7 +220,7 @@ def rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapp
         return out
     item = query.element_size()
     words = rope_item_words(query, key, value, cos, sin, key_cache, value_cache, out)
-    E = words * (2 if item == 2 else 1)
+    E = _item_codec(query.dtype, words)[2]
     items = (num_heads + num_kv_heads) * (head_dim // (2 * E)) + num_kv_heads * (head_dim // E)
     threads = min(1024, -(-items // 32) * 32)  # one item per thread: a token's work in one round of loads
     launch(_rope_write_kv_kernel(query.dtype, words), (num_tokens,), threads, query.data_ptr(), query.stride(0) * item,
