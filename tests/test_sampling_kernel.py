@@ -171,6 +171,21 @@ def test_non_finite_rows_get_nan_logprobs_and_masked_tokens_are_never_drawn():
     assert tokens.tolist() == [0] and abs(logprobs.item()) < 1e-6
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_logit_shows_at_any_place_of_a_unit(bad):
+    """The scan does not test each logit: a NaN or +inf at any of a unit's 8 columns, the unit first in its
+    lane's segment or not, must still make the row's log-probability NaN; -inf is an ordinary masked logit."""
+    logits = torch.randn(8, 24) * 2
+    for row in range(8):
+        logits[row, row + 8 * (row % 3)] = bad
+        logits[row, (row + 3) % 24] = float("-inf")
+    tokens, logprobs = run(logits, [0.0, 0.8] * 4, list(range(8)), [0] * 8)
+    assert torch.isnan(logprobs).all() and (tokens == 0).all()
+    logits[logits.isnan() | (logits == float("inf"))] = 1.0
+    _, logprobs = run(logits, [0.0, 0.8] * 4, list(range(8)), [0] * 8)
+    assert torch.isfinite(logprobs).all()
+
+
 def two_byte_logits(rows: int, vocab: int, dtype, offset: int, gen) -> torch.Tensor:
     """Random [rows, vocab] logits of ``dtype`` starting ``offset`` elements into their storage: with offset 1
     (and 4-byte aligned storage) row 0 starts halfway into a 32-bit word; with an odd vocab every other row does."""

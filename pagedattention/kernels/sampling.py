@@ -40,8 +40,9 @@ counter per row, reset to 0 by that block)     contiguous run of segments, the l
                                                the last column of positive weight). It writes the token and
                                                x_token - M - log(S)
 A row holding NaN or +inf gets log-probability NaN (the caller reports it) and token 0, as does a row whose
-every logit is -inf. The kernels run with fastmath (approximate exp/log): NaN and infinities are recognised from
-the bits (of the value widened to float32, which keeps them), and a -inf logit weighs exactly 0.
+every logit is -inf. The kernels run with fastmath (approximate exp/log), and the scan tests no logit: a -inf
+logit weighs exactly 0 (ex2 of -inf), a NaN makes its lane's sum NaN and a +inf its lane's max +inf, which are
+recognised once per segment from the bits (a 2-byte value widened to float32 keeps them).
 """
 from __future__ import annotations
 
@@ -97,24 +98,32 @@ def _classify(x):
 
 
 @cuda.jit(device=True, inline=True)
-def _top(x, col, top, first, bad):
-    """(max, its first column) after ``x`` of column ``col``; ``bad`` = 1 once a NaN or +inf is seen."""
-    kind = _classify(x)
-    if kind == 2:
-        bad = int32(1)
-    if kind == 0 and x > top:
-        return x, col, bad
-    return top, first, bad
+def _max(a, b):
+    """max(a, b), NaN-ignoring (the form LLVM turns into one max.f32 under fastmath)."""
+    return a if a > b or b != b else b
+
+
+@cuda.jit(device=True, inline=True)
+def _first(x, col, top, first):
+    """``col`` if ``x`` is ``top``, else ``first`` (called from the last column back: the first one wins)."""
+    return col if x == top else first
 
 
 @cuda.jit(device=True, inline=True)
 def _add(x, m, s, t, inv_t, greedy):
-    """exp(x - m) into s and, for a sampled row, exp((x - m) / T) into t (a -inf or bad logit adds 0)."""
-    if _classify(x) == 0:
-        s += math.exp(x - m)
-        if not greedy:
-            t += math.exp((x - m) * inv_t)
+    """exp(x - m) into s and, for a sampled row, exp((x - m) / T) into t. No test of x: a -inf logit adds
+    exactly 0 (ex2 of -inf), a NaN makes s NaN and a +inf has made m +inf, which the segment's record shows."""
+    d = x - m
+    s += math.exp(d)
+    if not greedy:
+        t += math.exp(d * inv_t)
     return s, t
+
+
+@cuda.jit(device=True, inline=True)
+def _non_finite(m, s):
+    """1 if a lane's part saw a NaN (its s is NaN) or a +inf (its max is +inf), else 0."""
+    return int32(1) if _classify(m) == 2 or _classify(s) == 2 else int32(0)
 
 
 @cuda.jit(device=True, inline=True)
@@ -246,27 +255,28 @@ def _kernel(warps: int, dtype_name: str):
                 column(row_base, col + 6, vocab), column(row_base, col + 7, vocab))
 
     @cuda.jit(device=True, inline=True)
-    def take_unit(u, col, vocab, m, s, t, c, bad, inv_t, greedy):
-        """The lane's (m, s, t or c, bad) after the 8 logits ``u`` of columns col .. col + 7: the running max
-        rises once per unit, then the 8 weights are added."""
+    def take_unit(u, col, vocab, m, s, t, c, inv_t, greedy):
+        """The lane's (m, s, t or c) after the 8 logits ``u`` of columns col .. col + 7: the running max rises
+        once per unit, then the 8 weights are added. Nothing looks for NaN or infinities here (``_add``,
+        ``_non_finite``): this loop bounds the kernel's time, and testing every logit's bits made it 1.4x slower."""
         if col >= vocab:  # a unit past the row's end (in its last segment)
-            return m, s, t, c, bad
+            return m, s, t, c
         x0, x1, x2, x3, x4, x5, x6, x7 = u
-        top, first = NEG_BIG, col
-        top, first, bad = _top(x0, col, top, first, bad)
-        top, first, bad = _top(x1, col + 1, top, first, bad)
-        top, first, bad = _top(x2, col + 2, top, first, bad)
-        top, first, bad = _top(x3, col + 3, top, first, bad)
-        top, first, bad = _top(x4, col + 4, top, first, bad)
-        top, first, bad = _top(x5, col + 5, top, first, bad)
-        top, first, bad = _top(x6, col + 6, top, first, bad)
-        top, first, bad = _top(x7, col + 7, top, first, bad)
-        if top > m:
+        top = _max(_max(_max(x0, x1), _max(x2, x3)), _max(_max(x4, x5), _max(x6, x7)))
+        if top > m:  # rare past a row's first units
             if greedy:
-                c = first
+                c = _first(x7, col + 7, top, col + 7)
+                c = _first(x6, col + 6, top, c)
+                c = _first(x5, col + 5, top, c)
+                c = _first(x4, col + 4, top, c)
+                c = _first(x3, col + 3, top, c)
+                c = _first(x2, col + 2, top, c)
+                c = _first(x1, col + 1, top, c)
+                c = _first(x0, col, top, c)
             if s > float32(0.0):  # (at the first finite logit s = t = 0, and m - top might overflow over T)
                 s *= math.exp(m - top)
-                t *= math.exp((m - top) * inv_t)
+                if not greedy:
+                    t *= math.exp((m - top) * inv_t)
             m = top
         s, t = _add(x0, m, s, t, inv_t, greedy)
         s, t = _add(x1, m, s, t, inv_t, greedy)
@@ -276,7 +286,7 @@ def _kernel(warps: int, dtype_name: str):
         s, t = _add(x5, m, s, t, inv_t, greedy)
         s, t = _add(x6, m, s, t, inv_t, greedy)
         s, t = _add(x7, m, s, t, inv_t, greedy)
-        return m, s, t, c, bad
+        return m, s, t, c
 
     @cuda.jit(device=True, inline=True)
     def unit_weight(u, m_seg, inv_t):
@@ -308,12 +318,12 @@ def _kernel(warps: int, dtype_name: str):
         u1 = load_unit(row_base, col + 256, vocab, aligned)
         u2 = load_unit(row_base, col + 512, vocab, aligned)
         u3 = load_unit(row_base, col + 768, vocab, aligned)
-        m, s, t, c, bad = NEG_BIG, float32(0.0), float32(0.0), int32(col), int32(0)
-        m, s, t, c, bad = take_unit(u0, col, vocab, m, s, t, c, bad, inv_t, greedy)
-        m, s, t, c, bad = take_unit(u1, col + 256, vocab, m, s, t, c, bad, inv_t, greedy)
-        m, s, t, c, bad = take_unit(u2, col + 512, vocab, m, s, t, c, bad, inv_t, greedy)
-        m, s, t, c, bad = take_unit(u3, col + 768, vocab, m, s, t, c, bad, inv_t, greedy)
-        return m, s, t, c, bad
+        m, s, t, c = NEG_BIG, float32(0.0), float32(0.0), int32(col)
+        m, s, t, c = take_unit(u0, col, vocab, m, s, t, c, inv_t, greedy)
+        m, s, t, c = take_unit(u1, col + 256, vocab, m, s, t, c, inv_t, greedy)
+        m, s, t, c = take_unit(u2, col + 512, vocab, m, s, t, c, inv_t, greedy)
+        m, s, t, c = take_unit(u3, col + 768, vocab, m, s, t, c, inv_t, greedy)
+        return m, s, t, c, _non_finite(m, s)
 
     @cuda.jit(device=True, inline=True)
     def pick_column(row_base, col0, vocab, aligned, m_seg, inv_t, target, lane):
