@@ -30,7 +30,11 @@ TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode
           "profile": "Decode step profile: GPU time per part against its bound",
           "profile_prefill": "Prefill step profile: GPU time per part against its bound",
           "sharing": "Sharing: parallel sampling, beam search, prefix caching",
-          "host": "Engine host time per decode step"}
+          "host": "Engine host time per decode step",
+          "gemm": "Decode GEMMs: the skinny tensor-core kernel against cuBLAS",
+          "rope_decode": "RoPE + cache write inside the decode kernel, or launched before it",
+          "sampling": "Sampling kernel: one launch over the LM head's logits",
+          "serving": "Serving: W3 over HTTP"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
 
 
@@ -190,8 +194,10 @@ PRESENTERS = {"kernels_": one_table(kernel_rows), "prefill_": one_table(prefill_
 
 
 def benchmark_of(path: Path) -> str:
-    """The benchmark a result file comes from: its name's first word (``profile_prefill`` is two)."""
-    return "profile_prefill" if path.stem.startswith("profile_prefill_") else path.stem.split("_")[0]
+    """The benchmark a result file comes from: its name's first word (``profile_prefill`` and ``rope_decode``
+    are two)."""
+    two = [name for name in ("profile_prefill", "rope_decode") if path.stem.startswith(name + "_")]
+    return two[0] if two else path.stem.split("_")[0]
 
 
 # --- any other file ------------------------------------------------------------------------------------

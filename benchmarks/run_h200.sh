@@ -13,6 +13,7 @@
 # profile_prefill  profile_prefill.py: W1/W2-like prefill steps per part        200 s   json log
 # gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS         120 s   json log
 # rope_decode  bench_rope_decode.py: RoPE + cache write + attention, fused or not 120 s   json log
+# sampling     bench_sampling.py: the sampling kernel at 1-256 rows vs torch       240 s   json log
 # throughput   Qwen2.5-0.5B: W1/W2 at caps 16,64,256, W3 at 256, HF on W1/W2     570 s   json png png log
 # shapes       qwen3-0.6b, llama3.2-1b, 7b (Qwen2.5-7B): W1/W2/W3 at 256, no HF 3x200 s  json x3, log
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log
@@ -23,6 +24,7 @@
 # time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
 # so run the stages in groups of at most ~9 minutes (and at most 8 files, when results must be copied back):
 #     kernels prefill profile profile_prefill  |  throughput  |  shapes  |  gemm sharing demo_memory  |  serving
+#     |  rope_decode sampling
 # Set-up it does itself: wheels in .whl/ (shared/device/prepare.sh fetches numpy for the GPU image) go to
 # .site/ on PYTHONPATH, the repository root goes on PYTHONPATH, the block allocator is built if missing.
 set -u
@@ -42,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 timings=()
-all_stages="kernels prefill profile profile_prefill gemm rope_decode throughput shapes sharing serving demo_memory"
+all_stages="kernels prefill profile profile_prefill gemm rope_decode sampling throughput shapes sharing serving demo_memory"
 run_stage() {  # run_stage NAME SECONDS COMMAND...: output to $out/NAME.log, its tail on the terminal
     local name=$1 limit=$2 start=$SECONDS code before; shift 2
     echo "== $name (limit $limit s): $*"
@@ -63,6 +65,7 @@ stage() {
         profile_prefill) run_stage profile_prefill 200 $py benchmarks/profile_prefill.py --out "$out" ;;
         gemm) run_stage gemm 120 $py benchmarks/bench_gemm.py --out "$out" ;;
         rope_decode) run_stage rope_decode 120 $py benchmarks/bench_rope_decode.py --out "$out" ;;
+        sampling) run_stage sampling 240 $py benchmarks/bench_sampling.py --out "$out" ;;
         throughput) run_stage throughput 570 $py benchmarks/benchmark_throughput.py --model-shape qwen2.5-0.5b \
                         --workloads W1,W2,W3 --max-num-seqs "$caps" --hf "${HF:-auto}" --out "$out" ;;
         shapes) for shape in qwen3-0.6b llama3.2-1b 7b; do
