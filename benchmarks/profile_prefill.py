@@ -6,9 +6,10 @@
 A step's prompts are drawn like W1's (U[128, 512] tokens) or W2's (U[100, 1024]) until the next would pass the
 engine's 8,192 tokens per step, added through the public loop to an idle engine and run by one ``llm.step()``.
 Each kind runs one step that compiles what its shapes need, ``--steps`` untraced steps timed from the call
-until the device is done (the host's preparation and launches included: a prefill step runs eagerly, with no
-CUDA graph), then ``--steps`` traced ones. Kernels are put in parts by name as in profile_step.py (a step's last
-GEMM is the LM head, over one row per sequence). A traced step's ``llm.step()`` time, the span from its first
+until it returns and until the device is done (the host's preparation and launches included: a prefill step
+runs eagerly, with no CUDA graph), with the caching allocators' calls into CUDA in each, then ``--steps``
+traced ones. Kernels are put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over
+one row per sequence). A traced step's ``llm.step()`` time, the span from its first
 kernel's start to its last one's end and the share of that span with no kernel running are recorded too, but
 the profiler adds host time to every op: untraced time minus traced GPU time is the host's exposed share.
 
@@ -60,9 +61,22 @@ def prompt_batch(rng: random.Random, low: int, high: int, budget: int) -> list[i
     return lens
 
 
-def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | float:
-    """One step over prompts of ``lens``: its trace if ``traced``, else ms from ``llm.step()``'s call until the
-    device has finished the step. The requests are then aborted."""
+ALLOCATOR_COUNTS = ("device_allocs", "alloc_retries", "pinned_allocs")
+
+
+def allocator_counts() -> dict:
+    """Running counts of the caching allocators' calls into CUDA: device blocks (cudaMalloc), retries after
+    freeing the cache, and page-locked host blocks (cudaHostAlloc: ``pin_memory`` of a size not cached yet)."""
+    device = torch.cuda.memory_stats()
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return {"device_allocs": device.get("num_device_alloc", 0), "alloc_retries": device.get("num_alloc_retries", 0),
+            "pinned_allocs": host.get("allocations.allocated", host.get("num_host_alloc", 0))}
+
+
+def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | dict:
+    """One step over prompts of ``lens``: its trace if ``traced``, else ms from ``llm.step()``'s call until it
+    returns and until the device has finished the step, and the allocators' calls into CUDA in between
+    (``allocator_counts``: one costs far more than a kernel launch). The requests are then aborted."""
     vocab, on_gpu = llm.model_config.vocab_size, llm.config.device.type == "cuda"
     params = SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final_only")
     ids = [llm.add_request([rng.randrange(vocab) for _ in range(n)], params) for n in lens]
@@ -75,18 +89,22 @@ def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> 
                 torch.cuda.synchronize()   # the step's kernels may still run when step() returns
         trace = load_trace(prof)
     else:
+        before = allocator_counts() if on_gpu else {}
         start = time.perf_counter()
         llm.step()
+        returned = time.perf_counter()
         if on_gpu:
             torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - start)
+        after = allocator_counts() if on_gpu else {}
+        untraced = {"ms": 1e3 * (time.perf_counter() - start), "returned_ms": 1e3 * (returned - start)}
+        untraced |= {key: after.get(key, 0) - before.get(key, 0) for key in ALLOCATOR_COUNTS}
     if not llm.last_step.is_prefill or llm.last_step.num_seqs != len(lens):
         raise RuntimeError(f"the step ran {llm.last_step.num_seqs} sequences, not a prefill of all {len(lens)}")
     for request_id in ids:
         llm.abort_request(request_id)
     while llm.has_unfinished_requests():
         llm.step()
-    return trace if traced else wall_ms
+    return trace if traced else untraced
 
 
 def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, rate: float, seed: int,
@@ -94,7 +112,7 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
     rng, (low, high) = random.Random(seed), (n // scale for n in KINDS[kind])
     mc, dtype_bytes = llm.model_config, llm.config.dtype.itemsize
     run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False)  # compiles what the shapes need
-    walls = [run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False) for _ in range(steps)]
+    untraced = [run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False) for _ in range(steps)]
     rows = []
     for _ in range(steps):
         lens = prompt_batch(rng, low, high, budget)
@@ -110,7 +128,9 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
                      "bounds_ms": {k: 1e3 * v for k, v in bounds.items()},
                      "kernels": sorted(([k[1], part, calls, us / 1e3] for k, (part, calls, us) in kernels.items()),
                                        key=lambda r: -r[3])[:12]})
-    return {"kind": kind, "prompt_lens": [low, high], "untraced_step_ms": walls, "steps": rows}
+    return {"kind": kind, "prompt_lens": [low, high], "untraced_step_ms": [u["ms"] for u in untraced],
+            "untraced_step_returned_ms": [u["returned_ms"] for u in untraced],
+            **{f"untraced_step_{key}": [u.get(key, 0) for u in untraced] for key in ALLOCATOR_COUNTS}, "steps": rows}
 
 
 def print_kind(report: dict) -> None:
@@ -124,7 +144,9 @@ def print_kind(report: dict) -> None:
         print(f"      traced: llm.step() {row['host_step_ms']:.3f} ms, first to last kernel "
               f"{row['device_span_ms']:.3f} ms ({row['device_idle_in_span']:.0%} idle)")
     print(f"  untraced, llm.step() until the device is done: "
-          f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_ms'])} ms")
+          f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_ms'])} ms; until it returns: "
+          f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_returned_ms'])} ms; allocations: "
+          + ", ".join(f"{key} {report[f'untraced_step_{key}']}" for key in ALLOCATOR_COUNTS))
     print("  largest kernels of the last step (ms, launches, part):")
     for name, part, calls, ms in report["steps"][-1]["kernels"]:
         print(f"    {ms:8.3f} {calls:4d}x  {part:10s} {name[:90]}")

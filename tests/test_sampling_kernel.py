@@ -173,11 +173,12 @@ def test_non_finite_rows_get_nan_logprobs_and_masked_tokens_are_never_drawn():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_logit_shows_at_any_place_of_a_unit(bad):
-    """The scan does not test each logit: a NaN or +inf at any of a unit's 8 columns, the unit first in its
-    lane's segment or not, must still make the row's log-probability NaN; -inf is an ordinary masked logit."""
-    logits = torch.randn(8, 24) * 2
+    """The scan does not test each logit: a NaN or +inf at any of a unit's 8 columns, in a lane's first unit
+    (columns 8 lane ..) or a later one (256 + 8 lane ..), must still make the row's log-probability NaN; -inf
+    is an ordinary masked logit."""
+    logits = torch.randn(8, 300) * 2
     for row in range(8):
-        logits[row, row + 8 * (row % 3)] = bad
+        logits[row, row + (256 if row % 2 else 8 * (row % 3))] = bad
         logits[row, (row + 3) % 24] = float("-inf")
     tokens, logprobs = run(logits, [0.0, 0.8] * 4, list(range(8)), [0] * 8)
     assert torch.isnan(logprobs).all() and (tokens == 0).all()

@@ -99,7 +99,8 @@ def _classify(x):
 
 @cuda.jit(device=True, inline=True)
 def _max(a, b):
-    """max(a, b), NaN-ignoring (the form LLVM turns into one max.f32 under fastmath)."""
+    """max(a, b), NaN-ignoring on the GPU and in the simulator alike (Python's max keeps a NaN first argument).
+    It compiles to a compare, a NaN test and a select, not to one max.f32."""
     return a if a > b or b != b else b
 
 
