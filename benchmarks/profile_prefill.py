@@ -7,11 +7,12 @@ A step's prompts are drawn like W1's (U[128, 512] tokens) or W2's (U[100, 1024])
 engine's 8,192 tokens per step, added through the public loop to an idle engine and run by one ``llm.step()``.
 Each kind runs one step that compiles what its shapes need, ``--steps`` untraced steps timed from the call
 until it returns and until the device is done (the host's preparation and launches included: a prefill step
-runs eagerly, with no CUDA graph), with the caching allocators' calls into CUDA in each, then ``--steps``
-traced ones. Kernels are put in parts by name as in profile_step.py (a step's last GEMM is the LM head, over
-one row per sequence). A traced step's ``llm.step()`` time, the span from its first
-kernel's start to its last one's end and the share of that span with no kernel running are recorded too, but
-the profiler adds host time to every op: untraced time minus traced GPU time is the host's exposed share.
+runs eagerly, with no CUDA graph), with the caching allocators' calls into CUDA in each, then one under
+cProfile (the host functions it spent its time in), then ``--steps`` traced ones. Kernels are put in parts by
+name as in profile_step.py (a step's last GEMM is the LM head, over one row per sequence). A traced step's
+``llm.step()`` time, the span from its first kernel's start to its last one's end and the share of that span
+with no kernel running are recorded too, but the profiler adds host time to every op: untraced time minus
+traced GPU time is the host's exposed share.
 
 Bounds, per step: the GEMMs' FLOPs (2 x tokens x the layers' projection parameters) at the measured bf16 GEMM
 rate, or their weights at the copy bandwidth, whichever is longer; attention's causal FLOPs (QK^T and PV over
@@ -22,6 +23,8 @@ reads gate and up, writes their product) at the copy bandwidth. JSON: results/pr
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import statistics
 import sys
@@ -73,10 +76,21 @@ def allocator_counts() -> dict:
             "pinned_allocs": host.get("allocations.allocated", host.get("num_host_alloc", 0))}
 
 
-def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> list[dict] | dict:
+def host_functions(profiler: cProfile.Profile, top: int = 15) -> list[list]:
+    """The ``top`` functions of a cProfile'd step by time spent in them (``tottime``): [where, calls, ms, ms
+    including what they call]."""
+    stats = pstats.Stats(profiler).stats
+    rows = [[f"{Path(file).name}:{line}({name})", calls, 1e3 * tottime, 1e3 * cumtime]
+            for (file, line, name), (_, calls, tottime, cumtime, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
+def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool,
+                profiler: cProfile.Profile | None = None) -> list[dict] | dict:
     """One step over prompts of ``lens``: its trace if ``traced``, else ms from ``llm.step()``'s call until it
     returns and until the device has finished the step, and the allocators' calls into CUDA in between
-    (``allocator_counts``: one costs far more than a kernel launch). The requests are then aborted."""
+    (``allocator_counts``: one costs far more than a kernel launch); with ``profiler``, the untraced step runs
+    under it. The requests are then aborted."""
     vocab, on_gpu = llm.model_config.vocab_size, llm.config.device.type == "cuda"
     params = SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final_only")
     ids = [llm.add_request([rng.randrange(vocab) for _ in range(n)], params) for n in lens]
@@ -91,7 +105,11 @@ def run_prefill(llm: LLM, lens: list[int], rng: random.Random, traced: bool) -> 
     else:
         before = allocator_counts() if on_gpu else {}
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         llm.step()
+        if profiler is not None:
+            profiler.disable()
         returned = time.perf_counter()
         if on_gpu:
             torch.cuda.synchronize()
@@ -113,6 +131,8 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
     mc, dtype_bytes = llm.model_config, llm.config.dtype.itemsize
     run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False)  # compiles what the shapes need
     untraced = [run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False) for _ in range(steps)]
+    profiler = cProfile.Profile()  # one more untraced step, its host side under cProfile
+    profiled = run_prefill(llm, prompt_batch(rng, low, high, budget), rng, traced=False, profiler=profiler)
     rows = []
     for _ in range(steps):
         lens = prompt_batch(rng, low, high, budget)
@@ -130,7 +150,9 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
                                        key=lambda r: -r[3])[:12]})
     return {"kind": kind, "prompt_lens": [low, high], "untraced_step_ms": [u["ms"] for u in untraced],
             "untraced_step_returned_ms": [u["returned_ms"] for u in untraced],
-            **{f"untraced_step_{key}": [u.get(key, 0) for u in untraced] for key in ALLOCATOR_COUNTS}, "steps": rows}
+            **{f"untraced_step_{key}": [u.get(key, 0) for u in untraced] for key in ALLOCATOR_COUNTS},
+            "host_profiled_step_returned_ms": profiled["returned_ms"], "host_functions": host_functions(profiler),
+            "steps": rows}
 
 
 def print_kind(report: dict) -> None:
@@ -147,6 +169,10 @@ def print_kind(report: dict) -> None:
           f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_ms'])} ms; until it returns: "
           f"{', '.join(f'{ms:.3f}' for ms in report['untraced_step_returned_ms'])} ms; allocations: "
           + ", ".join(f"{key} {report[f'untraced_step_{key}']}" for key in ALLOCATOR_COUNTS))
+    print(f"  host side of one more untraced step under cProfile ({report['host_profiled_step_returned_ms']:.3f} ms "
+          f"until llm.step() returned), by ms spent in each function (ms including its calls):")
+    for where, calls, ms, cumulative in report["host_functions"]:
+        print(f"    {ms:8.3f} ({cumulative:8.3f}) {calls:6d}x  {where[:90]}")
     print("  largest kernels of the last step (ms, launches, part):")
     for name, part, calls, ms in report["steps"][-1]["kernels"]:
         print(f"    {ms:8.3f} {calls:4d}x  {part:10s} {name[:90]}")

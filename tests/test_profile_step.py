@@ -236,4 +236,9 @@ def test_tiny_prefill_profile_end_to_end(tmp_path):
         assert step["parts_ms"]["gemm"] > 0 and step["parts_ms"]["attention"] > 0
         assert 0 <= step["device_idle_in_span"] < 1 and step["host_step_ms"] > 0
         assert len(kind["untraced_step_ms"]) == 1 and kind["untraced_step_ms"][0] > 0
+        assert 0 < kind["untraced_step_returned_ms"][0] <= kind["untraced_step_ms"][0]
+        # the cProfile'd step: functions by their own time, each within its time including callees
+        functions = kind["host_functions"]
+        assert functions and [f[2] for f in functions] == sorted((f[2] for f in functions), reverse=True)
+        assert all(0 <= ms <= cumulative + 1e-9 and calls >= 1 for _, calls, ms, cumulative in functions)
         assert all(step["bounds_ms"][k] > 0 for k in ("gemm", "attention", "layer_ops", "lm_head"))
