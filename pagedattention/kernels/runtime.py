@@ -22,6 +22,18 @@ def simulator_enabled() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 
+def nvvm_inlined(fn):
+    """``fn`` as a device function that NVVM inlines into each kernel calling it, with fast math like the kernels
+    (a device function compiled apart from its kernel does not inherit the kernel's). Numba's own inlining,
+    ``inline=True``, copies the function's IR into every call site: the sampler, with its hundreds of calls,
+    took one to two minutes to compile that way, and seconds this way. The simulator takes neither option."""
+    from numba import cuda
+
+    if simulator_enabled():
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True, fastmath=True)(fn)
+
+
 def kernels_available(device: torch.device | str | None = None) -> bool:
     """Whether the Numba kernels can run on tensors of ``device``."""
     device = torch.device(device) if device is not None else None

@@ -57,7 +57,7 @@ from .common import DTYPE_NAMES, num_sms, word_codec
 from .decode import arrival_counters
 from .ptx import (as_f32, atomic_add_at, f32_bits, fmix32, ld_i32_at, ld_i64_at, ld_u16_at, ld_v4_at, ld_v4_cg_at,
                   st_u32_at, st_v4_at)
-from .runtime import launch, simulator_enabled
+from .runtime import launch, nvvm_inlined, simulator_enabled
 
 SEGMENT = 1024       # columns per record: 32 lanes x 32 columns
 UNITS = 4            # units of 8 columns per lane and segment
@@ -69,7 +69,7 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FULL = 0xFFFFFFFF
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def row_hash(key, counter):
     """32 bits from a row's non-negative int64 key and counter."""
     k, c = uint64(key), uint64(counter)
@@ -79,14 +79,14 @@ def row_hash(key, counter):
     return fmix32(uint64(h) ^ (c >> _S32))
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def uniform(h):
     """u = (k + 1/2) / 2**23 in (0, 1) from the top 23 bits k of ``h`` (k + 1/2 is exact in float32; 24 bits
     would round the largest up to 2**24, u = 1)."""
     return (float32(h >> _S9) + float32(0.5)) * _TWO_M23
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _classify(x):
     """0: finite, 1: -inf (a masked token), 2: NaN or +inf. From the bits: fastmath may assume no NaN/inf."""
     b = f32_bits(x)
@@ -97,20 +97,20 @@ def _classify(x):
     return 2
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _max(a, b):
     """max(a, b), NaN-ignoring on the GPU and in the simulator alike (Python's max keeps a NaN first argument).
     It compiles to a compare, a NaN test and a select, not to one max.f32."""
     return a if a > b or b != b else b
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _first(x, col, top, first):
     """``col`` if ``x`` is ``top``, else ``first`` (called from the last column back: the first one wins)."""
     return col if x == top else first
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _add(x, m, s, t, inv_t, greedy):
     """exp(x - m) into s and, for a sampled row, exp((x - m) / T) into t. No test of x: a -inf logit adds
     exactly 0 (ex2 of -inf), a NaN makes s NaN and a +inf has made m +inf, which the segment's record shows."""
@@ -121,18 +121,18 @@ def _add(x, m, s, t, inv_t, greedy):
     return s, t
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _non_finite(m, s):
     """1 if a lane's part saw a NaN (its s is NaN) or a +inf (its max is +inf), else 0."""
     return int32(1) if _classify(m) == 2 or _classify(s) == 2 else int32(0)
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _weight(x, m, inv_t):
     return math.exp((x - m) * inv_t) if _classify(x) == 0 else float32(0.0)
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _step(x, col, m, inv_t, run, target, found, last_positive):
     w = _weight(x, m, inv_t)
     if w > float32(0.0):
@@ -143,7 +143,7 @@ def _step(x, col, m, inv_t, run, target, found, last_positive):
     return run, found, last_positive
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _merge(m1, s1, t1, c1, m2, s2, t2, c2, inv_t, greedy):
     """Two parts' (max, sum of exp(x - max), sum of exp((x - max) / T) or the max's first column): for a greedy
     row ties keep the smaller column. Symmetric, so the two lanes of a butterfly get the same bits."""
@@ -155,13 +155,13 @@ def _merge(m1, s1, t1, c1, m2, s2, t2, c2, inv_t, greedy):
     return m, s, _rescaled(t1, m1 - m, inv_t) + _rescaled(t2, m2 - m, inv_t), c1
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _rescaled(t, shift, inv_t):
     """t * exp(shift / T) for shift <= 0; 0 for t = 0 (whose max may be NEG_BIG: the product would overflow)."""
     return t * math.exp(shift * inv_t) if t > float32(0.0) else float32(0.0)
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _warp_merge(m, s, t, c, bad, inv_t, greedy):
     """The 32 lanes' parts merged (xor butterfly: every lane ends with the same result)."""
     for k in range(5):
@@ -175,7 +175,7 @@ def _warp_merge(m, s, t, c, bad, inv_t, greedy):
     return m, s, t, c, bad
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _inclusive_scan(a, lane):
     """Sum of lanes 0..lane's ``a``, in a fixed order."""
     for k in range(5):
@@ -186,14 +186,14 @@ def _inclusive_scan(a, lane):
     return a
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _warp_min(v):
     for k in range(5):
         v = min(v, cuda.shfl_xor_sync(_FULL, v, 1 << k))
     return v
 
 
-@cuda.jit(device=True, inline=True)
+@nvvm_inlined
 def _warp_max(v):
     for k in range(5):
         v = max(v, cuda.shfl_xor_sync(_FULL, v, 1 << k))
@@ -209,11 +209,11 @@ def _kernel(warps: int, dtype_name: str):
     size = 4 if dtype_name == "float32" else 2  # bytes per logit
 
     if size == 4:
-        @cuda.jit(device=True, inline=True)
+        @nvvm_inlined
         def logit(address):
             return as_f32(ld_i32_at(address))
 
-        @cuda.jit(device=True, inline=True)
+        @nvvm_inlined
         def load_unit(row_base, col, vocab, aligned):
             """Columns col .. col + 7 (past the vocabulary: -inf) as float32."""
             if col >= vocab:
@@ -225,11 +225,11 @@ def _kernel(warps: int, dtype_name: str):
                         as_f32(b0), as_f32(b1), as_f32(b2), as_f32(b3))
             return _unit_by_column(row_base, col, vocab)
     else:
-        @cuda.jit(device=True, inline=True)
+        @nvvm_inlined
         def logit(address):
             return lo(ld_u16_at(address))
 
-        @cuda.jit(device=True, inline=True)
+        @nvvm_inlined
         def load_unit(row_base, col, vocab, aligned):
             """Columns col .. col + 7 (past the vocabulary: -inf) as float32."""
             if col >= vocab:
@@ -239,23 +239,23 @@ def _kernel(warps: int, dtype_name: str):
                 return lo(w0), hi(w0), lo(w1), hi(w1), lo(w2), hi(w2), lo(w3), hi(w3)
             return _unit_by_column(row_base, col, vocab)
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def _past_end():
         x = as_f32(0xFF800000)
         return x, x, x, x, x, x, x, x
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def column(row_base, col, vocab):
         return logit(row_base + col * size) if col < vocab else as_f32(0xFF800000)
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def _unit_by_column(row_base, col, vocab):
         return (column(row_base, col, vocab), column(row_base, col + 1, vocab),
                 column(row_base, col + 2, vocab), column(row_base, col + 3, vocab),
                 column(row_base, col + 4, vocab), column(row_base, col + 5, vocab),
                 column(row_base, col + 6, vocab), column(row_base, col + 7, vocab))
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def take_unit(u, col, vocab, m, s, t, c, inv_t, greedy):
         """The lane's (m, s, t or c) after the 8 logits ``u`` of columns col .. col + 7: the running max rises
         once per unit, then the 8 weights are added. Nothing looks for NaN or infinities here (``_add``,
@@ -289,14 +289,14 @@ def _kernel(warps: int, dtype_name: str):
         s, t = _add(x7, m, s, t, inv_t, greedy)
         return m, s, t, c
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def unit_weight(u, m_seg, inv_t):
         x0, x1, x2, x3, x4, x5, x6, x7 = u
         return (_weight(x0, m_seg, inv_t) + _weight(x1, m_seg, inv_t) + _weight(x2, m_seg, inv_t)
                 + _weight(x3, m_seg, inv_t) + _weight(x4, m_seg, inv_t) + _weight(x5, m_seg, inv_t)
                 + _weight(x6, m_seg, inv_t) + _weight(x7, m_seg, inv_t))
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def walk_unit(u, col, m_seg, inv_t, run, target, found, last_positive):
         """Columns col .. col + 7 added to ``run`` in order: the first where it passes ``target`` is ``found``
         (once), and ``last_positive`` the last of positive weight."""
@@ -311,7 +311,7 @@ def _kernel(warps: int, dtype_name: str):
         run, found, last_positive = _step(x7, col + 7, m_seg, inv_t, run, target, found, last_positive)
         return run, found, last_positive
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def scan_segment(row_base, col0, vocab, aligned, inv_t, greedy, lane):
         """A lane's part of the segment starting at ``col0``: its four units, loaded before any is used."""
         col = col0 + lane * 8
@@ -326,7 +326,7 @@ def _kernel(warps: int, dtype_name: str):
         m, s, t, c = take_unit(u3, col + 768, vocab, m, s, t, c, inv_t, greedy)
         return m, s, t, c, _non_finite(m, s)
 
-    @cuda.jit(device=True, inline=True)
+    @nvvm_inlined
     def pick_column(row_base, col0, vocab, aligned, m_seg, inv_t, target, lane):
         """The column of segment ``col0`` where the running weight exp((x - m_seg) / T), in column order, first
         exceeds ``target`` (past the end: the last column of positive weight). Every lane returns it."""
