@@ -150,7 +150,7 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
                                        key=lambda r: -r[3])[:12]})
     return {"kind": kind, "prompt_lens": [low, high], "untraced_step_ms": [u["ms"] for u in untraced],
             "untraced_step_returned_ms": [u["returned_ms"] for u in untraced],
-            **{f"untraced_step_{key}": [u.get(key, 0) for u in untraced] for key in ALLOCATOR_COUNTS},
+            **{f"untraced_step_{key}": [u[key] for u in untraced] for key in ALLOCATOR_COUNTS},
             "host_profiled_step_returned_ms": profiled["returned_ms"], "host_functions": host_functions(profiler),
             "steps": rows}
 

@@ -266,7 +266,7 @@ def _kernel(warps: int, dtype_name: str):
         top = _max(_max(_max(x0, x1), _max(x2, x3)), _max(_max(x4, x5), _max(x6, x7)))
         if top > m:  # rare past a row's first units
             if greedy:
-                c = _first(x7, col + 7, top, col + 7)
+                c = col + 7  # (top is one of the 8: the last column unless an earlier one holds it too)
                 c = _first(x6, col + 6, top, c)
                 c = _first(x5, col + 5, top, c)
                 c = _first(x4, col + 4, top, c)
