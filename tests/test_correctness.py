@@ -246,9 +246,10 @@ def test_split_by_each_context_under_a_larger_bound():
 
 
 def test_tensor_core_dispatch():
-    """Tensor cores for 16-bit caches with head_dim 64 or 128: always for groups of 5-8; for a group of 4 when
-    the launch is split over the context, or at head_dim 128 with contexts of 2,048 or more; never for fp32,
-    other head sizes or groups of 1-3. head_dim 64 runs under a 128-register cap, head_dim 128 uncapped."""
+    """Tensor cores for 16-bit caches with head_dim 64 or 128: always for groups of 5-8 and for a group of 4 at
+    head_dim 64; at head_dim 128 for a group of 4 when the launch is split over the context or the contexts
+    reach 2,048; never for fp32, other head sizes or groups of 1-3. head_dim 64 runs under a 128-register cap,
+    head_dim 128 uncapped."""
     sms = 132
     assert tc_config("bfloat16", 64, 7, 64 * 2, 2048, sms) is not None          # Qwen2.5-0.5B: 14/2 heads
     assert tc_config("float16", 128, 8, 64 * 8, 2048, sms) is not None          # 64/8 heads, no split
@@ -257,7 +258,8 @@ def test_tensor_core_dispatch():
     assert tc_config("float16", 128, 4, 4 * 8, 32768, sms) == (1, None)         # split: uncapped
     assert tc_config("bfloat16", 64, 7, 256 * 2, 1024, sms) == (1, 128)         # d64: capped
     assert tc_config("float16", 128, 4, 256 * 8, 128, sms) is None              # B=256, short contexts
-    assert tc_config("bfloat16", 64, 4, 64 * 8, 4096, sms) is None              # d64, a group of 4, no split
+    assert tc_config("bfloat16", 64, 4, 64 * 8, 4096, sms) == (1, 128)         # d64, a group of 4 (Llama-3.2-1B)
+    assert tc_config("bfloat16", 64, 4, 256 * 8, 128, sms) == (1, 128)          # even at short contexts
     for args in (("float32", 128, 8), ("float16", 256, 8), ("bfloat16", 32, 7), ("float16", 128, 2),
                  ("float16", 128, 1)):
         assert tc_config(*args, 4 * 8, 32768, sms) is None, args

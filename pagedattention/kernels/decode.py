@@ -59,19 +59,21 @@ def tc_config(dtype_name: str, head_dim: int, group: int, num_units: int, max_co
     """(16-token chunks per warp per iteration, register cap) of the tensor-core kernel, or None where the
     CUDA-core kernel is used instead; ``num_units`` = sequences x KV heads.
 
-    From the H200 runs (benchmarks/results/kernels_tune_h200.log and decode_ab_h200.log): tensor cores for
-    groups of 5-8, and for a group of 4 when the launch is split over the context or, at head_dim 128, the
-    contexts reach 2,048; one chunk per warp.
+    From the H200 runs (benchmarks/results/kernels_tune_h200.log, decode_ab_h200.log, decode_group4_h200.log):
+    tensor cores for groups of 5-8, for a group of 4 at head_dim 64, and at head_dim 128 for a group of 4 when
+    the launch is split over the context or the contexts reach 2,048; one chunk per warp.
     head_dim 64 runs under a 128-register cap (four blocks per SM): at 14/2 bf16, B256 ctx1024, 0.040 ms (80% of
-    copy) against 0.147 on the CUDA cores. head_dim 128 runs pipelined and uncapped: B64 ctx4096 32/8 0.266 ms
-    against 0.285 capped (not pipelined) and 0.332 on the CUDA cores, B4 ctx32768 0.142.
+    copy) against 0.147 on the CUDA cores; at 32/8 (Llama-3.2-1B), B256 ctx900 0.131 ms (84%) against 0.178,
+    B64 ctx2048 0.072 against 0.096, never slower from B1 to B256 and ctx 128 to 4096. head_dim 128 runs pipelined
+    and uncapped: B64 ctx4096 32/8 0.266 ms against 0.285 capped (not pipelined) and 0.332 on the CUDA cores, B4
+    ctx32768 0.142.
     """
     if not tc_supported(dtype_name, head_dim, group) or group < 4:
         return None
     registers = 128 if head_dim == 64 else None
     split = split_plan(num_units, max_context_len, num_sms, blocks_per_sm(registers))[1] > 1
-    if group == 4 and not split and (head_dim == 64 or max_context_len < 2048):
-        return None  # four heads padded to the MMA's 16 rows: B256 ctx128 d128 took 0.087 ms against 0.057
+    if group == 4 and head_dim == 128 and not split and max_context_len < 2048:
+        return None  # four heads padded to the MMA's 16 rows: B256 ctx128 d128 took 0.094 ms against 0.061
     return 1, registers
 
 
