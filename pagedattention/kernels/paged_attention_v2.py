@@ -254,6 +254,12 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
     return kernel
 
 
+#: Partitions whose partial rows the merge loads at once. On the H200 (benchmarks/results/decode_ab_h200.log, 14/2
+#: d64 fused with RoPE) one at a time took 8.7-11.3 us at B1, 10.0 at B4, 14.5 at B32 and 15.7 at B64; four, 7.6-10.1,
+#: 8.9, 13.5 and 15.5; eight, 7.7-9.4, 8.4, 12.9 but 16.1 at B64 (four partitions: half its loads wasted).
+MERGE_LOADS = 4
+
+
 @functools.lru_cache(maxsize=None)
 def build_partition_merge(dtype_name: str, head_dim: int):
     """``merge_if_last``, the split-KV merge as the decode kernels' last step (V2 and tensor-core alike).
@@ -293,18 +299,26 @@ def build_partition_merge(dtype_name: str, head_dim: int):
         for x in range(tid, heads * W, THREADS):
             w = x % W
             first = (seq * num_heads + head0 + x // W) * num_partitions   # row of partition 0
+            # MERGE_LOADS partitions at a time, their loads issued together (the index clamped to the last
+            # partition, the extra rows weighted 0): a load at a time, each waiting for the one before, cost a
+            # round trip per partition.
             big = float32(NEG_BIG)
-            for p in range(used):
-                big = max(big, ld_f32_cg(part_m, first + p))
+            for p0 in range(0, used, MERGE_LOADS):
+                for j in range(MERGE_LOADS):
+                    big = max(big, ld_f32_cg(part_m, first + min(p0 + j, used - 1)))
             total = float32(0.0)
             o0 = float32(0.0)
             o1 = float32(0.0)
-            for p in range(used):
-                weight = ld_f32_cg(part_l, first + p) * math.exp(ld_f32_cg(part_m, first + p) - big)
-                total += weight
-                o0 += weight * ld_f32_cg(part_o, (first + p) * D + w * epw)
-                if pairs:
-                    o1 += weight * ld_f32_cg(part_o, (first + p) * D + w * epw + 1)
+            for p0 in range(0, used, MERGE_LOADS):
+                for j in range(MERGE_LOADS):
+                    p = min(p0 + j, used - 1)
+                    weight = ld_f32_cg(part_l, first + p) * math.exp(ld_f32_cg(part_m, first + p) - big)
+                    if p0 + j >= used:
+                        weight = float32(0.0)
+                    total += weight
+                    o0 += weight * ld_f32_cg(part_o, (first + p) * D + w * epw)
+                    if pairs:
+                        o1 += weight * ld_f32_cg(part_o, (first + p) * D + w * epw + 1)
             inv_total = float32(1.0) / total
             if pairs:
                 out_w[(seq * num_heads + head0) * W + x] = pack(o0 * inv_total, o1 * inv_total)
