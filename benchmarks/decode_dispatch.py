@@ -6,10 +6,12 @@ L2 flushed, bf16, every context equal; the results/decode_group4_h200.log table:
     python benchmarks/decode_dispatch.py | tee benchmarks/results/decode_group4_h200.log
 """
 import sys
-sys.path.insert(0, ".")
+
 import torch
-from benchmarks.bench_kernels import Timer, copy_bandwidth, make_problem
-from pagedattention.kernels.decode import decode_v2
+
+sys.path.insert(0, ".")
+from benchmarks.bench_kernels import Timer, copy_bandwidth, make_problem  # noqa: E402
+from pagedattention.kernels.decode import decode_v2  # noqa: E402
 
 timer, bw = Timer(20), copy_bandwidth()
 print(f"copy {bw / 1e12:.2f} TB/s; us per launch (% of copy): auto | tc capped | tc uncapped")
