@@ -353,6 +353,18 @@ def test_paged_attention_rejects_bad_options(kwargs, error, name):
         paged_attention(**_valid_decode_args(), **kwargs)
 
 
+def test_v2_rejects_more_partitions_than_the_grid_holds():
+    args = _valid_decode_args()
+    tables = args["block_tables"]
+    wide = torch.full((tables.shape[0], 9000), 10_000, dtype=tables.dtype, device=tables.device)
+    wide[:, :tables.shape[1]] = tables                 # 9,000 blocks of 8 tokens: 72,000 one-token partitions
+    args["block_tables"] = wide
+    out = poisoned_like(args["query"])
+    with pytest.raises(ValueError, match="partition_size"):
+        decode_v2(**args, out=out, partition_size=1, max_context_len=72_000)
+    assert torch.isnan(out).all()
+
+
 @pytest.mark.skipif(SIM, reason="device mismatch needs a GPU")
 def test_paged_attention_rejects_cpu_tensors():
     args = _valid_decode_args()

@@ -29,6 +29,7 @@ from .runtime import as_kernel_array, current_stream, simulator_enabled
 
 #: Shortest split-KV partition: a block that covers fewer tokens costs more in its launch and merge than it saves.
 MIN_PARTITION = 128
+MAX_GRID_Z = 65535     # partitions are the grid's z index (launched last: blocks past a context exit at once)
 
 
 def v2_config(group: int, cap: int = V.MAX_GROUP_PER_BLOCK):
@@ -256,6 +257,9 @@ def _plan(query, num_kv_heads, max_context_len, partition_size=None, tokens_per_
         raise ValueError(f"partition_size must be a positive int, got {partition_size!r}")
     else:
         num_partitions = -(-max_context_len // partition_size)
+        if num_partitions > MAX_GRID_Z:
+            raise ValueError(f"partition_size {partition_size} splits max_context_len {max_context_len} into "
+                             f"{num_partitions} partitions; the grid holds at most {MAX_GRID_Z}")
     return _Launch(kernel, num_units, partition_size, num_partitions, tc or None)
 
 
@@ -274,7 +278,7 @@ def _launch(plan: _Launch, out, query, q_row_words, key_cache, value_cache, bloc
         scratch = tuple(as_kernel_array(t) for t in (part_m, part_l, part_o, arrivals))
     else:
         scratch = _unused_scratch(device)
-    plan.kernel[(plan.num_partitions, plan.num_units, num_seqs), THREADS, current_stream()](
+    plan.kernel[(plan.num_units, num_seqs, plan.num_partitions), THREADS, current_stream()](
         _words(out), *scratch, _row_words(query), q_row_words, _words(key_cache), _words(value_cache),
         as_kernel_array(block_tables.view(-1)), as_kernel_array(context_lens), num_heads, num_kv_heads,
         block_tables.shape[1], block_size.bit_length() - 1, plan.partition_size, plan.num_partitions,

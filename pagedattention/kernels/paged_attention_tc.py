@@ -7,8 +7,8 @@ an ``mma.m16n8k16`` A operand (rows >= GB are zero padding), so one instruction 
 
 Grid and threads::
 
-    grid    (num_partitions, num_kv_heads, num_seqs)
-            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
+    grid    (num_kv_heads, num_seqs, num_partitions)
+            block (u, s, p) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
             common.sequence_partition (the sequence's own context over the grid's partitions, at least the
             launch's partition_size), for query heads
             u*GB .. u*GB + GB - 1 (GB = the whole group, at most 8), which all read KV head u.
@@ -178,9 +178,9 @@ def build_tc_kernel(dtype_name: str, head_dim: int, chunks: int, max_registers: 
     def kernel(out_w, part_m, part_l, part_o, arrivals, query_w, q_row_words, key_w, value_w, block_tables,
                context_lens, num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale,
                new_k_w, k_row_words, new_v_w, v_row_words, cos_w, sin_w, slot_mapping, num_slots):
-        part = cuda.blockIdx.x
-        kv_head = cuda.blockIdx.y
-        seq = cuda.blockIdx.z
+        kv_head = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        part = cuda.blockIdx.z
         tid = cuda.threadIdx.x
         warp = tid // 32
         g = (tid % 32) // 4                                # fragment row: query head head0 + g

@@ -2,8 +2,8 @@
 
 Grid and threads::
 
-    grid    (num_partitions, num_kv_heads * head_blocks, num_seqs)
-            block (p, u, s) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
+    grid    (num_kv_heads * head_blocks, num_seqs, num_partitions)
+            block (u, s, p) handles tokens [p*P, min((p+1)*P, context_len)) of sequence s, P =
             common.sequence_partition (the sequence's own context over the grid's partitions, at least the
             launch's partition_size), for query heads
             head0 .. head0+GB-1, which all read KV head u // head_blocks: each K/V byte is read once per
@@ -84,9 +84,9 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
                context_lens, num_heads, num_kv_heads, max_blocks, block_shift, partition_size, num_partitions, scale,
                new_k_w, k_row_words, new_v_w, v_row_words, cos_w, sin_w, slot_mapping, num_slots):
         # (the arguments after ``scale`` serve the tensor-core kernel's RoPE fusion: one launch for both kernels)
-        part = cuda.blockIdx.x
-        unit = cuda.blockIdx.y
-        seq = cuda.blockIdx.z
+        unit = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        part = cuda.blockIdx.z
         tid = cuda.threadIdx.x
         group = tid // TG                                  # which thread group (token stream) in the block
         lane = tid % TG                                    # which slice of head_dim inside the group
@@ -248,7 +248,7 @@ def build_v2_kernel(dtype_name: str, head_dim: int, heads_per_block: int, tokens
                     part_m[row] = sm_stat[0, gh]
                     part_l[row] = sm_stat[1, gh]
         if not direct:
-            merge_if_last(out_w, part_m, part_l, part_o, arrivals, seq * cuda.gridDim.y + unit, seq, head0, GB,
+            merge_if_last(out_w, part_m, part_l, part_o, arrivals, seq * cuda.gridDim.x + unit, seq, head0, GB,
                           num_heads, num_partitions, (context_len + size - 1) // size, tid)
 
     return kernel
