@@ -6,7 +6,7 @@ four projections, and both against reading the weights once.
 A projection is timed as a decode step runs it: one launch per layer, each on its own weight matrix (so none
 comes from L2), captured in one CUDA graph and replayed 10 times; us per launch. The bound is the weight bytes
 at the copy bandwidth measured in the same run. Each cell first checks the kernel's output against torch's.
-Writes results/gemm_<card>.json.
+Writes results/gemm_<card>.json (gemm_<shape>_<card>.json for another model shape).
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
               f"bound {sum(r['weights_once_us'] for r in rows):.1f} us")
     report = {**common.run_info(device), "model_shape": args.model_shape, "dtype": "bfloat16",
               "copy_tbps": copy_bw / 1e12, "layers_per_graph": mc.num_hidden_layers, "results": results}
-    print("wrote", common.write_json(args.out / f"gemm_{card.replace(' ', '_')}.json", report))
+    shape = "" if args.model_shape == common.DEFAULT_SHAPE else f"{args.model_shape}_"
+    print("wrote", common.write_json(args.out / f"gemm_{shape}{card.replace(' ', '_')}.json", report))
     return 0
 
 

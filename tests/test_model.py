@@ -297,3 +297,20 @@ def test_numba_backend_matches_torch_backend():
         expected = PagedDriver(model, config, block_size=8, num_blocks=4).greedy([prompt], 2)
         got = PagedDriver(model, config, block_size=8, num_blocks=4, backend="numba").greedy([prompt], 2)
     assert got == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode-sized GEMM dispatch runs on a GPU")
+def test_numba_backend_runs_a_few_rows_on_the_skinny_kernel(monkeypatch):
+    """Up to 16 rows of a small projection go to kernels/skinny_gemm.py, more to cuBLAS; both match torch."""
+    from pagedattention.kernels import skinny_gemm
+    from pagedattention.models.attention import backend_ops
+
+    calls = []
+    kernel = skinny_gemm.skinny_gemm
+    monkeypatch.setattr(skinny_gemm, "skinny_gemm", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    layer = torch.nn.Linear(896, 1152, bias=True).cuda().bfloat16()  # Qwen2.5-0.5B's qkv projection
+    for rows in (1, 5, 16, 17, 64):
+        x = torch.randn(rows, 896, device="cuda").bfloat16()
+        got = backend_ops("numba").linear(layer, x)
+        torch.testing.assert_close(got, layer(x), atol=2e-2, rtol=2e-2)
+    assert calls == [1, 5, 16]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pagedattention.kernels.runtime import kernels_available
-from pagedattention.kernels.skinny_gemm import row_groups_per_block, skinny_gemm, tiles_for
+from pagedattention.kernels.skinny_gemm import row_groups_per_block, serves, skinny_gemm, tiles_for
 
 pytestmark = pytest.mark.skipif(not kernels_available("cpu"), reason="needs the CUDA simulator")
 
@@ -77,6 +77,18 @@ def test_no_rows_give_an_empty_result():
 ])
 def test_row_groups_per_block_covers_the_sms(n, sms, expected):
     assert row_groups_per_block(n, sms) == expected
+
+
+@pytest.mark.parametrize("m, n, k, expected", [
+    (1, 1152, 896, True), (16, 1152, 896, True),      # Qwen2.5-0.5B qkv: faster than cuBLAS up to 16 rows
+    (17, 1152, 896, False), (32, 896, 896, False),    # past 16 rows cuBLAS wins
+    (1, 896, 4864, False), (1, 9728, 896, False),     # its down and gate_up: more than 2^22 elements
+    (8, 4096, 1024, True), (16, 4096, 1024, False),   # Qwen3-0.6B qkv: 2^22 elements, at most 2^25 / rows
+    (16, 1024, 2048, True),                           # its o at 2^21 elements
+    (0, 1152, 896, False), (1, 1160, 896, False), (1, 1152, 900, False),  # no rows; N, K the kernel can't take
+])
+def test_the_engine_uses_the_kernel_where_it_was_measured_faster(m, n, k, expected):
+    assert serves(m, n, k) is expected
 
 
 @pytest.mark.parametrize("change, error, match", [

@@ -52,6 +52,7 @@ class BackendOps:
     add_rms_norm_: Callable      # (x, residual, weight, eps) -> (x, residual), in place
     silu_and_mul: Callable       # (gate_up) -> silu(gate) * up
     copy_blocks: Callable        # (key_caches, value_caches, src_to_dst) -> None: copy-on-write of whole blocks
+    linear: Callable             # (layer, x) -> layer(x) for a projection, by the fastest GEMM for x's rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,10 +80,11 @@ def backend_ops(backend: str) -> BackendOps:
             return ref.reference_paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale=scale)
 
         return BackendOps(ref.reference_rope_write_kv, prefill, decode, rope_decode, ref.reference_add_rms_norm_,
-                          ref.reference_silu_and_mul, ref.reference_copy_blocks)
+                          ref.reference_silu_and_mul, ref.reference_copy_blocks, _call)
     if backend == "numba":
         # imported on first use: the kernels pull in numba.cuda, which the torch path never needs
         from pagedattention.kernels import copy_blocks, layer_ops, paged_attention, paged_prefill_attention
+        from pagedattention.kernels import skinny_gemm
         from pagedattention.kernels.decode import rope_paged_attention
 
         def prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, *, scale, max_q_len,
@@ -99,9 +101,22 @@ def backend_ops(backend: str) -> BackendOps:
             return rope_paged_attention(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, block_tables,
                                         context_lens, scale=scale, max_context_len=max_context_len or None)
 
+        def linear(layer, x):
+            # a decode step's few rows: the tensor-core kernel where it was measured faster than cuBLAS
+            weight = layer.weight
+            if (type(layer) is nn.Linear and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+                    and x.is_cuda and x.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+                    and skinny_gemm.serves(x.shape[0], *weight.shape)):
+                return skinny_gemm.skinny_gemm(x, weight, layer.bias)
+            return layer(x)
+
         return BackendOps(layer_ops.rope_write_kv, prefill, decode, rope_decode, layer_ops.add_rms_norm_,
-                          layer_ops.silu_and_mul, copy_blocks)
+                          layer_ops.silu_and_mul, copy_blocks, linear)
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _call(layer, x):
+    return layer(x)
 
 
 class PagedAttention(nn.Module):

@@ -106,14 +106,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn: AttentionMetadata):
         n = x.shape[0]
         # strided views of the fused projection: the kernels read each head's row where it lies
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        linear = self.attn.ops.linear
+        q, k, v = linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, cos, sin, attn)  # RoPE, the cache write and attention
-        return self.o_proj(out.reshape(n, self.q_size))
+        return linear(self.o_proj, out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
@@ -126,7 +127,7 @@ class MLP(nn.Module):
         self.down_proj = parallel.row_parallel_linear(size, config.hidden_size, False, tp)
 
     def forward(self, x, ops: BackendOps):
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return ops.linear(self.down_proj, ops.silu_and_mul(ops.linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
