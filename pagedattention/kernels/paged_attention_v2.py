@@ -33,7 +33,8 @@ with one partition the block writes the normalised output, otherwise (m, l, acc 
 the last partition block of the sequence to finish combines them (``build_partition_merge``). Tokens past the
 context are masked (their loads are clamped to the last real token, their weight set to 0); partitions past it
 return at once and the merge never reads them, so one grid sized by an upper bound serves every shorter
-context (CUDA-graph replay).
+context (CUDA-graph replay). The partition is the grid's slowest index because blocks are scheduled in x, y, z
+order: the blocks with no work then come after every working one instead of taking SM slots between them.
 """
 from __future__ import annotations
 
