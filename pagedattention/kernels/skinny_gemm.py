@@ -65,8 +65,9 @@ _DTYPES = (torch.float16, torch.bfloat16)
 def serves(rows: int, n: int, k: int) -> bool:
     """Whether this kernel beats cuBLAS at ``rows`` x ``[n, k]`` (``benchmarks/bench_gemm.py`` on the H200, every
     projection of three model shapes at 1-32 rows, ``results/gemm_*_NVIDIA_H200.json``): up to 16 rows, on weights
-    of at most 2^22 elements (8 MB of bf16) and at most 2^25 / rows (the weight's rows are re-read per 8 tokens
-    and its x words per warp, which outgrows cuBLAS's fixed cost of ~4 us a GEMM). Examples, us against cuBLAS:
+    of at most 2^22 elements (8 MB of bf16) and at most 2^25 / rows (every warp loads x's words for each of its
+    chunks, so the kernel's time grows with rows x weight, where cuBLAS's ~4 us a GEMM is mostly fixed; on large
+    weights cuBLAS streams them faster). Examples, us against cuBLAS:
     Qwen2.5-0.5B's qkv [1152, 896] at 16 rows 3.96 / 4.70, Qwen3-0.6B's o [1024, 2048] at 1 row 4.05 / 12.96;
     outside: Qwen2.5-0.5B's down [896, 4864] at 1 row 7.37 / 7.18, o at 32 rows 4.84 / 3.60."""
     return 0 < rows <= 16 and n % ROWS == 0 and k % CHUNK == 0 and n * k <= min(1 << 22, (1 << 25) // rows)
