@@ -104,9 +104,9 @@ def backend_ops(backend: str) -> BackendOps:
         def linear(layer, x):
             # a decode step's few rows: the tensor-core kernel where it was measured faster than cuBLAS
             weight = layer.weight
-            if (type(layer) is nn.Linear and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
-                    and x.is_cuda and x.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-                    and skinny_gemm.serves(x.shape[0], *weight.shape)):
+            if (skinny_gemm.serves(x.shape[0], *weight.shape) and type(layer) is nn.Linear and x.is_cuda
+                    and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+                    and x.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
                 return skinny_gemm.skinny_gemm(x, weight, layer.bias)
             return layer(x)
 
