@@ -23,12 +23,14 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
 
 from .sequence import Sequence
 
+_PLAIN = attrgetter("plain")  # SamplingParams.plain, read at C speed
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -54,17 +56,22 @@ class PendingSample:
     event: object                # CUDA event after the copy, or None
     seqs: list
     params: list
-    top_rows: list[int]
+    top_rows: list[int] | None   # the rows with top-N logprobs; None: no row asked for logprobs at all
 
     def result(self) -> SamplerOutput:
         """Wait for the copy; raises SamplingError when rows' logits were not finite."""
         if self.event is not None:
             self.event.synchronize()
-        host, n, seqs, params = self.host, len(self.seqs), self.seqs, self.params
-        token_ids, chosen_logprobs = host[:n].long().tolist(), host[n:2 * n].tolist()
-        top_logprobs = Sampler._top_logprobs(params, token_ids, chosen_logprobs, self.top_rows, host[2 * n:])
-        finite = host[n:2 * n].isfinite()
-        bad = [] if finite.all() else (~finite).nonzero().flatten().tolist()
+        n, seqs, params = len(self.seqs), self.seqs, self.params
+        host = self.host.numpy()  # numpy: a few hundred rows cost µs there, tens of µs as torch ops
+        chosen = host[n:2 * n]
+        finite = np.isfinite(chosen)
+        bad = [] if finite.all() else np.flatnonzero(~finite).tolist()
+        ids = np.where(finite, host[:n], -1) if bad else host[:n]  # a bad row's id may be NaN
+        token_ids = ids.astype(np.int64).tolist()
+        chosen_logprobs = chosen.tolist()
+        top_logprobs = [None] * n if self.top_rows is None else \
+            Sampler._top_logprobs(params, token_ids, chosen_logprobs, self.top_rows, self.host[2 * n:])
         for row in bad:
             token_ids[row], chosen_logprobs[row], top_logprobs[row] = -1, math.nan, None
         output = SamplerOutput(token_ids, chosen_logprobs, top_logprobs)
@@ -125,10 +132,11 @@ class Sampler:
         params = [s.sampling_params for s in seqs]
         self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
         vocab = logits.shape[1]
-        if self.use_kernel and all(p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0
-                                               and p.top_k >= vocab) for p in params):
+        if self.use_kernel and (all(map(_PLAIN, params)) or all(
+                p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0 and p.top_k >= vocab)
+                for p in params)):
             packed = self._sample_in_one_pass(logits, seqs, params, num_pending_rows)  # already packed
-            tokens, top_rows = packed[:len(seqs)], []
+            tokens, top_rows = packed[:len(seqs)], None  # (it serves no row with logprobs)
         else:
             logits = logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -170,10 +178,12 @@ class Sampler:
         rows = np.empty((3, n), dtype=np.int64)  # keys, counters, temperature bits: one copy to the device
         rows[0] = self._step_keys.getrandbits(62)
         rows[1] = np.arange(n)
-        for row in [row for row, p in enumerate(params) if p.seed is not None]:
-            seq = seqs[row]
-            rows[0, row] = (params[row].seed + seq.index) % (1 << 63)
-            rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
+        seeds = [p.seed for p in params]
+        if seeds.count(None) != n:
+            for row in [row for row, seed in enumerate(seeds) if seed is not None]:
+                seq = seqs[row]
+                rows[0, row] = (seeds[row] + seq.index) % (1 << 63)
+                rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
         rows[2] = temperature_bits([p.temperature for p in params])
         params_tensor = self.to_device(rows, torch.int64, logits.device)
         return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
@@ -210,6 +220,8 @@ class Sampler:
     @staticmethod
     def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], params, eos_token_ids: set[int]) -> None:
         """min_tokens: a request may not end (EOS or a stop token) before it has this many tokens."""
+        if [p.min_tokens for p in params].count(0) == len(params):  # the usual step: a pass at C speed
+            return
         for row, (seq, p) in enumerate(zip(seqs, params)):
             if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids)

@@ -164,9 +164,10 @@ class Stepper:
         out = self._sample_result(launched)
         live = [s.status is not FINISHED for s in batch.sample_seqs]  # those ended meanwhile get no token
         self.scheduler.postprocess(batch, out.token_ids, out.logprobs, launched.beams)
-        for seq, top, alive in zip(batch.sample_seqs, out.top_logprobs, live):
-            if top is not None and alive:
-                seq.top_logprobs.append(top)
+        if out.top_logprobs.count(None) != len(out.top_logprobs):  # some row asked for logprobs
+            for seq, top, alive in zip(batch.sample_seqs, out.top_logprobs, live):
+                if top is not None and alive:
+                    seq.top_logprobs.append(top)
         self._check_stop_strings(batch.sample_seqs)
         self._num_sampled += sum(live)
         return [*batch.sample_seqs, *self.drain_finished()]

@@ -172,8 +172,9 @@ class PagedAttentionManager:
         self._context_lens[seq_id] = start + n
         return self._slots(table, start, start + n)
 
-    def append_token_batch(self, seq_ids: list[Hashable]) -> list[int]:
-        """``append_token`` for each of ``seq_ids`` (distinct), all or nothing; returns their slots.
+    def append_token_batch(self, seq_ids: list[Hashable]) -> None:
+        """``append_token`` for each of ``seq_ids`` (distinct), all or nothing. The new token of ``s`` goes to
+        ``slot(s, context_len(s) - 1)`` (the engine's runner computes the step's slots from the block tables).
 
         A decode step's allocations in one pass. The common case, a last block that is ours alone and not
         full, costs no allocator call (``block_manager.private`` knows the block's ref count is 1); the
@@ -183,28 +184,28 @@ class PagedAttentionManager:
         blocks are free than the batch needs.
         """
         bs, private = self.block_size, self.block_manager.private
-        tables, lens = self._block_tables, self._context_lens
-        try:
-            rows = [(tables[s], lens[s]) for s in seq_ids]
-        except KeyError as e:
-            raise KeyError(f"unknown sequence {e.args[0]!r}") from None
+        lens = self._context_lens
+        tables = self._tables(seq_ids)  # (map: the per-row work of a decode step is the host's, at every batch)
+        ctxs = list(map(lens.__getitem__, seq_ids))
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids lists a sequence twice")
         needs = []  # (row, copy-on-write?) of the sequences that need a block
         owners: dict[int, int] = {}  # shared last block -> its ref count as the appends so far leave it
-        for i, (table, ctx) in enumerate(rows):
+        for i, ctx in enumerate(ctxs):
             if ctx % bs == 0:
                 needs.append((i, False))
-            elif table[-1] not in private:
-                last = table[-1]
-                count = owners[last] if last in owners else self.block_manager.ref_count(last)
-                if count > 1:  # each copy drops one owner: when all hold it, the last one keeps it
-                    needs.append((i, True))
-                    owners[last] = count - 1
-                elif last not in owners:
-                    private.add(last)  # count 1 seen now, and only this object changes it
+                continue
+            last = tables[i][-1]
+            if last in private:
+                continue
+            count = owners[last] if last in owners else self.block_manager.ref_count(last)
+            if count > 1:  # each copy drops one owner: when all hold it, the last one keeps it
+                needs.append((i, True))
+                owners[last] = count - 1
+            elif last not in owners:
+                private.add(last)  # count 1 seen now, and only this object changes it
         new_blocks = self.block_manager.allocate(len(needs)) if needs else []
-        copies = [(rows[i][0][-1], b) for (i, cow), b in zip(needs, new_blocks) if cow]
+        copies = [(tables[i][-1], b) for (i, cow), b in zip(needs, new_blocks) if cow]
         if copies:
             try:
                 self._copy_blocks(copies)
@@ -214,12 +215,11 @@ class PagedAttentionManager:
             self.block_manager.free([shared for shared, _ in copies])  # our reference only
         for (i, cow), b in zip(needs, new_blocks):
             if cow:
-                rows[i][0][-1] = b
+                tables[i][-1] = b
             else:
-                rows[i][0].append(b)
+                tables[i].append(b)
         self.num_table_entries += len(needs) - len(copies)
-        lens.update(zip(seq_ids, [ctx + 1 for _, ctx in rows]))
-        return [table[ctx // bs] * bs + ctx % bs for table, ctx in rows]
+        lens.update(zip(seq_ids, map((1).__add__, ctxs)))
 
     def fork_sequence(self, parent_id: Hashable, child_id: Hashable) -> None:
         """``child_id`` becomes a copy of ``parent_id`` sharing all its blocks; nothing is allocated."""
@@ -306,10 +306,10 @@ class PagedAttentionManager:
         enough; entries past a table's end keep what they held), or a new array as wide as the longest table,
         padded with 0.
 
-        One join of the tables' buffers and one scatter, rather than a numpy call per row.
+        One join of the tables' buffers and one masked assignment, rather than a numpy call per row.
         """
-        tables = [self._table(s) for s in seq_ids]
-        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        tables = self._tables(seq_ids)
+        lens = np.array(list(map(len, tables)), dtype=np.int64)
         longest = int(lens.max()) if len(tables) else 0
         if out is None:
             out = np.zeros((len(tables), longest), dtype=np.int32)
@@ -317,12 +317,10 @@ class PagedAttentionManager:
             raise ValueError(f"out must be a C-contiguous 2-D int32 array, got {out.dtype} {out.shape}")
         elif longest > out.shape[1] or len(tables) > out.shape[0]:
             raise ValueError(f"out of shape {out.shape} cannot hold {len(tables)} tables of up to {longest} blocks")
-        width = out.shape[1]
-        starts = np.cumsum(lens) - lens  # where each table begins in the joined buffer
-        # entry j of table i goes to flat index i * width + j = (i * width - starts[i]) + (starts[i] + j)
-        index = np.repeat(np.arange(len(tables)) * width - starts, lens) + np.arange(lens.sum())
-        out.reshape(-1)[index] = np.frombuffer(b"".join(tables), dtype=np.int32)
-        return out[:len(tables)]
+        rows = out[:len(tables)]
+        # a boolean mask takes its elements in row-major order: table 0's entries, then table 1's, ...
+        rows[np.arange(rows.shape[1]) < lens[:, None]] = np.frombuffer(b"".join(tables), dtype=np.int32)
+        return rows
 
     def context_lens_tensor(self, seq_ids: Iterable[Hashable]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""
@@ -364,6 +362,13 @@ class PagedAttentionManager:
         )
 
     # --- helpers
+
+    def _tables(self, seq_ids: Iterable[Hashable]) -> list[array.array]:
+        """``_table`` of each of ``seq_ids``, in one pass."""
+        try:
+            return list(map(self._block_tables.__getitem__, seq_ids))
+        except KeyError as e:
+            raise KeyError(f"unknown sequence {e.args[0]!r}") from None
 
     def _table(self, seq_id: Hashable) -> array.array:
         try:
