@@ -7,14 +7,13 @@
 For each batch size, that many requests (random prompts of ~900 tokens, U[0.9, 1.1] x --context) are prefilled
 through the public loop (``add_request`` / ``step``) until one decode step runs them all; then decode steps are
 (1) timed whole, ``llm.step()`` (schedule + prepare + graph replay + LM head + sample + postprocess), without a
-profiler, with the time the host spends blocked waiting for the GPU inside them (``host_wait_ms``; the rest of
-the step is the host's own work, so a step that never waits is host-bound); (2) traced with torch.profiler:
+profiler, with timers around the engine's phases (``HOST_PHASES``): the host's time in each, and the time it
+spends blocked waiting for the GPU (``host_wait_ms``; the rest of the step is the host's own work, so a step that
+never waits is host-bound); (2) traced with torch.profiler:
 every CUDA kernel (Numba's appear by their mangled Python names, cuBLAS's by theirs) is put in a part by its
 name, except that a step's last GEMM is the LM head and whatever runs after it is sampling (the logits' float
 cast, temperature, the draw). Kernel names no rule knows are "other" and are printed, so the table hides
 nothing; a second table lists every kernel (launches and time per step, time per launch), largest first.
-(3) traced again with Python's call stacks, for the host time of the engine's phases (inflated by the tracer:
-read the shares, not the milliseconds).
 
 Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs read their weights once
 (+ activations) or do their FLOPs, whichever takes longer; norms/RoPE/SwiGLU move their activations once; the
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import re
@@ -50,6 +50,10 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 from benchmark_throughput import ideal_decode_steps  # noqa: E402
 from pagedattention import LLM, SamplingParams  # noqa: E402
+from pagedattention.engine.distributed import TensorParallelRunner  # noqa: E402
+from pagedattention.engine.model_runner import ModelRunner  # noqa: E402
+from pagedattention.engine.sampler import PendingSample, Sampler  # noqa: E402
+from pagedattention.engine.scheduler import Scheduler  # noqa: E402
 
 STEP_LABEL = "profile_step.decode"
 PARTS = ("attention", "gemm", "layer_ops", "lm_head", "sampling", "copies", "other")
@@ -63,11 +67,17 @@ NAME_RULES = [
     ("layer_ops", re.compile(r"layer_ops|rope_write_kv|add_rms_norm|silu|norm(?!al)|cos_kernel|sin_kernel"
                              r"|^aten::(cos|sin)$")),
 ]
-# Host phases: the engine's Python frames by file and function name, as the tracer names them
-# ("pagedattention/engine/scheduler.py(88): schedule"); nested calls count once, in the outermost.
-HOST_PHASES = {"schedule": ("scheduler", r"schedule\w*"), "prepare": ("model_runner|distributed", r"prepare"),
-               "execute (replay + LM head)": ("model_runner|distributed", r"execute"),
-               "sample (incl. waiting for tokens)": ("sampler", r"\w+"), "postprocess": ("scheduler", r"postprocess")}
+# Host phases: the engine's methods that make each. A phase's time leaves out the phases called inside it (the
+# wait for the staging buffers inside ``execute`` is a wait); the tracer is not used, as it inflates Python calls.
+HOST_PHASES = {
+    "schedule": [(Scheduler, "schedule"), (Scheduler, "schedule_next"), (Scheduler, "schedule_prompts_next")],
+    "prepare": [(ModelRunner, "prepare"), (TensorParallelRunner, "prepare")],
+    "execute (staging, replay)": [(ModelRunner, "execute"), (TensorParallelRunner, "execute")],
+    "sampler launch": [(Sampler, "launch")],
+    "sampler result": [(PendingSample, "result")],
+    "postprocess": [(Scheduler, "postprocess")],
+    "waiting for the GPU": [(torch.cuda.Event, "synchronize")],  # the tokens, the staging buffers' last copies
+}
 
 
 # --- reading a trace -----------------------------------------------------------------------------------
@@ -160,31 +170,6 @@ def classify_step(step: list[dict]) -> tuple[dict, dict, dict]:
     return parts, dict(others), kernels
 
 
-def host_phases(events: list[dict], windows) -> dict:
-    """ms per step spent in each HOST_PHASES function (inclusive; the outermost call where they nest)."""
-    frame = re.compile(r"(\w+)\.py\(\d+\): (\S+)$")
-    rules = {phase: (re.compile(file), re.compile(function)) for phase, (file, function) in HOST_PHASES.items()}
-    spans = defaultdict(list)
-    for e in events:
-        m = frame.search(e.get("name", "")) if e.get("cat") == "python_function" else None
-        if not m or not any(a <= e["ts"] <= b for a, b in windows):
-            continue
-        for phase, (file, function) in rules.items():
-            if file.fullmatch(m.group(1)) and function.fullmatch(m.group(2)):
-                spans[phase].append((e["ts"], e["ts"] + e["dur"]))
-    totals = dict.fromkeys(HOST_PHASES, 0.0)
-    for phase, intervals in spans.items():
-        end = -1.0
-        for a, b in sorted(intervals):
-            if a >= end:  # a call inside one already counted (nested, recursive) is part of it
-                totals[phase] += b - a
-                end = b
-    n = max(len(windows), 1)
-    step_ms = sum(b - a for a, b in windows) / n / 1e3
-    phases = {k: v / n / 1e3 for k, v in totals.items()}
-    return {**phases, "rest of llm.step": step_ms - sum(phases.values()), "llm.step (traced)": step_ms}
-
-
 # --- bounds --------------------------------------------------------------------------------------------
 
 def layer_op_bytes(mc, tokens: int, dtype_bytes: int) -> int:
@@ -260,28 +245,40 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int, temperat
 
 
 @contextlib.contextmanager
-def waits_for_the_gpu():
-    """Seconds the host spends blocked in ``torch.cuda.Event.synchronize`` (the engine's only waits for the GPU:
-    a step's tokens, and the staging buffers' last copies), summed into the yielded ``[total]``. A step's wall
-    time minus it is the host's own work: a step that waits is GPU-bound, one that does not is host-bound."""
-    waited, synchronize = [0.0], torch.cuda.Event.synchronize
+def host_phase_timers():
+    """Seconds in each ``HOST_PHASES`` phase, summed into the yielded dict while it is open. Each phase leaves out
+    the timed calls made inside it; "waiting for the GPU" is the time blocked in ``torch.cuda.Event.synchronize``
+    (the engine's only waits: a step's tokens, and the staging buffers' last copies). A step's wall time minus
+    the wait is the host's own work: a step that waits is GPU-bound, one that does not is host-bound."""
+    totals = dict.fromkeys(HOST_PHASES, 0.0)
+    inside = [0.0]  # seconds of timed calls made inside the call running now
+    originals = [(owner, name, owner.__dict__[name]) for methods in HOST_PHASES.values() for owner, name in methods]
 
-    def timed(event):
-        start = time.perf_counter()
-        try:
-            return synchronize(event)
-        finally:
-            waited[0] += time.perf_counter() - start
-    torch.cuda.Event.synchronize = timed
+    def timer(phase, method):
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            outer, inside[0] = inside[0], 0.0
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                totals[phase] += elapsed - inside[0]
+                inside[0] = outer + elapsed
+        return timed
+    for phase, methods in HOST_PHASES.items():
+        for owner, name in methods:
+            setattr(owner, name, timer(phase, owner.__dict__[name]))
     try:
-        yield waited
+        yield totals
     finally:
-        torch.cuda.Event.synchronize = synchronize
+        for owner, name, method in originals:
+            setattr(owner, name, method)
 
 
-def traced_steps(llm: LLM, steps: int, on_gpu: bool, with_stack: bool = False) -> list[dict]:
+def traced_steps(llm: LLM, steps: int, on_gpu: bool) -> list[dict]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities, with_stack=with_stack) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             with record_function(STEP_LABEL):
                 llm.step()
@@ -291,18 +288,19 @@ def traced_steps(llm: LLM, steps: int, on_gpu: bool, with_stack: bool = False) -
 def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: float) -> dict:
     on_gpu = llm.config.device.type == "cuda"
     warmup, timed = 3, max(2 * steps, 5)
-    ids = start_decoding(llm, batch, context, warmup + timed + 2 * steps + 4, temperature, seed=batch)  # never ends
+    ids = start_decoding(llm, batch, context, warmup + timed + steps + 4, temperature, seed=batch)  # never ends
     for _ in range(warmup):
         llm.step()
-    walls, waits = [], []
-    with waits_for_the_gpu() as waited:
+    walls = []
+    with host_phase_timers() as phases:
         for _ in range(timed):
-            start, before = time.perf_counter(), waited[0]
+            start = time.perf_counter()
             llm.step()
             walls.append(1e3 * (time.perf_counter() - start))
-            waits.append(1e3 * (waited[0] - before))
+    host = {phase: 1e3 * seconds / timed for phase, seconds in phases.items()}
+    host["rest of llm.step"] = statistics.fmean(walls) - sum(host.values())
+    host["llm.step"] = statistics.fmean(walls)
     trace = traced_steps(llm, steps, on_gpu)
-    host = traced_steps(llm, steps, on_gpu=False, with_stack=True)
     ran_whole = llm.last_step.num_seqs == batch and not llm.last_step.is_prefill
     for request_id in ids:
         llm.abort_request(request_id)
@@ -315,10 +313,9 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
             "kernels_per_step": sum(map(len, per_step)) / max(len(per_step), 1),
             "context_mean": context + warmup + timed + steps / 2,
             "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
-            "host_wait_ms": statistics.median(waits),
+            "host_wait_ms": host["waiting for the GPU"],
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
-            "other_kernels_ms": others, "kernels": kernels,
-            "host_phases_ms": host_phases(host, step_windows(host))}
+            "other_kernels_ms": others, "kernels": kernels, "host_phases_ms": host}
 
 
 def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict, list[dict]]:
@@ -375,7 +372,7 @@ def print_profile(report: dict) -> None:
     print(f"{'llm.step() wall':<30}" + "".join(f"{r['wall_ms']:>20.3f}" for r in rows))
     print(f"{'device idle':<30}" + "".join(f"{100 * r['device_idle_fraction']:>19.1f}%" for r in rows))
     print(f"{'host waiting for the GPU':<30}" + "".join(f"{r['host_wait_ms']:>20.3f}" for r in rows))
-    print("\nhost phases under the Python tracer (ms per step; inflated, compare shares):")
+    print("\nhost time per step by phase (ms, timers, untraced; a phase leaves out those inside it):")
     for phase in rows[0]["host_phases_ms"] if rows else []:
         print(f"{phase:<30}" + "".join(f"{r['host_phases_ms'][phase]:>20.3f}" for r in rows))
     for r in rows:
