@@ -97,6 +97,17 @@ class SamplingError(RuntimeError):
                          f"{', '.join(map(repr, request_ids))}: no token can be sampled for them")
 
 
+@dataclass
+class _RowParams:
+    """A step's rows' SamplingParams (in row order) and what sampling reads of them."""
+    params: list
+    vocab: int
+    one_pass: bool                # every row for the one-pass kernel (no top-k/top-p, penalties or logprobs)
+    min_tokens: bool              # some row has min_tokens (its EOS and stop tokens may need masking)
+    seeded: list[tuple[int, int]]  # (row, seed) of the seeded rows
+    temperature_bits: np.ndarray  # int64, as ``sample_tokens`` reads them
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0, use_kernel: bool = False):
         self.device = device
@@ -104,6 +115,7 @@ class Sampler:
         # the one-pass kernel (kernels/sampling.py) for rows with no top-k/top-p, penalties or top-N logprobs
         self.use_kernel = use_kernel
         self._step_keys = random.Random(seed)
+        self._last_rows: _RowParams | None = None
 
     @classmethod
     def from_config(cls, config) -> "Sampler":
@@ -130,12 +142,11 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [len(seqs)={len(seqs)}, vocab], got {list(logits.shape)}")
         params = [s.sampling_params for s in seqs]
-        self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
-        vocab = logits.shape[1]
-        if self.use_kernel and (all(map(_PLAIN, params)) or all(
-                p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0 and p.top_k >= vocab)
-                for p in params)):
-            packed = self._sample_in_one_pass(logits, seqs, params, num_pending_rows)  # already packed
+        rows = self._rows_of(params, logits.shape[1])
+        if rows.min_tokens:
+            self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
+        if self.use_kernel and rows.one_pass:
+            packed = self._sample_in_one_pass(logits, seqs, rows, num_pending_rows)  # already packed
             tokens, top_rows = packed[:len(seqs)], None  # (it serves no row with logprobs)
         else:
             logits = logits.float()
@@ -168,23 +179,39 @@ class Sampler:
             host = packed
         return PendingSample(tokens, host, event, seqs, params, top_rows)
 
-    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], params, num_pending_rows: int):
+    def _rows_of(self, params: list, vocab: int) -> "_RowParams":
+        """What sampling needs to know of the rows' parameters; kept while the rows carry the same ones in the same
+        order (most decode steps: the per-row passes then run once per batch, not once per step)."""
+        from pagedattention.kernels.sampling import temperature_bits  # numba.cuda: on first use
+
+        rows = self._last_rows
+        if rows is not None and rows.vocab == vocab and rows.params == params:
+            return rows
+        one_pass = all(map(_PLAIN, params)) or all(
+            p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0 and p.top_k >= vocab)
+            for p in params)
+        self._last_rows = rows = _RowParams(
+            params, vocab, one_pass, min_tokens=any(p.min_tokens for p in params),
+            seeded=[(row, p.seed) for row, p in enumerate(params) if p.seed is not None],
+            temperature_bits=temperature_bits([p.temperature for p in params]))
+        return rows
+
+    def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], row_params: "_RowParams",
+                            num_pending_rows: int):
         """Greedy or an inverse-CDF draw in one kernel. Keys of the rows' uniforms: a seeded request's seed +
         completion index, counted by its generated tokens (independent of the batch); the other rows share a fresh
         key per step."""
-        from pagedattention.kernels.sampling import sample_tokens, temperature_bits  # numba.cuda: on first use
+        from pagedattention.kernels.sampling import sample_tokens  # numba.cuda: on first use
 
         n = len(seqs)
         rows = np.empty((3, n), dtype=np.int64)  # keys, counters, temperature bits: one copy to the device
         rows[0] = self._step_keys.getrandbits(62)
         rows[1] = np.arange(n)
-        seeds = [p.seed for p in params]
-        if seeds.count(None) != n:
-            for row in [row for row, seed in enumerate(seeds) if seed is not None]:
-                seq = seqs[row]
-                rows[0, row] = (seeds[row] + seq.index) % (1 << 63)
-                rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
-        rows[2] = temperature_bits([p.temperature for p in params])
+        for row, seed in row_params.seeded:
+            seq = seqs[row]
+            rows[0, row] = (seed + seq.index) % (1 << 63)
+            rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
+        rows[2] = row_params.temperature_bits
         params_tensor = self.to_device(rows, torch.int64, logits.device)
         return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
 
@@ -220,8 +247,6 @@ class Sampler:
     @staticmethod
     def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], params, eos_token_ids: set[int]) -> None:
         """min_tokens: a request may not end (EOS or a stop token) before it has this many tokens."""
-        if [p.min_tokens for p in params].count(0) == len(params):  # the usual step: a pass at C speed
-            return
         for row, (seq, p) in enumerate(zip(seqs, params)):
             if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids)
