@@ -30,7 +30,8 @@ import torch
 
 from .sequence import Sequence
 
-_PLAIN = attrgetter("plain")  # SamplingParams.plain, read at C speed
+# SamplingParams fields read at C speed (map) in the per-row passes
+_PLAIN, _SEED, _MIN_TOKENS, _TEMPERATURE = map(attrgetter, ("plain", "seed", "min_tokens", "temperature"))
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -190,10 +191,12 @@ class Sampler:
         one_pass = all(map(_PLAIN, params)) or all(
             p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0 and p.top_k >= vocab)
             for p in params)
+        seeds = list(map(_SEED, params))
         self._last_rows = rows = _RowParams(
-            params, vocab, one_pass, min_tokens=any(p.min_tokens for p in params),
-            seeded=[(row, p.seed) for row, p in enumerate(params) if p.seed is not None],
-            temperature_bits=temperature_bits([p.temperature for p in params]))
+            params, vocab, one_pass, min_tokens=any(map(_MIN_TOKENS, params)),
+            seeded=[] if seeds.count(None) == len(seeds) else
+            [(row, seed) for row, seed in enumerate(seeds) if seed is not None],
+            temperature_bits=temperature_bits(list(map(_TEMPERATURE, params))))
         return rows
 
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], row_params: "_RowParams",

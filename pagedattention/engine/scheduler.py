@@ -34,11 +34,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from pagedattention.memory.errors import OutOfBlocksError
 
 from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
+
+_PENDING_FORKS = attrgetter("pending_forks")
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         params = seq.sampling_params
         seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq.max_len = min(seq.max_len, self.config.max_model_len)  # one bound for the per-row checks
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -211,11 +215,9 @@ class Scheduler:
         or a beam search is running. Sequences whose pending token ends them by length (max_tokens,
         max_model_len) sit this step out; those the pending token ends otherwise (EOS, a stop token or string)
         run one wasted row and are dropped when the tokens arrive."""
-        config = self.config
         if self.beam_groups:
             return None
-        below = config.max_model_len - 1
-        seqs = [seq for seq in self.running if len(seq.token_ids) < below and len(seq.token_ids) + 1 < seq.max_len]
+        seqs = [seq for seq in self.running if len(seq.token_ids) + 1 < seq.max_len]
         if not seqs:
             return None
         admit = bool(self.waiting) and self._admission_possible() and self._enough_seats()
@@ -270,7 +272,7 @@ class Scheduler:
     def _num_seats(self) -> int:
         """Sequences running, plus the children that admitted requests will fork when their prefill ends and
         the beams that running searches may still grow to."""
-        num = len(self.running) + sum(seq.pending_forks for seq in self.running)
+        num = len(self.running) + sum(map(_PENDING_FORKS, self.running))  # (map: once or twice every step)
         return num + sum(g.search.beam_width - len(g.seqs) for g in self.beam_groups)
 
     @staticmethod
@@ -285,11 +287,18 @@ class Scheduler:
     def _prefill_batch(self, seqs: list[Sequence], num_decode: int = 0) -> ScheduledBatch:
         """A prefill step, or a mixed one whose first ``num_decode`` sequences decode (their inputs pending)."""
         mask = [True] * num_decode + [samples(s) for s in seqs[num_decode:]]
-        batch = self._split_rows(seqs, True, mask, [s for s, m in zip(seqs, mask) if m])
+        logit_seqs = seqs[:num_decode] + [s for s, m in zip(seqs[num_decode:], mask[num_decode:]) if m]
+        if self.beam_groups:
+            batch = self._split_rows(seqs, True, mask, logit_seqs)
+        else:  # every row with logits samples, in order
+            batch = ScheduledBatch(seqs, True, mask, logit_seqs, list(range(len(logit_seqs))), [], [])
         batch.num_decode_seqs = num_decode
         # parallel sampling: children join now and sample from their parent's row (after every parent, so
-        # that the batch order is admission order)
-        parent_rows = [(row, seq) for row, seq in zip(batch.sample_rows, batch.sample_seqs) if seq.pending_forks]
+        # that the batch order is admission order). A decoding sequence has none pending (it forked when its
+        # prefill ended); without beams the decoding sequences are the first rows.
+        first = 0 if self.beam_groups else num_decode
+        parent_rows = [(row, seq) for row, seq in zip(batch.sample_rows[first:], batch.sample_seqs[first:])
+                       if seq.pending_forks]
         for row, seq in parent_rows:
             for index in range(1, seq.pending_forks + 1):
                 child = seq.fork(index)
@@ -328,13 +337,12 @@ class Scheduler:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self._cache_blocks(seq)
-        finished, max_model_len = SequenceStatus.FINISHED, self.config.max_model_len
+        finished = SequenceStatus.FINISHED
         for seq, token_id, logprob in zip(batch.sample_seqs, token_ids, logprobs):
             if seq.status is finished:  # ended while this (overlapped) step ran: its row was wasted
                 continue
             seq.append_token(token_id, logprob)
-            n = len(seq.token_ids)  # the usual row ends nothing: three checks, not _stop_reason's
-            if token_id in seq.stop_ids or n >= seq.max_len or n >= max_model_len:
+            if token_id in seq.stop_ids or len(seq.token_ids) >= seq.max_len:  # the usual row: two checks
                 reason = self._stop_reason(seq, token_id)
                 if reason is not None:
                     self.running.remove(seq)

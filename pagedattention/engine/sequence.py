@@ -33,7 +33,8 @@ class Sequence:
         self.sampling_params = sampling_params
         self.token_ids = list(prompt_token_ids)          # prompt, then generated tokens
         self.num_prompt_tokens = len(self.token_ids)
-        self.max_len = self.num_prompt_tokens + sampling_params.max_tokens  # tokens when max_tokens ends it
+        # tokens when max_tokens ends it (its scheduler lowers it to max_model_len where that comes first)
+        self.max_len = self.num_prompt_tokens + sampling_params.max_tokens
         self.stop_ids: frozenset[int] = frozenset()  # the token ids that end it (its scheduler sets them)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0     # tokens whose K/V are in the cache
