@@ -79,13 +79,20 @@ def replace_model_and_sampling(llm: LLM, rows: int):
     return real
 
 
-def host_seconds_of_workload(name: str, cap: int = 256) -> dict:
-    """Run workload ``name`` to the end with the model and the sampling kernel replaced; the host's seconds
-    (wall and the process's CPU time) and the number of steps, per step kind."""
+def workload_engine(cap: int) -> LLM:
+    """The engine a workload runs on here: the embedded tiny model on the CPU, sized as the GPU runs are
+    (2,048-token context, 8,192-token steps, ``cap`` seats) and with the GPU's mixed-step prompt limit."""
     llm = LLM(None, device="cpu", max_num_seqs=cap, max_model_len=2048, num_kv_blocks=cap * 2048 // 16,
               max_num_batched_tokens=8192, cpu_threads=1)
     llm.scheduler.mixed_prompt_limit = GPU_MIXED_PROMPT_LIMIT
-    w = workloads.make_workload(name, vocab_size=llm.model_config.vocab_size)
+    return llm
+
+
+def host_seconds_of_workload(name: str, cap: int = 256, tiny: bool = False) -> dict:
+    """Run workload ``name`` to the end with the model and the sampling kernel replaced; the host's seconds
+    (wall and the process's CPU time) and the number of steps, per step kind."""
+    llm = workload_engine(cap)
+    w = workloads.make_workload(name, tiny=tiny, vocab_size=llm.model_config.vocab_size)
     real_sample_tokens = replace_model_and_sampling(llm, llm.config.max_num_batched_tokens)
     kinds = {kind: {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0} for kind in ("prefill", "mixed", "decode")}
     try:
