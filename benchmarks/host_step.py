@@ -17,7 +17,7 @@ minimum over many short rounds is the figure to compare: other tenants slow whol
 ``--workload``: every request of W1, W2 or W3 (workloads.py) at t=0, continuous batching at 256 seats, the
 GPU's mixed-step prompt limit (2,048 tokens, 8 prompts; ``cuda_graphs.MIXED_PROMPTS``), the model and the
 sampling kernel replaced as above: the same steps as on the GPU (outputs end by length, so the schedule does not
-depend on the tokens), and the host's seconds in each kind of step. Writes results/host_<workload>_cpu.json.
+depend on the tokens), and the host's seconds in each kind of step. Writes results/hostload_<workload>_cpu.json.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def main_workload(args) -> int:
     best = min(runs, key=lambda r: r["cpu_s"])
     report = {**common.run_info("cpu"), "machine": platform.platform(), "python": platform.python_version(),
               "mixed_prompt_limit": GPU_MIXED_PROMPT_LIMIT, **best, "cpu_s_runs": [r["cpu_s"] for r in runs]}
-    print(f"wrote {common.write_json(args.out / f'host_{args.workload}_cpu.json', report)}")
+    print(f"wrote {common.write_json(args.out / f'hostload_{args.workload}_cpu.json', report)}")
     return 0
 
 

@@ -31,6 +31,7 @@ TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode
           "profile_prefill": "Prefill step profile: GPU time per part against its bound",
           "sharing": "Sharing: parallel sampling, beam search, prefix caching",
           "host": "Engine host time per decode step",
+          "hostload": "Engine host time over a request set, the model replaced",
           "gemm": "Decode GEMMs: the skinny tensor-core kernel against cuBLAS",
           "rope_decode": "RoPE + cache write inside the decode kernel, or launched before it",
           "sampling": "Sampling kernel: one launch over the LM head's logits",
