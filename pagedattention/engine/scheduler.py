@@ -272,7 +272,7 @@ class Scheduler:
     def _num_seats(self) -> int:
         """Sequences running, plus the children that admitted requests will fork when their prefill ends and
         the beams that running searches may still grow to."""
-        num = len(self.running) + sum(map(_PENDING_FORKS, self.running))  # (map: once or twice every step)
+        num = len(self.running) + sum(map(_PENDING_FORKS, self.running))  # at C speed: once or twice a step
         return num + sum(g.search.beam_width - len(g.seqs) for g in self.beam_groups)
 
     @staticmethod

@@ -185,7 +185,7 @@ class PagedAttentionManager:
         """
         bs, private = self.block_size, self.block_manager.private
         lens = self._context_lens
-        tables = self._tables(seq_ids)  # (map: the per-row work of a decode step is the host's, at every batch)
+        tables = self._tables(seq_ids)  # lookups at C speed: this runs over every row of every decode step
         ctxs = list(map(lens.__getitem__, seq_ids))
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids lists a sequence twice")
