@@ -19,6 +19,8 @@
 # sharing      bench_sharing.py --num-requests 128                               120 s   json png log
 # serving      benchmark_serving.py --launch-server (W3 over HTTP)               240 s   json png log
 # demo_memory  python -m pagedattention demo memory                              120 s   json log
+# ab           ab_engine.py: W1/W2/W3 of this tree against OLD (a carried         570 s   json log
+#              `git archive <rev> pagedattention benchmarks`), old/new/new/old; not in the default set
 #
 # A stage writes its files as it finishes, so one that fails leaves the others' in place; each prints its wall
 # time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
@@ -78,6 +80,10 @@ stage() {
                  else echo "== serving: benchmarks/benchmark_serving.py is missing, skipped"; fi ;;
         demo_memory) run_stage demo_memory 120 $py -m pagedattention demo memory --unshared --no-progress \
                          --json "$out/demo_memory_gpu.json" ;;
+        ab) [ -f "${OLD:-}/pagedattention/memory/libblockmanager.so" ] \
+                || make -s -C "${OLD:?set OLD to the other build}/pagedattention/memory" > /dev/null
+            run_stage ab 570 $py benchmarks/ab_engine.py --old "$OLD" --workloads "${AB_WORKLOADS:-W1,W2,W3}" \
+                --out "$out/ab" ;;
         *) rm -f "$out/$1.log"
            echo "unknown stage $1 ($all_stages)"; return 2 ;;
     esac
