@@ -93,7 +93,7 @@ def host_seconds_of_workload(name: str, cap: int = 256, tiny: bool = False) -> d
     (wall and the process's CPU time) and the number of steps, per step kind."""
     llm = workload_engine(cap)
     w = workloads.make_workload(name, tiny=tiny, vocab_size=llm.model_config.vocab_size)
-    real_sample_tokens = replace_model_and_sampling(llm, llm.config.max_num_batched_tokens)
+    real_sample_tokens = replace_model_and_sampling(llm, cap)  # a step samples at most one row a sequence
     kinds = {kind: {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0} for kind in ("prefill", "mixed", "decode")}
     try:
         for prompt, params in zip(w.prompts, w.sampling_params(0.6)):
