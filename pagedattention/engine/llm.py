@@ -42,6 +42,8 @@ from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
 from .stepper import StepInfo, Stepper
 
+FINISHED = SequenceStatus.FINISHED  # read per row: a module name is faster than the enum class's attribute
+
 
 class LLM:
     """An inference engine over a paged KV cache with continuous batching.
@@ -178,7 +180,7 @@ class LLM:
         with self._lock:
             touched, self._touched_meanwhile = self._touched_meanwhile + self._step(), []
             # a "final_only" request reports nothing until it ends: skip its running sequences in one pass
-            touched = [s for s in touched if s.status is SequenceStatus.FINISHED
+            touched = [s for s in touched if s.status is FINISHED
                        or s.sampling_params.output_kind != "final_only"]
             outputs = []
             for first in {id(s.group[0]): s.group[0] for s in touched}.values():
@@ -311,7 +313,7 @@ class LLM:
                 if len(self._requests) > num_registered:  # add_request ones ran too: step() reports them
                     self._touched_meanwhile += touched
                 num_output_tokens += self.stepper.last_step.num_sampled
-                ended = {id(s.group[0]) for s in touched if s.is_finished and s.request_finished}
+                ended = {id(s.group[0]) for s in touched if s.status is FINISHED and s.request_finished}
                 ended.update(id(g) for g in self.stepper.finished_beam_groups)
                 if ended & pending:
                     bar.update(len(ended & pending))
