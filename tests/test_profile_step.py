@@ -193,10 +193,10 @@ def test_tiny_profile_end_to_end(tmp_path, capsys):
         assert set(r["bounds_ms"]) == {"attention", "gemm", "layer_ops", "lm_head", "sampling"}
         assert r["device_idle_fraction"] < 1 and r["wall_ms"] > 0
         assert r["host_wait_ms"] == 0  # on the CPU nothing runs asynchronously: the host never waits
-        phases = r["host_phases_ms"]  # every phase of a decode step ran, none inside another counted twice
+        phases = r["host_phases_ms"]  # every phase of a decode step ran
         assert all(phases[name] > 0 for name in ps.HOST_PHASES if name != "waiting for the GPU")
-        assert phases["rest of llm.step"] > 0
-        assert sum(phases.values()) - phases["llm.step"] == pytest.approx(phases["llm.step"])
+        # each phase without the timed calls inside it: together less than the step (nothing counted twice)
+        assert sum(phases[name] for name in ps.HOST_PHASES) < phases["llm.step"]
     assert 0 < report["w2_fraction_of_bound"] < 1
     out = capsys.readouterr().out
     assert "unclassified" in out and "W2 bound on cpu" in out
