@@ -46,7 +46,7 @@ def torch_sampler(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def measure(rows: int, temperature: float, copy_bw: float, device) -> dict:
     logits = (torch.randn(rows, VOCAB, device=device) * 2).bfloat16()
-    params = torch.tensor([list(range(rows)), [5] * rows, temperature_bits([temperature] * rows).tolist()],
+    params = torch.tensor([list(range(rows)), [5] * rows, temperature_bits([temperature] * rows)],
                           dtype=torch.int64, device=device)
     out = sample_tokens(logits, params)
     tokens = out[0].long()

@@ -86,7 +86,7 @@ def assert_drawn(token: int, x: np.ndarray, temperature: float, key: int, counte
 
 
 def run(logits, temperatures, keys, counters):
-    params = torch.tensor([keys, counters, temperature_bits(temperatures).tolist()], dtype=torch.int64, device=DEVICE)
+    params = torch.tensor([keys, counters, temperature_bits(temperatures)], dtype=torch.int64, device=DEVICE)
     out = sample_tokens(logits.to(DEVICE), params).cpu()
     assert out.dtype == torch.float32 and out.shape == (2, len(logits))
     return out[0].long(), out[1]
@@ -152,7 +152,7 @@ def test_a_row_does_not_depend_on_the_blocks_that_share_it(dtype):
     same tokens and log-probabilities, bit for bit."""
     gen = torch.Generator().manual_seed(np.random.randint(1 << 30))
     logits = (torch.randn(2, 2100, generator=gen) * 3).to(dtype).to(DEVICE)
-    params = torch.tensor([[3, 4], [1, 2], temperature_bits([0.9, 0.0]).tolist()], dtype=torch.int64, device=DEVICE)
+    params = torch.tensor([[3, 4], [1, 2], temperature_bits([0.9, 0.0])], dtype=torch.int64, device=DEVICE)
     outs = [sample_tokens(logits, params, splits=n).cpu() for n in (1, 2, 3)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert_drawn(int(outs[0][0, 0]), logits[0].double().cpu().numpy(), 0.9, 3, 1)

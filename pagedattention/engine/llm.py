@@ -38,11 +38,9 @@ from .prefix_cache import PrefixCache
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, cdiv
-from .sequence import Sequence, SequenceStatus
+from .sequence import FINISHED, Sequence
 from .stats import EngineStats
 from .stepper import StepInfo, Stepper
-
-FINISHED = SequenceStatus.FINISHED  # read per row: a module name is faster than the enum class's attribute
 
 
 class LLM:
@@ -313,7 +311,7 @@ class LLM:
                 if len(self._requests) > num_registered:  # add_request ones ran too: step() reports them
                     self._touched_meanwhile += touched
                 num_output_tokens += self.stepper.last_step.num_sampled
-                ended = {id(s.group[0]) for s in touched if s.status is FINISHED and s.request_finished}
+                ended = {id(s.group[0]) for s in touched if s.is_finished and s.request_finished}
                 ended.update(id(g) for g in self.stepper.finished_beam_groups)
                 if ended & pending:
                     bar.update(len(ended & pending))

@@ -191,12 +191,10 @@ class Sampler:
         one_pass = all(map(_PLAIN, params)) or all(
             p.plain or (p.logprobs is None and not p.has_penalties and p.top_p == 1.0 and p.top_k >= vocab)
             for p in params)
-        seeds = list(map(_SEED, params))
         self._last_rows = rows = _RowParams(
             params, vocab, one_pass, min_tokens=any(map(_MIN_TOKENS, params)),
-            seeded=[] if seeds.count(None) == len(seeds) else
-            [(row, seed) for row, seed in enumerate(seeds) if seed is not None],
-            temperature_bits=temperature_bits(list(map(_TEMPERATURE, params))))
+            seeded=[(row, seed) for row, seed in enumerate(map(_SEED, params)) if seed is not None],
+            temperature_bits=np.array(temperature_bits(list(map(_TEMPERATURE, params))), dtype=np.int64))
         return rows
 
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], row_params: "_RowParams",

@@ -20,9 +20,8 @@ import torch
 
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler, SamplerOutput, SamplingError
-from .sequence import Sequence, SequenceStatus
+from .sequence import FINISHED, Sequence
 
-FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass

@@ -471,6 +471,6 @@ def sample_tokens(logits: torch.Tensor, params: torch.Tensor, splits: int | None
     return out
 
 
-def temperature_bits(temperatures) -> np.ndarray:
-    """The float32 bits of each temperature, as the ints ``sample_tokens`` reads from ``params[2]`` (int64)."""
-    return np.asarray(temperatures, dtype=np.float32).view(np.int32).astype(np.int64)
+def temperature_bits(temperatures) -> list[int]:
+    """The float32 bits of each temperature, as the ints ``sample_tokens`` reads from ``params[2]``."""
+    return np.asarray(temperatures, dtype=np.float32).view(np.int32).astype(np.int64).tolist()

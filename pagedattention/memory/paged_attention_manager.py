@@ -290,7 +290,7 @@ class PagedAttentionManager:
 
     def block_tables_tensor(self, seq_ids: Iterable[Hashable], max_blocks: int | None = None) -> torch.Tensor:
         """int32 ``[len(seq_ids), max_blocks]``, padded with 0 (default width: the longest table)."""
-        tables = [self._table(s) for s in seq_ids]
+        tables = self._tables(seq_ids)
         longest = max(map(len, tables), default=0)
         if max_blocks is None:
             max_blocks = longest
