@@ -50,10 +50,12 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 from benchmark_throughput import ideal_decode_steps  # noqa: E402
 from pagedattention import LLM, SamplingParams  # noqa: E402
+from pagedattention.engine.cuda_graphs import CudaGraphs  # noqa: E402
 from pagedattention.engine.distributed import TensorParallelRunner  # noqa: E402
 from pagedattention.engine.model_runner import ModelRunner  # noqa: E402
 from pagedattention.engine.sampler import PendingSample, Sampler  # noqa: E402
 from pagedattention.engine.scheduler import Scheduler  # noqa: E402
+from pagedattention.kernels import sampling  # noqa: E402
 
 STEP_LABEL = "profile_step.decode"
 PARTS = ("attention", "gemm", "layer_ops", "lm_head", "sampling", "copies", "other")
@@ -72,12 +74,16 @@ NAME_RULES = [
 HOST_PHASES = {
     "schedule": [(Scheduler, "schedule"), (Scheduler, "schedule_next"), (Scheduler, "schedule_prompts_next")],
     "prepare": [(ModelRunner, "prepare"), (TensorParallelRunner, "prepare")],
-    "execute (staging, replay)": [(ModelRunner, "execute"), (TensorParallelRunner, "execute")],
-    "sampler launch": [(Sampler, "launch")],
+    "execute (rest)": [(ModelRunner, "execute"), (TensorParallelRunner, "execute")],
+    "staging (graph inputs)": [(CudaGraphs, "stage")],
+    "graph replay": [(torch.cuda.CUDAGraph, "replay")],
+    "sampler launch (rest)": [(Sampler, "launch")],
+    "sampling kernel launch": [(sampling, "sample_tokens")],
     "sampler result": [(PendingSample, "result")],
     "postprocess": [(Scheduler, "postprocess")],
     "waiting for the GPU": [(torch.cuda.Event, "synchronize")],  # the tokens, the staging buffers' last copies
 }
+GPU_PHASES = ("staging (graph inputs)", "graph replay", "sampling kernel launch", "waiting for the GPU")  # 0 on a CPU
 
 
 # --- reading a trace -----------------------------------------------------------------------------------
