@@ -21,6 +21,8 @@
 # demo_memory  python -m pagedattention demo memory                              120 s   json log
 # ab           ab_engine.py: W1/W2/W3 of this tree against OLD (a carried         570 s   json log
 #              `git archive <rev> pagedattention benchmarks`), old/new/new/old; not in the default set
+# tests        the engine's and kernels' tests on the GPU (CUDA graphs == eager,  400 s   log
+#              the kernels against their references); not in the default set
 #
 # A stage writes its files as it finishes, so one that fails leaves the others' in place; each prints its wall
 # time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
@@ -80,6 +82,9 @@ stage() {
                  else echo "== serving: benchmarks/benchmark_serving.py is missing, skipped"; fi ;;
         demo_memory) run_stage demo_memory 120 $py -m pagedattention demo memory --unshared --no-progress \
                          --json "$out/demo_memory_gpu.json" ;;
+        tests) run_stage tests 400 $py -m pytest -q -x -p no:cacheprovider tests/test_engine.py \
+                   tests/test_mixed_steps.py tests/test_sampler.py tests/test_sampling_kernel.py \
+                   tests/test_correctness.py ;;
         ab) [ -f "${OLD:-}/pagedattention/memory/libblockmanager.so" ] \
                 || make -s -C "${OLD:?set OLD to the other build}/pagedattention/memory" > /dev/null
             run_stage ab 570 $py benchmarks/ab_engine.py --old "$OLD" --workloads "${AB_WORKLOADS:-W1,W2,W3}" \
