@@ -21,6 +21,8 @@
 # demo_memory  python -m pagedattention demo memory                              120 s   json log
 # ab           ab_engine.py: W1/W2/W3 of this tree against OLD (a carried         570 s   json log
 #              `git archive <rev> pagedattention benchmarks`), old/new/new/old; not in the default set
+# ab_steps     the same for decode steps (ab_engine.py --steps: profile_step.py   420 s   json log
+#              per tree): wall, host work and GPU time per step at batch 1/16/64/256
 # tests        the engine's and kernels' tests on the GPU (CUDA graphs == eager,  400 s   log
 #              the kernels against their references); not in the default set
 #
@@ -85,10 +87,14 @@ stage() {
         tests) run_stage tests 400 $py -m pytest -q -x -p no:cacheprovider tests/test_engine.py \
                    tests/test_mixed_steps.py tests/test_sampler.py tests/test_sampling_kernel.py \
                    tests/test_correctness.py ;;
-        ab) [ -f "${OLD:-}/pagedattention/memory/libblockmanager.so" ] \
+        ab|ab_steps) [ -f "${OLD:-}/pagedattention/memory/libblockmanager.so" ] \
                 || make -s -C "${OLD:?set OLD to the other build}/pagedattention/memory" > /dev/null
-            run_stage ab 570 $py benchmarks/ab_engine.py --old "$OLD" --workloads "${AB_WORKLOADS:-W1,W2,W3}" \
-                --out "$out/ab" ;;
+            if [ "$1" = ab ]; then
+                run_stage ab 570 $py benchmarks/ab_engine.py --old "$OLD" --workloads "${AB_WORKLOADS:-W1,W2,W3}" \
+                    --out "$out/ab"
+            else
+                run_stage ab_steps 420 $py benchmarks/ab_engine.py --old "$OLD" --steps --out "$out/ab_steps"
+            fi ;;
         *) rm -f "$out/$1.log"
            echo "unknown stage $1 ($all_stages)"; return 2 ;;
     esac

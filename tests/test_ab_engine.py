@@ -37,3 +37,21 @@ def test_a_tiny_ab_of_this_tree_against_itself(tmp_path, capsys):
 def test_the_other_build_must_hold_the_benchmark(tmp_path):
     with pytest.raises(SystemExit):
         ab_engine.main(["--old", str(tmp_path)])
+
+
+def test_the_step_summary_is_per_batch_with_the_host_work_and_the_ratio_of_the_walls():
+    def run(*walls):
+        return {"rows": [{"batch": b, "wall_ms": w, "host_wait_ms": 0.25, "device_busy_ms": 0.5}
+                         for b, w in zip((1, 64), walls)]}
+    rows = ab_engine.summarize_steps({"old": [run(1.0, 2.0), run(1.5, 2.0)], "new": [run(1.0, 1.0)]})
+    assert [r["batch"] for r in rows] == [1, 64]
+    assert rows[0]["old_wall_ms"] == [1.0, 1.5] and rows[0]["old_host_ms"] == [0.75, 1.25]
+    assert rows[0]["new_over_old"] == pytest.approx(1.0 / 1.25) and rows[1]["new_over_old"] == pytest.approx(0.5)
+
+
+def test_a_tiny_step_ab_of_this_tree_against_itself(tmp_path):
+    assert ab_engine.main(["--old", str(ab_engine.NEW), "--tiny", "--runs", "1", "--steps",
+                           "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "ab_steps.json").read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 4, 8]
+    assert all(r["old_wall_ms"][0] > 0 and r["new_wall_ms"][0] > 0 for r in report["rows"])
