@@ -258,7 +258,8 @@ def host_phase_timers():
     the wait is the host's own work: a step that waits is GPU-bound, one that does not is host-bound."""
     totals = dict.fromkeys(HOST_PHASES, 0.0)
     inside = [0.0]  # seconds of timed calls made inside the call running now
-    originals = [(owner, name, owner.__dict__[name]) for methods in HOST_PHASES.values() for owner, name in methods]
+    # (a method inherited from a C base class is not in the owner's __dict__: it is wrapped, then deleted again)
+    originals = [(owner, name, owner.__dict__.get(name)) for methods in HOST_PHASES.values() for owner, name in methods]
 
     def timer(phase, method):
         @functools.wraps(method)
@@ -274,12 +275,15 @@ def host_phase_timers():
         return timed
     for phase, methods in HOST_PHASES.items():
         for owner, name in methods:
-            setattr(owner, name, timer(phase, owner.__dict__[name]))
+            setattr(owner, name, timer(phase, owner.__dict__.get(name) or getattr(owner, name)))
     try:
         yield totals
     finally:
         for owner, name, method in originals:
-            setattr(owner, name, method)
+            if method is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, method)
 
 
 def traced_steps(llm: LLM, steps: int, on_gpu: bool) -> list[dict]:
