@@ -266,6 +266,51 @@ def test_numba_kernels_end_to_end_under_the_simulator(llm):
     assert_idle(engine)
 
 
+def greedy_sample_tokens(logits, params, splits=None, out=None):
+    """The one-pass sampling kernel for greedy rows (temperature bits 0), in torch: the argmax and its
+    log-probability, float32 [2, rows]."""
+    assert not params[2].any()
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = logprobs.argmax(dim=-1)
+    drawn = torch.stack([ids.float(), logprobs.gather(1, ids[:, None])[:, 0]])
+    return drawn if out is None else out.copy_(drawn)
+
+
+def test_an_engine_replaying_its_graphs_bodies_generates_what_the_plain_engine_generates(monkeypatch):
+    """The engine loop through the CUDA graphs' path on the CPU, each graph's replay running its body: buckets,
+    staging, padding, overlapped decode steps and mixed steps give every request the plain engine's tokens and
+    log-probabilities (the sampling kernel stood in for by torch, for greedy rows, in both engines)."""
+    from pagedattention.kernels import sampling
+
+    monkeypatch.setattr(sampling, "sample_tokens", greedy_sample_tokens)
+    replays = []
+
+    def run(with_graphs):
+        engine = LLM(device="cpu", max_num_seqs=8, max_model_len=256)
+        engine.sampler.use_kernel = True
+        if with_graphs:  # what capturing would make (it needs a GPU), each replay running its body
+            engine.runner.graphs = graphs = CudaGraphs(engine.model, engine.config)
+            graphs.graphs = {b: SimpleNamespace(replay=lambda run=graphs.body(b), b=b: replays.append(b) or run())
+                             for b in graphs.buckets}
+            engine.scheduler.mixed_prompt_limit = engine.runner.mixed_prompt_limit
+        ids, done, kinds = {}, {}, []
+        while len(kinds) < 3 or engine.has_unfinished_requests():
+            for p in {0: PROMPTS[:2], 2: PROMPTS[2:4], 3: PROMPTS[4:]}.get(len(kinds), []):
+                ids[engine.add_request(p, GREEDY)] = p
+            done.update((ids[o.request_id], (o.outputs[0].token_ids, o.outputs[0].cumulative_logprob))
+                        for o in engine.step() if o.finished)
+            kinds.append(engine.last_step.kind)
+        assert_idle(engine)
+        return done, kinds
+
+    (plain, _), (graphed, kinds) = run(False), run(True)
+    assert {p: tokens for p, (tokens, _) in graphed.items()} == {p: tokens for p, (tokens, _) in plain.items()}
+    assert len(plain) == len(PROMPTS)  # and log-probabilities within float32 rounding (padded rows in the GEMMs):
+    assert all(graphed[p][1] == pytest.approx(plain[p][1], rel=1e-5) for p in plain)
+    assert {"decode", "mixed"} <= set(kinds)
+    assert {b.is_prefill and b.num_decode > 0 for b in replays} == {True, False}  # mixed and other graphs ran
+
+
 def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
     """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
     step's inputs staged into their first rows and the bucket's remaining rows padded."""
