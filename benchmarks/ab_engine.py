@@ -111,29 +111,25 @@ def main(argv=None) -> int:
         else:
             subprocess.run(throughput_command(trees[tree], args.workloads, out, args.tiny), env=env, check=True)
             results[tree].append(json.loads(next(out.glob("throughput_*.json")).read_text()))
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.steps:
-        return report_steps(summarize_steps(results), args, trees, device)
-    rows = summarize(results)
-    print(f"\n{'workload':<10}{'old tok/s':>28}{'new tok/s':>28}{'new / old':>12}")
-    for r in rows:
-        old = ", ".join(f"{v:,.0f}" for v in r["old_tok_per_s"])
-        new = ", ".join(f"{v:,.0f}" for v in r["new_tok_per_s"])
-        print(f"{r['workload']:<10}{old:>28}{new:>28}{r['new_over_old']:>12.3f}")
+        rows = summarize_steps(results)
+        print(f"\n{'batch':>6}  {'ms per decode step, old':<36}{'new':<36}{'new / old':>10}")
+        for r in rows:
+            cells = {tree: "; ".join(f"{w:.3f} (host {h:.3f}, GPU {b:.3f})" for w, h, b in
+                                     zip(r[f"{tree}_wall_ms"], r[f"{tree}_host_ms"], r[f"{tree}_busy_ms"]))
+                     for tree in ("old", "new")}
+            print(f"{r['batch']:>6}  {cells['old']:<36}{cells['new']:<36}{r['new_over_old']:>10.3f}")
+    else:
+        rows = summarize(results)
+        print(f"\n{'workload':<10}{'old tok/s':>28}{'new tok/s':>28}{'new / old':>12}")
+        for r in rows:
+            old = ", ".join(f"{v:,.0f}" for v in r["old_tok_per_s"])
+            new = ", ".join(f"{v:,.0f}" for v in r["new_tok_per_s"])
+            print(f"{r['workload']:<10}{old:>28}{new:>28}{r['new_over_old']:>12.3f}")
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     report = {**common.run_info(device), "old": str(trees["old"]), "order": run_order(args.runs), "rows": rows}
-    print(f"wrote {common.write_json(args.out / 'ab_engine.json', report)}")
-    return 0
-
-
-def report_steps(rows: list[dict], args, trees: dict, device: str) -> int:
-    print(f"\n{'batch':>6}  {'ms per decode step, old':<36}{'new':<36}{'new / old':>10}")
-    for r in rows:
-        cells = {tree: "; ".join(f"{w:.3f} (host {h:.3f}, GPU {b:.3f})" for w, h, b in
-                                 zip(r[f"{tree}_wall_ms"], r[f"{tree}_host_ms"], r[f"{tree}_busy_ms"]))
-                 for tree in ("old", "new")}
-        print(f"{r['batch']:>6}  {cells['old']:<36}{cells['new']:<36}{r['new_over_old']:>10.3f}")
-    report = {**common.run_info(device), "old": str(trees["old"]), "order": run_order(args.runs), "rows": rows}
-    print(f"wrote {common.write_json(args.out / 'ab_steps.json', report)}")
+    name = "ab_steps.json" if args.steps else "ab_engine.json"
+    print(f"wrote {common.write_json(args.out / name, report)}")
     return 0
 
 
