@@ -105,12 +105,10 @@ def main(argv=None) -> int:
             [str(trees[tree])] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                   if p and Path(p).resolve() != NEW])}
         print(f"== {tree} ({trees[tree]}), run {i}", flush=True)
-        if args.steps:
-            subprocess.run(profile_command(trees[tree], out, args.tiny), env=env, check=True)
-            results[tree].append(json.loads(next(out.glob("profile_*.json")).read_text()))
-        else:
-            subprocess.run(throughput_command(trees[tree], args.workloads, out, args.tiny), env=env, check=True)
-            results[tree].append(json.loads(next(out.glob("throughput_*.json")).read_text()))
+        command, written = (profile_command(trees[tree], out, args.tiny), "profile_*.json") if args.steps else \
+            (throughput_command(trees[tree], args.workloads, out, args.tiny), "throughput_*.json")
+        subprocess.run(command, env=env, check=True)
+        results[tree].append(json.loads(next(out.glob(written)).read_text()))
     if args.steps:
         rows = summarize_steps(results)
         print(f"\n{'batch':>6}  {'ms per decode step, old':<36}{'new':<36}{'new / old':>10}")
