@@ -311,6 +311,23 @@ def test_an_engine_replaying_its_graphs_bodies_generates_what_the_plain_engine_g
     assert {b.is_prefill and b.num_decode > 0 for b in replays} == {True, False}  # mixed and other graphs ran
 
 
+def test_each_bucket_stages_its_inputs_in_words_of_its_own():
+    """One copy stages a step: a bucket's inputs lie side by side in the staging words, aligned, disjoint and
+    within the words it copies; the words hold every bucket."""
+    from pagedattention.engine.cuda_graphs import graph_buckets, input_layout, views
+
+    for bucket in graph_buckets(256, 8192):
+        layout, num_words = input_layout(bucket)
+        words = torch.arange(num_words, dtype=torch.int64)
+        inputs = views(words, layout)
+        t, s, _, d = bucket
+        assert [v.numel() for v in inputs.values()] == [t, t, t, s, s - d + 1]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in inputs.values())
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # disjoint
+        assert all(start % 16 == 0 for start, _ in spans) and spans[-1][1] <= words.data_ptr() + 8 * num_words
+        assert spans[0][0] == words.data_ptr() and spans[-1][1] > words.data_ptr() + 8 * (num_words - 2)
+
+
 def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
     """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
     step's inputs staged into their first rows and the bucket's remaining rows padded."""

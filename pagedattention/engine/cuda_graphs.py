@@ -16,6 +16,16 @@ tokens x sequences.
 Layout of a bucket's rows (tokens and sequences alike): its ``num_decode`` decode rows first, then the
 prompt part. A step's decode rows go to the top, its prompt rows right after the bucket's decode rows.
 
+Staging: a step's 1-D inputs travel in one copy. They share one page-locked buffer of int64 words (and its device
+twin), each bucket's graph reading them at offsets of its own, packed for its sizes (t tokens, s sequences):
+
+    int64:  [ input_ids (t) | positions (t) | slot_mapping (t) |
+    int32:                                                      | context_lens (s) | cu_seqlens_q (s - d + 1) ]
+
+(each on a 16-byte boundary), so a step copies only the words its bucket reads (~3t + s) and rewrites all of them
+(values, then padding).
+The block tables have their own buffer (their width changes with the step, below).
+
 Padding: padding tokens belong to no sequence (``cu_seqlens_q`` ends before them, their slot is -1: nothing is
 stored) and padding sequences have no tokens (prompt part) or attend to one never-written slot (decode part),
 so neither touches the real ones. Attention is told ``max_context_len = max_model_len``: one capture serves
@@ -40,6 +50,9 @@ class Bucket(NamedTuple):
     is_prefill: bool  # it has a prompt part
     num_decode: int   # decode rows (all of a decode bucket's)
 
+
+# what a padding token or sequence stages (module docstring): token 0 at position 0 stored nowhere, length 1
+PADDING = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "context_lens": 1, "cu_seqlens_q": 0}
 
 DECODE_STEP = 16  # decode buckets above this many rows are this many rows apart
 
@@ -73,20 +86,21 @@ class CudaGraphs:
         self.decode_buckets = [b for b in self.buckets if not b.is_prefill]
         self.prefill_buckets = [b for b in self.buckets if b.is_prefill and not b.num_decode]
         self.mixed_buckets = [b for b in self.buckets if b.is_prefill and b.num_decode]
-        max_tokens = max(b.num_tokens for b in self.buckets)
         max_seqs = max(b.num_seqs for b in self.buckets)
         width = -(-config.max_model_len // config.block_size)
         pinned = self.device.type == "cuda"  # page-locked, so the copies are true async DMA
-        self.host = {
-            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
-            "positions": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pinned),
-            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, pin_memory=pinned),
-            "cu_seqlens_q": torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pinned),
-            "context_lens": torch.ones(max_seqs, dtype=torch.int32, pin_memory=pinned),
-            "block_tables": torch.zeros(max_seqs, width, dtype=torch.int32, pin_memory=pinned),
-        }
-        self.host_np = {name: t.numpy() for name, t in self.host.items()}
-        self.static = {name: t.to(self.device, copy=True) for name, t in self.host.items()}
+        layouts = {b: input_layout(b) for b in self.buckets}
+        num_words = max(words for _, words in layouts.values())
+        self.host_words = torch.zeros(num_words, dtype=torch.int64, pin_memory=pinned)
+        self.static_words = self.host_words.to(self.device, copy=True)
+        # each bucket's inputs: views into the device words (what its graph reads) and the host words (numpy)
+        self.inputs = {b: views(self.static_words, layout) for b, (layout, _) in layouts.items()}
+        self.host_inputs = {b: {name: t.numpy() for name, t in views(self.host_words, layout).items()}
+                            for b, (layout, _) in layouts.items()}
+        self.num_words = {b: words for b, (_, words) in layouts.items()}
+        self.host_tables = torch.zeros(max_seqs, width, dtype=torch.int32, pin_memory=pinned)
+        self.static_tables = self.host_tables.to(self.device, copy=True)
+        max_tokens = max(b.num_tokens for b in self.buckets)
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
         # A decode graph ends with the LM head (every decode row samples), into these rows: one cuBLAS launch less
         # per step on the host. Not under tensor parallelism, whose LM head gathers the vocabulary's shards.
@@ -104,6 +118,8 @@ class CudaGraphs:
         outside capture first: its kernels compile and the allocator settles."""
         pool = None
         for bucket in sorted(self.buckets, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
+            for name, value in PADDING.items():  # a step of padding only: the words hold another bucket's inputs
+                self.inputs[bucket][name].fill_(value)
             run = self.body(bucket)
             run()
             torch.cuda.synchronize(self.device)
@@ -117,14 +133,14 @@ class CudaGraphs:
     def body(self, bucket: Bucket):
         """What a bucket's graph runs: the model over the first rows of the static buffers."""
         t, s, is_prefill, d = bucket
-        b = self.static
+        b = self.inputs[bucket]
         attn = AttentionMetadata(
-            is_prefill=is_prefill, slot_mapping=b["slot_mapping"][:t], block_tables=b["block_tables"][:s],
-            context_lens=b["context_lens"][:s], cu_seqlens_q=b["cu_seqlens_q"][:s - d + 1] if is_prefill else None,
+            is_prefill=is_prefill, slot_mapping=b["slot_mapping"], block_tables=self.static_tables[:s],
+            context_lens=b["context_lens"], cu_seqlens_q=b["cu_seqlens_q"] if is_prefill else None,
             max_q_len=t - d if is_prefill else 1, max_context_len=self.max_model_len, num_decode_tokens=d)
 
         def run():
-            self.output[:t] = self.model(b["input_ids"][:t], b["positions"][:t], attn)
+            self.output[:t] = self.model(b["input_ids"], b["positions"], attn)
             if self.logits is not None and not is_prefill:
                 torch.mm(self.output[:t], self.model.lm_head.weight.t(), out=self.logits[:t])
         return run
@@ -154,7 +170,8 @@ class CudaGraphs:
 
     def stage(self, bucket: Bucket, x) -> None:
         """Write step ``x`` into the static buffers, padded up to ``bucket``: its decode rows at the top, padding
-        to the bucket's decode rows, its prompt rows, padding to the bucket's size.
+        to the bucket's decode rows, its prompt rows, padding to the bucket's size. Two copies: the bucket's words
+        (module docstring) and the block tables.
 
         Block tables travel packed: ``width`` = this step's widest table, rows of ``width`` entries at the start
         of the host buffer, copied into the first ``width`` columns of the static ``[max_seqs, max_blocks]`` table
@@ -163,7 +180,7 @@ class CudaGraphs:
         """
         t, s, is_prefill, d = bucket
         n, m, xd = x.num_tokens, x.num_seqs, x.num_decode
-        h = self.host_np
+        h = self.host_inputs[bucket]
         if self.copied is not None:  # the last step's copies may still be queued (overlapped steps): let them read
             self.copied.synchronize()  # (an event never recorded is complete)
 
@@ -174,22 +191,40 @@ class CudaGraphs:
             buf[d:d + len(values) - xd] = values[xd:]
             buf[d + len(values) - xd:end] = pad
 
-        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            place(h[name], getattr(x, name), t, pad)
-        place(h["context_lens"], x.context_lens, s, 1)
-        width = x.block_tables.shape[1]
-        place(h["block_tables"].reshape(-1)[:s * width].reshape(s, width), x.block_tables, s, 0)
-        copies = [("input_ids", t), ("positions", t), ("slot_mapping", t), ("context_lens", s)]
+        for name in ("input_ids", "positions", "slot_mapping"):
+            place(h[name], getattr(x, name), t, PADDING[name])
+        place(h["context_lens"], x.context_lens, s, PADDING["context_lens"])
+        cu = h["cu_seqlens_q"]
         if is_prefill:
-            cu = h["cu_seqlens_q"]
             cu[:m - xd + 1] = x.prompt_cu_seqlens_q
-            cu[m - xd + 1:s - d + 1] = n - xd
-            copies.append(("cu_seqlens_q", s - d + 1))
-        for name, rows in copies:
-            self.static[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
-        self.static["block_tables"][:s, :width].copy_(
-            self.host["block_tables"].view(-1)[:s * width].view(s, width), non_blocking=True)
+            cu[m - xd + 1:] = n - xd
+        width = x.block_tables.shape[1]
+        tables = self.host_tables.view(-1)[:s * width].view(s, width)
+        place(tables.numpy(), x.block_tables, s, 0)  # a padding row's table: block 0, never written (length 1)
+        words = self.num_words[bucket]
+        self.static_words[:words].copy_(self.host_words[:words], non_blocking=True)
+        self.static_tables[:s, :width].copy_(tables, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
         if x.input_ids_device is not None:  # an overlapped step: its decode tokens come from the last, on the device
-            self.static["input_ids"][:xd].copy_(x.input_ids_device)
+            self.inputs[bucket]["input_ids"][:xd].copy_(x.input_ids_device)
+
+
+def input_layout(bucket: Bucket) -> tuple[dict, int]:
+    """Where ``bucket``'s 1-D inputs lie in the staging words (module docstring): {name: (dtype, start, length)},
+    start and length in that dtype's elements; and the words the bucket uses. Each input starts on a 16-byte
+    boundary, as a fresh tensor would."""
+    t, s, _, d = bucket
+    layout, end = {}, 0  # end in bytes
+    for name, dtype, length in (("input_ids", torch.int64, t), ("positions", torch.int64, t),
+                                ("slot_mapping", torch.int64, t), ("context_lens", torch.int32, s),
+                                ("cu_seqlens_q", torch.int32, s - d + 1)):  # (a decode bucket's is unused)
+        layout[name] = (dtype, end // dtype.itemsize, length)
+        end += -(-length * dtype.itemsize // 16) * 16
+    return layout, end // 8
+
+
+def views(words: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+    """The inputs ``layout`` places in ``words`` (int64), as tensors that share its memory."""
+    by_dtype = {torch.int64: words, torch.int32: words.view(torch.int32)}
+    return {name: by_dtype[dtype][start:start + length] for name, (dtype, start, length) in layout.items()}
