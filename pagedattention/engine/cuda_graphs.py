@@ -2,8 +2,8 @@
 
 A small step is launch-bound: a decode step of the 0.5B shape is a few hundred kernel launches, whose host
 time exceeds the GPU time they need. A graph replays them in one call. All graphs read the same static
-buffers (their first rows) and share one memory pool; each step's inputs are staged into page-locked host
-buffers and copied in with one asynchronous copy per input.
+buffers and share one memory pool; each step's inputs are staged into page-locked host memory and copied in
+with two asynchronous copies (Staging, below).
 
 Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, 8, 16, then every 16 up to max_num_seqs
 (a step runs padded up to its bucket, and above 16 rows the GEMMs, the LM head and the sampler cost about their
