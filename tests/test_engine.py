@@ -440,7 +440,7 @@ def test_cuda_graph_prefill_recomputes_what_eager_prefill_computes():
 def test_cuda_graph_mixed_step_recomputes_what_eager_mixed_step_computes():
     engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
     runner = engine.runner
-    assert (4 + 256, 4 + 2, True, 4) in runner.graphs.graphs
+    assert (4 + 256, 4 + 8, True, 4) in runner.graphs.graphs
     seqs = [Sequence(engine.tokenizer.encode(p), GREEDY) for p in PROMPTS[:3]]
     for s in seqs:
         engine.scheduler.add(s)

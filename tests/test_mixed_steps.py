@@ -141,8 +141,8 @@ def test_staged_mixed_inputs_padded_to_a_bucket_compute_what_eager_mixed_compute
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=512, max_num_batched_tokens=512)
     runner, scheduler = engine.runner, engine.scheduler
     graphs = CudaGraphs(engine.model, engine.config)
-    assert (4 + 256, 4 + 2, True, 4) in graphs.mixed_buckets
-    assert (8 + 256, 8 + 2, True, 8) in graphs.mixed_buckets  # a full batch still takes in prompts
+    assert (4 + 256, 4 + 8, True, 4) in graphs.mixed_buckets
+    assert (8 + 256, 8 + 8, True, 8) in graphs.mixed_buckets  # a full batch still takes in prompts
     for prompt in PROMPTS[:3]:
         engine.add_request(prompt, GREEDY)
     engine.step()

@@ -9,7 +9,9 @@ Buckets: decode steps (one token per sequence) at batch sizes 1, 2, 4, 8, 16, th
 (a step runs padded up to its bucket, and above 16 rows the GEMMs, the LM head and the sampler cost about their
 rows: powers of two would waste up to half of a step's work); prefill steps of <= 4,096 tokens and <= 8
 sequences at (tokens, sequences) in PREFILL_TOKENS x PREFILL_SEQS; mixed steps at decode batch sizes 1, 2, 4,
-..., max_num_seqs with a prompt part from MIXED_PROMPTS. Bigger steps run eagerly: their GPU time hides
+..., max_num_seqs with a prompt part from MIXED_PROMPTS (each size takes up to 8 prompts: a padding sequence has no
+tokens, so few prompts in a bucket of 8 cost only attention blocks that exit at once, while many short prompts
+need not pad up to the largest size). Bigger steps run eagerly: their GPU time hides
 their launches, and a graph's attention grid, sized for its bound on every sequence's length, would grow with
 tokens x sequences.
 
@@ -41,7 +43,7 @@ from pagedattention.models.attention import AttentionMetadata
 
 PREFILL_TOKENS = (128, 256, 512, 1024, 2048, 4096)
 PREFILL_SEQS = (1, 2, 4, 8)
-MIXED_PROMPTS = ((256, 2), (512, 4), (1024, 4), (2048, 8))  # a mixed step's prompt part: (tokens, sequences)
+MIXED_PROMPTS = ((256, 8), (512, 8), (1024, 8), (1536, 8), (2048, 8))  # prompt part: (tokens, sequences)
 
 
 class Bucket(NamedTuple):
