@@ -330,7 +330,8 @@ def test_each_bucket_stages_its_inputs_in_words_of_its_own():
 
 def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
     """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
-    step's inputs staged into their first rows and the bucket's remaining rows padded."""
+    step's inputs staged into its bucket's words (which hold other buckets' inputs too: every one is rewritten)
+    and the bucket's remaining rows padded."""
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=128)
     runner = engine.runner
     graphs = CudaGraphs(engine.model, engine.config)  # buffers and bodies; capturing needs a GPU
@@ -346,8 +347,12 @@ def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_compu
             assert graphs.bucket(x) == (bucket, bucket, False, bucket)
             graphs.output.fill_(float("nan"))
             graphs.logits.fill_(float("nan"))
+            graphs.host_words.view(torch.int32).fill_(-7777777)
+            poison = {torch.int32: -7777777, torch.int64: graphs.host_words[0].item()}
             with torch.inference_mode():
                 graphs.stage(graphs.bucket(x), x)
+                inputs = graphs.inputs[graphs.bucket(x)]  # (a decode graph reads no cu_seqlens_q)
+                assert all((v != poison[v.dtype]).all() for k, v in inputs.items() if k != "cu_seqlens_q")
                 graphs.body(graphs.bucket(x))()
                 staged = engine.model.compute_logits(graphs.output[:n])
             torch.testing.assert_close(staged, runner.execute(x, eager=True), rtol=1e-5, atol=1e-5)

@@ -157,8 +157,11 @@ def test_staged_mixed_inputs_padded_to_a_bucket_compute_what_eager_mixed_compute
         bucket = graphs.bucket(x)
         assert bucket.num_decode >= x.num_decode and bucket.num_tokens - bucket.num_decode >= 256
         graphs.output.fill_(float("nan"))
+        graphs.host_words.view(torch.int32).fill_(-7777777)  # other buckets' words: every one is rewritten
+        poison = {torch.int32: -7777777, torch.int64: graphs.host_words[0].item()}
         with torch.inference_mode():
             graphs.stage(bucket, x)
+            assert all((v != poison[v.dtype]).all() for v in graphs.inputs[bucket].values())
             graphs.body(bucket)()
             staged = engine.model.compute_logits(graphs.output[torch.as_tensor(graphs.output_rows(bucket, x,
                                                                                                   x.logit_rows))])
