@@ -328,6 +328,44 @@ def test_each_bucket_stages_its_inputs_in_words_of_its_own():
         assert spans[0][0] == words.data_ptr() and spans[-1][1] > words.data_ptr() + 8 * (num_words - 2)
 
 
+def test_decode_steps_sample_in_their_bucket_graph_as_a_launch_would():
+    """A decode bucket's sampler graph, run eagerly under the simulator: the step's params staged through two
+    buffers in turn, padding rows greedy, and the step's rows drawn as a launch of the kernel on them draws; a
+    Sampler reading the bucket-wide result gives what it gives without the graphs."""
+    from pagedattention.engine.sampler import Sampler
+    from pagedattention.kernels.runtime import kernels_available
+    from pagedattention.kernels.sampling import sample_tokens, temperature_bits
+
+    if not kernels_available("cpu"):
+        pytest.skip("the Numba CUDA simulator is not enabled (a GPU machine runs the CUDA tests instead)")
+    engine = LLM(device="cpu", max_num_seqs=8, max_model_len=128)
+    graphs = CudaGraphs(engine.model, engine.config)  # capturing needs a GPU: each graph replays its body
+    graphs.sampler_graphs = {b: SimpleNamespace(replay=graphs.sampler_body(b)) for b in graphs.decode_buckets}
+    rng = np.random.default_rng(0)
+    for rows, width in ((3, 4), (1, 1), (5, 8), (3, 4)):
+        graphs.logits.copy_(torch.randn(graphs.logits.shape) * 3)
+        params = np.array([rng.integers(0, 1 << 62, rows), rng.integers(0, 100, rows),
+                           temperature_bits(rng.choice([0.0, 0.8], rows))], dtype=np.int64)
+        graphs.drawn.fill_(float("nan"))
+        drawn = graphs.sample(graphs.logits[:rows], params)
+        assert drawn.shape == (2, width)
+        expected = sample_tokens(graphs.logits[:rows].clone(), torch.from_numpy(params))
+        torch.testing.assert_close(drawn[:, :rows], expected, rtol=0, atol=0)
+        assert drawn[0, rows:].long().tolist() == graphs.logits[rows:width].argmax(-1).tolist()  # padding: greedy
+    assert graphs.sample(graphs.logits[1:3], params[:, :2]) is None  # not the graphs' first rows: a launch
+    assert graphs.sample(graphs.logits[:3].clone(), params[:, :3]) is None
+
+    seqs = [Sequence([1, 2, 3], SamplingParams(temperature=t, seed=seed, max_tokens=4))
+            for t, seed in ((0.0, None), (0.9, None), (0.7, 11))]
+    graphs.logits.copy_(torch.randn(graphs.logits.shape) * 3)
+    outputs = []
+    for hook in (None, graphs.sample):
+        sampler = Sampler("cpu", seed=3, use_kernel=True)
+        sampler.sample_in_graph = hook
+        outputs.append(sampler(graphs.logits[:3], seqs, set()))  # the bucket of 4 rows: its padding row unread
+    assert outputs[0] == outputs[1]
+
+
 def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
     """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
     step's inputs staged into its bucket's words (which hold other buckets' inputs too: every one is rewritten)

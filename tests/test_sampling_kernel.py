@@ -269,3 +269,17 @@ def test_bad_arguments_are_rejected():
     for splits in (0, 2, 1.0):  # 8 columns are one segment
         with pytest.raises(ValueError, match="splits"):
             sample_tokens(logits, ok, splits=splits)
+    for out in (torch.empty(2, 3, device=DEVICE), torch.empty(2, 2, dtype=torch.float64, device=DEVICE),
+                torch.empty(2, 4, device=DEVICE)[:, :2]):
+        with pytest.raises(ValueError, match="out"):
+            sample_tokens(logits, ok, out=out)
+
+
+def test_a_given_out_receives_what_a_fresh_one_would():
+    """A captured graph samples into its own output: the same tokens and log-probabilities, in ``out``."""
+    logits = torch.randn(3, 700, device=DEVICE) * 3
+    params = torch.tensor([[5, 6, 7], [0, 1, 2], temperature_bits([0.0, 0.7, 1.3])], dtype=torch.int64,
+                          device=DEVICE)
+    out = torch.full((2, 3), float("nan"), device=DEVICE)
+    assert sample_tokens(logits, params, out=out) is out
+    torch.testing.assert_close(out, sample_tokens(logits, params), rtol=0, atol=0)

@@ -113,6 +113,18 @@ class CudaGraphs:
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         # recorded after each step's copies out of the host buffers, which the next step rewrites
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        # The one-pass sampler over a decode graph's logits, one small graph per decode bucket (``sample``). Its
+        # params come through two page-locked buffers in turn: the host fills the next step's while this step's
+        # copy may still wait behind this step's model.
+        self.sampler_graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+        if self.logits is not None:
+            rows = self.logits.shape[0]
+            self.host_params = [torch.zeros(3 * rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+            self.host_params_np = [t.numpy() for t in self.host_params]
+            self.params_copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+            self.static_params = self.host_params[0].to(self.device, copy=True)
+            self.drawn = torch.empty(2 * rows, dtype=torch.float32, device=self.device)  # tokens, then logprobs
+            self._turn = 0
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -130,6 +142,15 @@ class CudaGraphs:
                 run()
             pool = graph.pool() if pool is None else pool
             self.graphs[bucket] = graph
+        if self.logits is not None:
+            for bucket in self.decode_buckets:
+                run = self.sampler_body(bucket)
+                run()  # compiles the kernel, sizes its arrival counters
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    run()
+                self.sampler_graphs[bucket] = graph
         torch.cuda.synchronize(self.device)
 
     def body(self, bucket: Bucket):
@@ -146,6 +167,40 @@ class CudaGraphs:
             if self.logits is not None and not is_prefill:
                 torch.mm(self.output[:t], self.model.lm_head.weight.t(), out=self.logits[:t])
         return run
+
+    def sampler_body(self, bucket: Bucket):
+        """What a decode bucket's sampler graph runs: the one-pass kernel over its rows of the decode graphs' logits,
+        with the params in ``static_params``, into ``drawn`` (both laid out for the bucket's rows)."""
+        from pagedattention.kernels.sampling import sample_tokens  # numba.cuda: on first use
+
+        rows = bucket.num_seqs
+        params, drawn = self.static_params[:3 * rows].view(3, rows), self.drawn[:2 * rows].view(2, rows)
+        return lambda: sample_tokens(self.logits[:rows], params, out=drawn)
+
+    def sample(self, logits: torch.Tensor, params) -> torch.Tensor | None:
+        """The one-pass kernel's draw (``sample_tokens``) for ``logits``, the first rows of the decode graphs' logits,
+        replayed from the decode bucket's sampler graph; ``params`` int64 [3, rows] (numpy). Returns float32
+        [2, bucket rows], the rows past ``rows`` being padding's (greedy), or None when no graph takes ``logits``.
+        On the host, one copy and one replay instead of the params' upload, the kernel's buffers and its launch."""
+        rows = logits.shape[0]
+        if not self.sampler_graphs or logits.data_ptr() != self.logits.data_ptr() or not logits.is_contiguous() \
+                or logits.shape[1:] != self.logits.shape[1:] or logits.dtype != self.logits.dtype:
+            return None
+        bucket = next((b for b in self.decode_buckets if b.num_seqs >= rows), None)
+        if bucket is None:
+            return None
+        width, turn = bucket.num_seqs, self._turn
+        self._turn = 1 - turn
+        if self.params_copied[turn] is not None:  # this buffer's copy of two steps ago (long done: its step ended)
+            self.params_copied[turn].synchronize()
+        staged = self.host_params_np[turn][:3 * width].reshape(3, width)
+        staged[:, :rows] = params
+        staged[:, rows:] = 0  # padding rows: greedy
+        self.static_params[:3 * width].copy_(self.host_params[turn][:3 * width], non_blocking=True)
+        if self.params_copied[turn] is not None:
+            self.params_copied[turn].record()
+        self.sampler_graphs[bucket].replay()
+        return self.drawn[:2 * width].view(2, width)
 
     def bucket(self, x) -> Bucket | None:
         """The smallest bucket that holds step ``x`` (StepInputs), or None."""

@@ -91,6 +91,9 @@ class LLM:
         self.scheduler = Scheduler(config, self.manager, self.eos_token_ids, self.prefix_cache,
                                    mixed_prompt_limit=getattr(self.runner, "mixed_prompt_limit", None))
         self.sampler = Sampler.from_config(config)
+        graphs = getattr(self.runner, "graphs", None)
+        if graphs is not None and graphs.sampler_graphs:  # decode steps sample in captured graphs too
+            self.sampler.sample_in_graph = graphs.sample
         self._stats = EngineStats(self.manager.bytes_per_block)
         self._request_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}  # live requests: id -> first sequence

@@ -58,14 +58,17 @@ class PendingSample:
     seqs: list
     params: list
     top_rows: list[int] | None   # the rows with top-N logprobs; None: no row asked for logprobs at all
+    width: int | None = None     # where the logprobs start in ``host`` (None: after the rows' tokens; a graph's
+                                 # sampler fills rows for its whole bucket)
 
     def result(self) -> SamplerOutput:
         """Wait for the copy; raises SamplingError when rows' logits were not finite."""
         if self.event is not None:
             self.event.synchronize()
         n, seqs, params = len(self.seqs), self.seqs, self.params
+        width = n if self.width is None else self.width
         host = self.host.numpy()  # numpy: a few hundred rows cost µs there, tens of µs as torch ops
-        chosen = host[n:2 * n]
+        chosen = host[width:width + n]
         finite = np.isfinite(chosen)
         bad = [] if finite.all() else np.flatnonzero(~finite).tolist()
         ids = np.where(finite, host[:n], -1) if bad else host[:n]  # a bad row's id may be NaN
@@ -117,6 +120,9 @@ class Sampler:
         self.use_kernel = use_kernel
         self._step_keys = random.Random(seed)
         self._last_rows: _RowParams | None = None
+        # (logits, kernel params [3, rows] int64 numpy) -> the one-pass kernel's float32 [2, width >= rows] on the
+        # device, sampled in a captured graph (cuda_graphs.py), or None; set by the engine when it has graphs
+        self.sample_in_graph = None
 
     @classmethod
     def from_config(cls, config) -> "Sampler":
@@ -146,9 +152,10 @@ class Sampler:
         rows = self._rows_of(params, logits.shape[1])
         if rows.min_tokens:
             self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
+        width = None
         if self.use_kernel and rows.one_pass:
-            packed = self._sample_in_one_pass(logits, seqs, rows, num_pending_rows)  # already packed
-            tokens, top_rows = packed[:len(seqs)], None  # (it serves no row with logprobs)
+            drawn = self._sample_in_one_pass(logits, seqs, rows, num_pending_rows)  # [2, width]: already packed
+            tokens, top_rows, packed, width = drawn[0, :len(seqs)], None, drawn.view(-1), drawn.shape[1]
         else:
             logits = logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -178,7 +185,7 @@ class Sampler:
             event.record()
         else:
             host = packed
-        return PendingSample(tokens, host, event, seqs, params, top_rows)
+        return PendingSample(tokens, host, event, seqs, params, top_rows, width)
 
     def _rows_of(self, params: list, vocab: int) -> "_RowParams":
         """What sampling needs to know of the rows' parameters; kept while the rows carry the same ones in the same
@@ -213,8 +220,10 @@ class Sampler:
             rows[0, row] = (seed + seq.index) % (1 << 63)
             rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
         rows[2] = row_params.temperature_bits
-        params_tensor = self.to_device(rows, torch.int64, logits.device)
-        return sample_tokens(logits.contiguous(), params_tensor).view(-1)  # token ids, then logprobs
+        drawn = None if self.sample_in_graph is None else self.sample_in_graph(logits, rows)
+        if drawn is None:
+            drawn = sample_tokens(logits.contiguous(), self.to_device(rows, torch.int64, logits.device))
+        return drawn  # token ids, then logprobs
 
     @torch.inference_mode()
     def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

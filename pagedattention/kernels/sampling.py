@@ -434,13 +434,15 @@ def num_splits(rows: int, vocab: int, sms: int, warps: int = WARPS) -> int:
     return max(1, min(-(-4 * sms // rows), -(-segments // warps)))
 
 
-def sample_tokens(logits: torch.Tensor, params: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, params: torch.Tensor, splits: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits [rows, vocab]`` (float32, bfloat16 or float16, read as they are). ``params``
     int64 [3, rows]: each row's key and counter (>= 0) and, in the low 32 bits of the third, its temperature's
     float32 bits (``temperature_bits``): 0 is greedy argmax, else a draw from softmax(logits / T). ``splits``:
     blocks per row (default ``num_splits``; the result does not depend on it). Returns float32 [2, rows]: the
     token ids (exact: a vocabulary is far below 2**24) and their log-probabilities (NaN for a row with NaN or
-    +inf, or with every logit -inf)."""
+    +inf, or with every logit -inf), into ``out`` if given (float32 [2, rows], contiguous, on the logits' device: a
+    captured graph's output)."""
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2 or not logits.is_contiguous():
@@ -452,7 +454,12 @@ def sample_tokens(logits: torch.Tensor, params: torch.Tensor, splits: int | None
             or not params.is_contiguous():
         raise ValueError(f"params must be contiguous int64 [3, {rows}] on {logits.device}, got {params.dtype} "
                          f"{list(params.shape)} on {params.device}")
-    out = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
+    if out is None:
+        out = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (2, rows) or out.device != logits.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 [2, {rows}] on {logits.device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
     if rows == 0 or vocab == 0:
         return out.fill_(math.nan) if rows else out
     warps = 1 if simulator_enabled() else WARPS
