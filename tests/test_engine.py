@@ -513,6 +513,26 @@ def test_cuda_graph_mixed_step_recomputes_what_eager_mixed_step_computes():
 
 
 @cuda
+def test_decode_steps_sample_in_captured_graphs_as_eager_steps_sample():
+    """Seeded draws (keyed by seed and token count) and greedy rows: the same tokens whether decode steps sample
+    in their buckets' sampler graphs or by launching the kernel."""
+    prompts = PROMPTS + PROMPTS[:1]
+    params = [SamplingParams(temperature=0.8, seed=seed, max_tokens=12, ignore_eos=True)
+              for seed in range(len(PROMPTS))] + [GREEDY]
+    engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
+    graphs = engine.runner.graphs
+    assert set(graphs.sampler_graphs) == set(graphs.decode_buckets)
+    in_graph, sample = [], engine.sampler.sample_in_graph
+    engine.sampler.sample_in_graph = lambda logits, rows: in_graph.append(sample(logits, rows)) or in_graph[-1]
+    outputs = token_ids(engine.generate(prompts, params, use_tqdm=False))
+    assert sum(drawn is not None for drawn in in_graph) >= 10  # the decode steps'
+    eager_engine = LLM(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3,
+                       enforce_eager=True)
+    assert eager_engine.sampler.sample_in_graph is None
+    assert outputs == token_ids(eager_engine.generate(prompts, params, use_tqdm=False))
+
+
+@cuda
 def test_kv_cache_is_sized_from_free_memory():
     """The cache takes gpu_memory_utilization of the memory left after the (tiny) model: about 20% of what was
     free before (freed first: engines of earlier tests may still hold their caches)."""
