@@ -154,7 +154,8 @@ class CudaGraphs:
         torch.cuda.synchronize(self.device)
 
     def body(self, bucket: Bucket):
-        """What a bucket's graph runs: the model over the first rows of the static buffers."""
+        """What a bucket's graph runs: the model over the bucket's inputs in the static words and the first rows
+        of the static block tables."""
         t, s, is_prefill, d = bucket
         b = self.inputs[bucket]
         attn = AttentionMetadata(
@@ -251,8 +252,8 @@ class CudaGraphs:
         for name in ("input_ids", "positions", "slot_mapping"):
             place(h[name], getattr(x, name), t, PADDING[name])
         place(h["context_lens"], x.context_lens, s, PADDING["context_lens"])
-        cu = h["cu_seqlens_q"]
         if is_prefill:
+            cu = h["cu_seqlens_q"]
             cu[:m - xd + 1] = x.prompt_cu_seqlens_q
             cu[m - xd + 1:] = n - xd
         width = x.block_tables.shape[1]
