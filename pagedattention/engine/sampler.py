@@ -206,9 +206,10 @@ class Sampler:
 
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], row_params: "_RowParams",
                             num_pending_rows: int):
-        """Greedy or an inverse-CDF draw in one kernel. Keys of the rows' uniforms: a seeded request's seed +
-        completion index, counted by its generated tokens (independent of the batch); the other rows share a fresh
-        key per step."""
+        """Greedy or an inverse-CDF draw in one kernel (replayed from a captured graph where ``sample_in_graph``
+        takes the logits): float32 [2, width >= rows], the token ids then the log-probabilities. Keys of the rows'
+        uniforms: a seeded request's seed + completion index, counted by its generated tokens (independent of the
+        batch); the other rows share a fresh key per step."""
         from pagedattention.kernels.sampling import sample_tokens  # numba.cuda: on first use
 
         n = len(seqs)
@@ -223,7 +224,7 @@ class Sampler:
         drawn = None if self.sample_in_graph is None else self.sample_in_graph(logits, rows)
         if drawn is None:
             drawn = sample_tokens(logits.contiguous(), self.to_device(rows, torch.int64, logits.device))
-        return drawn  # token ids, then logprobs
+        return drawn
 
     @torch.inference_mode()
     def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
