@@ -347,8 +347,9 @@ def test_decode_steps_sample_in_their_bucket_graph_as_a_launch_would():
         params = np.array([rng.integers(0, 1 << 62, rows), rng.integers(0, 100, rows),
                            temperature_bits(rng.choice([0.0, 0.8], rows))], dtype=np.int64)
         graphs.drawn.fill_(float("nan"))
-        drawn = graphs.sample(graphs.logits[:rows], params)
-        assert drawn.shape == (2, width)
+        drawn, host, event = graphs.sample(graphs.logits[:rows], params)
+        assert drawn.shape == (2, width) and event is None  # (on a GPU: the event after the copy back)
+        assert torch.equal(host, drawn.flatten())  # its copy on the host
         expected = sample_tokens(graphs.logits[:rows].clone(), torch.from_numpy(params))
         torch.testing.assert_close(drawn[:, :rows], expected, rtol=0, atol=0)
         assert drawn[0, rows:].long().tolist() == graphs.logits[rows:width].argmax(-1).tolist()  # padding: greedy
@@ -366,13 +367,20 @@ def test_decode_steps_sample_in_their_bucket_graph_as_a_launch_would():
     assert outputs[0] == outputs[1]
 
 
-def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes():
+@pytest.mark.parametrize("whole_rows", [True, False])
+def test_staged_decode_inputs_padded_to_a_bucket_compute_what_eager_decode_computes(whole_rows, monkeypatch):
     """What a captured CUDA graph runs, run eagerly: the graph body over the static buffers, with each
     step's inputs staged into its bucket's words (which hold other buckets' inputs too: every one is rewritten)
-    and the bucket's remaining rows padded."""
+    and the bucket's remaining rows padded; the block tables copied as whole rows or packed."""
+    from pagedattention.engine import cuda_graphs
+
+    if not whole_rows:
+        monkeypatch.setattr(cuda_graphs, "WHOLE_TABLE_ROWS_BYTES", 0)
     engine = LLM(device="cpu", max_num_seqs=8, max_model_len=128)
     runner = engine.runner
     graphs = CudaGraphs(engine.model, engine.config)  # buffers and bodies; capturing needs a GPU
+    assert all((copies[2] is not None) == whole_rows for copies in graphs.copies.values())
+    graphs.static_tables.fill_(-3)  # stale columns past a step's tables are never read
     for n, bucket in ((5, 8), (3, 4), (1, 1)):  # the buffers are reused by every bucket and every step
         for prompt in PROMPTS[:n]:
             engine.add_request(prompt, GREEDY)

@@ -57,6 +57,7 @@ class Bucket(NamedTuple):
 PADDING = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "context_lens": 1, "cu_seqlens_q": 0}
 
 DECODE_STEP = 16  # decode buckets above this many rows are this many rows apart
+WHOLE_TABLE_ROWS_BYTES = 1 << 18  # a bucket's block tables up to this size travel as whole rows, in one plain copy
 
 
 def batch_sizes(max_num_seqs: int, step: int | None = None) -> list[int]:
@@ -101,7 +102,14 @@ class CudaGraphs:
                             for b, (layout, _) in layouts.items()}
         self.num_words = {b: words for b, (_, words) in layouts.items()}
         self.host_tables = torch.zeros(max_seqs, width, dtype=torch.int32, pin_memory=pinned)
+        self.host_tables_np = self.host_tables.numpy()
         self.static_tables = self.host_tables.to(self.device, copy=True)
+        # what a bucket's step copies (views made once: each slice costs the host a call): its words, and its
+        # tables' whole rows when they are small enough to copy as they are (stale columns past a step's widest
+        # table are never read), else None (the step's columns only, packed)
+        self.copies = {b: (self.static_words[:self.num_words[b]], self.host_words[:self.num_words[b]],
+                           (self.static_tables[:b.num_seqs], self.host_tables[:b.num_seqs])
+                           if b.num_seqs * width * 4 <= WHOLE_TABLE_ROWS_BYTES else None) for b in self.buckets}
         max_tokens = max(b.num_tokens for b in self.buckets)
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
         # A decode graph ends with the LM head (every decode row samples), into these rows: one cuBLAS launch less
@@ -114,17 +122,22 @@ class CudaGraphs:
         # recorded after each step's copies out of the host buffers, which the next step rewrites
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
         # The one-pass sampler over a decode graph's logits, one small graph per decode bucket (``sample``). Its
-        # params come through two page-locked buffers in turn: the host fills the next step's while this step's
-        # copy may still wait behind this step's model.
+        # params come in, and its draw goes out, through two sets of page-locked buffers in turn: the host fills
+        # the next step's params while this step's copies may still wait behind this step's model, and reads a
+        # step's draw before the step after the next one reuses its buffer.
         self.sampler_graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         if self.logits is not None:
             rows = self.logits.shape[0]
-            self.host_params = [torch.zeros(3 * rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
-            self.host_params_np = [t.numpy() for t in self.host_params]
-            self.params_copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
-            self.static_params = self.host_params[0].to(self.device, copy=True)
+            self.static_params = torch.zeros(3 * rows, dtype=torch.int64, device=self.device)
             self.drawn = torch.empty(2 * rows, dtype=torch.float32, device=self.device)  # tokens, then logprobs
+            host_params = [torch.zeros(3 * rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+            host_drawn = [torch.zeros(2 * rows, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+            self.turn_copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # after a turn's copies
             self._turn = 0
+            self.sample_views = {  # (bucket, turn) -> params (numpy [3, w]) and the copies' ends (views made once)
+                (b, turn): (host_params[turn][:3 * w].numpy().reshape(3, w), self.static_params[:3 * w],
+                            host_params[turn][:3 * w], self.drawn[:2 * w], host_drawn[turn][:2 * w])
+                for b in self.decode_buckets for w in (b.num_seqs,) for turn in range(2)}
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -178,11 +191,13 @@ class CudaGraphs:
         params, drawn = self.static_params[:3 * rows].view(3, rows), self.drawn[:2 * rows].view(2, rows)
         return lambda: sample_tokens(self.logits[:rows], params, out=drawn)
 
-    def sample(self, logits: torch.Tensor, params) -> torch.Tensor | None:
+    def sample(self, logits: torch.Tensor, params):
         """The one-pass kernel's draw (``sample_tokens``) for ``logits``, the first rows of the decode graphs' logits,
-        replayed from the decode bucket's sampler graph; ``params`` int64 [3, rows] (numpy). Returns float32
-        [2, bucket rows], the rows past ``rows`` being padding's (greedy), or None when no graph takes ``logits``.
-        On the host, one copy and one replay instead of the params' upload, the kernel's buffers and its launch."""
+        replayed from the decode bucket's sampler graph; ``params`` int64 [3, rows] (numpy). Returns the draw,
+        float32 [2, bucket rows] on the device (the rows past ``rows`` are padding's, greedy), its copy on the host
+        (float32 [2 * bucket rows], read once ``event`` has passed) and ``event``; or None when no graph takes
+        ``logits``. On the host: two copies, a replay and an event, instead of the params' upload, the kernel's
+        buffers, its launch and a fresh page-locked buffer and event for the copy back."""
         rows = logits.shape[0]
         if not self.sampler_graphs or logits.data_ptr() != self.logits.data_ptr() or not logits.is_contiguous() \
                 or logits.shape[1:] != self.logits.shape[1:] or logits.dtype != self.logits.dtype:
@@ -190,18 +205,19 @@ class CudaGraphs:
         bucket = next((b for b in self.decode_buckets if b.num_seqs >= rows), None)
         if bucket is None:
             return None
-        width, turn = bucket.num_seqs, self._turn
+        turn, copied = self._turn, self.turn_copied[self._turn]
         self._turn = 1 - turn
-        if self.params_copied[turn] is not None:  # this buffer's copy of two steps ago (long done: its step ended)
-            self.params_copied[turn].synchronize()
-        staged = self.host_params_np[turn][:3 * width].reshape(3, width)
+        if copied is not None:  # this turn's copies of two steps ago (long done: that step's tokens were read)
+            copied.synchronize()
+        staged, static_params, host_params, drawn, host_drawn = self.sample_views[bucket, turn]
         staged[:, :rows] = params
         staged[:, rows:] = 0  # padding rows: greedy
-        self.static_params[:3 * width].copy_(self.host_params[turn][:3 * width], non_blocking=True)
-        if self.params_copied[turn] is not None:
-            self.params_copied[turn].record()
+        static_params.copy_(host_params, non_blocking=True)
         self.sampler_graphs[bucket].replay()
-        return self.drawn[:2 * width].view(2, width)
+        host_drawn.copy_(drawn, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        return drawn.view(2, bucket.num_seqs), host_drawn, copied
 
     def bucket(self, x) -> Bucket | None:
         """The smallest bucket that holds step ``x`` (StepInputs), or None."""
@@ -231,9 +247,11 @@ class CudaGraphs:
         to the bucket's decode rows, its prompt rows, padding to the bucket's size. Two copies: the bucket's words
         (module docstring) and the block tables.
 
-        Block tables travel packed: ``width`` = this step's widest table, rows of ``width`` entries at the start
-        of the host buffer, copied into the first ``width`` columns of the static ``[max_seqs, max_blocks]`` table
-        (a few KB instead of the whole max_model_len-wide table every step). The columns beyond are stale but
+        Block tables: ``width`` = this step's widest table. Where the bucket's rows of the static
+        ``[max_seqs, max_blocks]`` table are small (``WHOLE_TABLE_ROWS_BYTES``), the step writes its ``width``
+        columns into the host rows and copies the rows whole, one plain copy; else it packs rows of ``width``
+        entries at the start of the host buffer and copies them into the first ``width`` columns (a strided copy:
+        a few KB instead of a max_model_len-wide table every step). Either way the columns beyond are stale but
         never read: every context fits in ``width`` blocks.
         """
         t, s, is_prefill, d = bucket
@@ -257,11 +275,15 @@ class CudaGraphs:
             cu[:m - xd + 1] = x.prompt_cu_seqlens_q
             cu[m - xd + 1:] = n - xd
         width = x.block_tables.shape[1]
-        tables = self.host_tables.view(-1)[:s * width].view(s, width)
-        place(tables.numpy(), x.block_tables, s, 0)  # a padding row's table: block 0, never written (length 1)
-        words = self.num_words[bucket]
-        self.static_words[:words].copy_(self.host_words[:words], non_blocking=True)
-        self.static_tables[:s, :width].copy_(tables, non_blocking=True)
+        static_words, host_words, whole_rows = self.copies[bucket]
+        static_words.copy_(host_words, non_blocking=True)
+        if whole_rows is not None:
+            place(self.host_tables_np[:s, :width], x.block_tables, s, 0)  # padding rows: block 0, never written
+            whole_rows[0].copy_(whole_rows[1], non_blocking=True)
+        else:
+            tables = self.host_tables.view(-1)[:s * width].view(s, width)
+            place(tables.numpy(), x.block_tables, s, 0)
+            self.static_tables[:s, :width].copy_(tables, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
         if x.input_ids_device is not None:  # an overlapped step: its decode tokens come from the last, on the device

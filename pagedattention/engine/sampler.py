@@ -120,8 +120,9 @@ class Sampler:
         self.use_kernel = use_kernel
         self._step_keys = random.Random(seed)
         self._last_rows: _RowParams | None = None
-        # (logits, kernel params [3, rows] int64 numpy) -> the one-pass kernel's float32 [2, width >= rows] on the
-        # device, sampled in a captured graph (cuda_graphs.py), or None; set by the engine when it has graphs
+        # (logits, kernel params [3, rows] int64 numpy) -> the one-pass kernel's draw in a captured graph
+        # (``CudaGraphs.sample``: float32 [2, width >= rows] on the device, its copy on the host, the event after the
+        # copy) or None; set by the engine when it has graphs
         self.sample_in_graph = None
 
     @classmethod
@@ -152,9 +153,9 @@ class Sampler:
         rows = self._rows_of(params, logits.shape[1])
         if rows.min_tokens:
             self._mask_stop_tokens(logits, seqs, params, eos_token_ids)
-        width = None
-        if self.use_kernel and rows.one_pass:
-            drawn = self._sample_in_one_pass(logits, seqs, rows, num_pending_rows)  # [2, width]: already packed
+        width = host = event = None
+        if self.use_kernel and rows.one_pass:  # [2, width]: already packed; maybe copied back already
+            drawn, host, event = self._sample_in_one_pass(logits, seqs, rows, num_pending_rows)
             tokens, top_rows, packed, width = drawn[0, :len(seqs)], None, drawn.view(-1), drawn.shape[1]
         else:
             logits = logits.float()
@@ -177,13 +178,12 @@ class Sampler:
                 top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
                 parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
             packed = torch.cat(parts)
-        event = None
-        if packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
+        if host is None and packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:
+        elif host is None:
             host = packed
         return PendingSample(tokens, host, event, seqs, params, top_rows, width)
 
@@ -206,10 +206,11 @@ class Sampler:
 
     def _sample_in_one_pass(self, logits: torch.Tensor, seqs: list[Sequence], row_params: "_RowParams",
                             num_pending_rows: int):
-        """Greedy or an inverse-CDF draw in one kernel (replayed from a captured graph where ``sample_in_graph``
-        takes the logits): float32 [2, width >= rows], the token ids then the log-probabilities. Keys of the rows'
-        uniforms: a seeded request's seed + completion index, counted by its generated tokens (independent of the
-        batch); the other rows share a fresh key per step."""
+        """Greedy or an inverse-CDF draw in one kernel: float32 [2, width >= rows], the token ids then the
+        log-probabilities, and (None, None) or, replayed from a captured graph where ``sample_in_graph`` takes the
+        logits, its copy on the host and the event after it. Keys of the rows' uniforms: a seeded request's seed +
+        completion index, counted by its generated tokens (independent of the batch); the other rows share a fresh
+        key per step."""
         from pagedattention.kernels.sampling import sample_tokens  # numba.cuda: on first use
 
         n = len(seqs)
@@ -221,10 +222,10 @@ class Sampler:
             rows[0, row] = (seed + seq.index) % (1 << 63)
             rows[1, row] = seq.num_output_tokens + (row < num_pending_rows)
         rows[2] = row_params.temperature_bits
-        drawn = None if self.sample_in_graph is None else self.sample_in_graph(logits, rows)
-        if drawn is None:
-            drawn = sample_tokens(logits.contiguous(), self.to_device(rows, torch.int64, logits.device))
-        return drawn
+        in_graph = None if self.sample_in_graph is None else self.sample_in_graph(logits, rows)
+        if in_graph is not None:
+            return in_graph
+        return sample_tokens(logits.contiguous(), self.to_device(rows, torch.int64, logits.device)), None, None
 
     @torch.inference_mode()
     def beam_candidates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
