@@ -278,12 +278,13 @@ def greedy_sample_tokens(logits, params, splits=None, out=None):
 
 def test_an_engine_replaying_its_graphs_bodies_generates_what_the_plain_engine_generates(monkeypatch):
     """The engine loop through the CUDA graphs' path on the CPU, each graph's replay running its body: buckets,
-    staging, padding, overlapped decode steps and mixed steps give every request the plain engine's tokens and
-    log-probabilities (the sampling kernel stood in for by torch, for greedy rows, in both engines)."""
+    staging, padding, overlapped decode steps, mixed steps and the decode steps' sampler graphs give every request
+    the plain engine's tokens and log-probabilities (the sampling kernel stood in for by torch, for greedy rows,
+    in both engines)."""
     from pagedattention.kernels import sampling
 
     monkeypatch.setattr(sampling, "sample_tokens", greedy_sample_tokens)
-    replays = []
+    replays, sampled = [], []
 
     def run(with_graphs):
         engine = LLM(device="cpu", max_num_seqs=8, max_model_len=256)
@@ -292,14 +293,18 @@ def test_an_engine_replaying_its_graphs_bodies_generates_what_the_plain_engine_g
             engine.runner.graphs = graphs = CudaGraphs(engine.model, engine.config)
             graphs.graphs = {b: SimpleNamespace(replay=lambda run=graphs.body(b), b=b: replays.append(b) or run())
                              for b in graphs.buckets}
+            graphs.sampler_graphs = {b: SimpleNamespace(replay=lambda run=graphs.sampler_body(b): sampled.append(1)
+                                                        or run()) for b in graphs.decode_buckets}
+            engine.sampler.sample_in_graph = graphs.sample
             engine.scheduler.mixed_prompt_limit = engine.runner.mixed_prompt_limit
-        ids, done, kinds = {}, {}, []
-        while len(kinds) < 3 or engine.has_unfinished_requests():
-            for p in {0: PROMPTS[:2], 2: PROMPTS[2:4], 3: PROMPTS[4:]}.get(len(kinds), []):
+        ids, done, kinds, step = {}, {}, [], 0
+        while step < 3 or engine.has_unfinished_requests():
+            for p in {0: PROMPTS[:2], 2: PROMPTS[2:4], 3: PROMPTS[4:]}.get(step, []):
                 ids[engine.add_request(p, GREEDY)] = p
             done.update((ids[o.request_id], (o.outputs[0].token_ids, o.outputs[0].cumulative_logprob))
                         for o in engine.step() if o.finished)
-            kinds.append(engine.last_step.kind)
+            kinds += [engine.last_step.kind] if engine.last_step.num_seqs else []  # (the last call only drains)
+            step += 1
         assert_idle(engine)
         return done, kinds
 
@@ -309,6 +314,7 @@ def test_an_engine_replaying_its_graphs_bodies_generates_what_the_plain_engine_g
     assert all(graphed[p][1] == pytest.approx(plain[p][1], rel=1e-5) for p in plain)
     assert {"decode", "mixed"} <= set(kinds)
     assert {b.is_prefill and b.num_decode > 0 for b in replays} == {True, False}  # mixed and other graphs ran
+    assert len(sampled) == kinds.count("decode")  # every decode step sampled in its sampler graph
 
 
 def test_each_bucket_stages_its_inputs_in_words_of_its_own():
