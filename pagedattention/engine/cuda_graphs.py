@@ -100,16 +100,16 @@ class CudaGraphs:
         self.inputs = {b: views(self.static_words, layout) for b, (layout, _) in layouts.items()}
         self.host_inputs = {b: {name: t.numpy() for name, t in views(self.host_words, layout).items()}
                             for b, (layout, _) in layouts.items()}
-        self.num_words = {b: words for b, (_, words) in layouts.items()}
         self.host_tables = torch.zeros(max_seqs, width, dtype=torch.int32, pin_memory=pinned)
         self.host_tables_np = self.host_tables.numpy()
         self.static_tables = self.host_tables.to(self.device, copy=True)
         # what a bucket's step copies (views made once: each slice costs the host a call): its words, and its
         # tables' whole rows when they are small enough to copy as they are (stale columns past a step's widest
         # table are never read), else None (the step's columns only, packed)
-        self.copies = {b: (self.static_words[:self.num_words[b]], self.host_words[:self.num_words[b]],
+        self.copies = {b: (self.static_words[:words], self.host_words[:words],
                            (self.static_tables[:b.num_seqs], self.host_tables[:b.num_seqs])
-                           if b.num_seqs * width * 4 <= WHOLE_TABLE_ROWS_BYTES else None) for b in self.buckets}
+                           if b.num_seqs * width * 4 <= WHOLE_TABLE_ROWS_BYTES else None)
+                       for b, (_, words) in layouts.items()}
         max_tokens = max(b.num_tokens for b in self.buckets)
         self.output = torch.empty(max_tokens, model.config.hidden_size, dtype=config.dtype, device=self.device)
         # A decode graph ends with the LM head (every decode row samples), into these rows: one cuBLAS launch less
@@ -134,10 +134,11 @@ class CudaGraphs:
             host_drawn = [torch.zeros(2 * rows, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
             self.turn_copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # after a turn's copies
             self._turn = 0
-            self.sample_views = {  # (bucket, turn) -> params (numpy [3, w]) and the copies' ends (views made once)
+            self.sample_views = {  # (bucket, turn) -> params (numpy [3, w]), the copies' ends, the draw [2, w]
                 (b, turn): (host_params[turn][:3 * w].numpy().reshape(3, w), self.static_params[:3 * w],
-                            host_params[turn][:3 * w], self.drawn[:2 * w], host_drawn[turn][:2 * w])
-                for b in self.decode_buckets for w in (b.num_seqs,) for turn in range(2)}
+                            host_params[turn][:3 * w], self.drawn[:2 * w], host_drawn[turn][:2 * w],
+                            self.drawn[:2 * w].view(2, w))
+                for b in self.decode_buckets for w in (b.num_seqs,) for turn in range(2)}  # (views made once)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -188,7 +189,8 @@ class CudaGraphs:
         from pagedattention.kernels.sampling import sample_tokens  # numba.cuda: on first use
 
         rows = bucket.num_seqs
-        params, drawn = self.static_params[:3 * rows].view(3, rows), self.drawn[:2 * rows].view(2, rows)
+        _, params, _, _, _, drawn = self.sample_views[bucket, 0]  # (both turns share the device buffers)
+        params = params.view(3, rows)
         return lambda: sample_tokens(self.logits[:rows], params, out=drawn)
 
     def sample(self, logits: torch.Tensor, params):
@@ -209,7 +211,7 @@ class CudaGraphs:
         self._turn = 1 - turn
         if copied is not None:  # this turn's copies of two steps ago (long done: that step's tokens were read)
             copied.synchronize()
-        staged, static_params, host_params, drawn, host_drawn = self.sample_views[bucket, turn]
+        staged, static_params, host_params, drawn, host_drawn, draw = self.sample_views[bucket, turn]
         staged[:, :rows] = params
         staged[:, rows:] = 0  # padding rows: greedy
         static_params.copy_(host_params, non_blocking=True)
@@ -217,7 +219,7 @@ class CudaGraphs:
         host_drawn.copy_(drawn, non_blocking=True)
         if copied is not None:
             copied.record()
-        return drawn.view(2, bucket.num_seqs), host_drawn, copied
+        return draw, host_drawn, copied
 
     def bucket(self, x) -> Bucket | None:
         """The smallest bucket that holds step ``x`` (StepInputs), or None."""
