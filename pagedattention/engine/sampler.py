@@ -178,13 +178,13 @@ class Sampler:
                 top_values, top_ids = wanted.topk(min(num_top, logprobs.shape[1]), dim=-1)
                 parts += [top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten()]
             packed = torch.cat(parts)
-        if host is None and packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        elif host is None:
+        if host is None:  # not copied back by a sampler graph
             host = packed
+            if packed.is_cuda:  # into page-locked memory, asynchronously: the host goes on until result()
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
         return PendingSample(tokens, host, event, seqs, params, top_rows, width)
 
     def _rows_of(self, params: list, vocab: int) -> "_RowParams":
