@@ -13,6 +13,8 @@
 # profile_prefill  profile_prefill.py: W1/W2-like prefill steps per part        200 s   json log
 # host_calls   host_calls.py: W3 under cProfile, then 100 traced steps: the CUDA  150 s   json log
 #              calls per step and the GPU's busy share (is a whole run host- or GPU-bound?)
+# profile_mixed  profile_mixed.py: a W3-like mixed step's parts against a decode    150 s   json log
+#              step's (what admitting ~5 prompts into 250 decoding rows costs)
 # gemm         bench_gemm.py: decode GEMMs, tensor-core kernel vs cuBLAS         120 s   json log
 # rope_decode  bench_rope_decode.py: RoPE + cache write + attention, fused or not 120 s   json log
 # sampling     bench_sampling.py: the sampling kernel at 1-256 rows vs torch       240 s   json log
@@ -31,8 +33,8 @@
 # A stage writes its files as it finishes, so one that fails leaves the others' in place; each prints its wall
 # time, and the script ends with a table of them. Device time is scarce and one command may run 10 minutes,
 # so run the stages in groups of at most ~9 minutes (and at most 8 files, when results must be copied back):
-#     host_calls profile kernels  |  prefill profile_prefill  |  throughput  |  shapes  |  gemm sharing demo_memory
-#     |  serving
+#     host_calls profile_mixed profile kernels  |  prefill profile_prefill  |  throughput  |  shapes
+#     |  gemm sharing demo_memory  |  serving
 #     |  rope_decode sampling
 # Set-up it does itself: wheels in .whl/ (shared/device/prepare.sh fetches numpy for the GPU image) go to
 # .site/ on PYTHONPATH, the repository root goes on PYTHONPATH, the block allocator is built if missing.
@@ -53,8 +55,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 timings=()
-all_stages="kernels prefill profile profile_prefill host_calls gemm rope_decode sampling throughput shapes sharing serving
-    demo_memory"
+all_stages="kernels prefill profile profile_prefill host_calls profile_mixed gemm rope_decode sampling throughput shapes
+    sharing serving demo_memory"
 run_stage() {  # run_stage NAME SECONDS COMMAND...: output to $out/NAME.log, its tail on the terminal
     local name=$1 limit=$2 start=$SECONDS code before; shift 2
     echo "== $name (limit $limit s): $*"
@@ -74,6 +76,7 @@ stage() {
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         profile_prefill) run_stage profile_prefill 200 $py benchmarks/profile_prefill.py --out "$out" ;;
         host_calls) run_stage host_calls 150 $py benchmarks/host_calls.py --out "$out" ;;
+        profile_mixed) run_stage profile_mixed 150 $py benchmarks/profile_mixed.py --out "$out" ;;
         gemm) run_stage gemm 120 $py benchmarks/bench_gemm.py --out "$out" ;;
         rope_decode) run_stage rope_decode 120 $py benchmarks/bench_rope_decode.py --out "$out" ;;
         sampling) run_stage sampling 240 $py benchmarks/bench_sampling.py --out "$out" ;;
