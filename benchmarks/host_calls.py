@@ -13,7 +13,7 @@ One engine runs the workload (every request at t=0, ``add_request`` / ``step`` t
    driver calls the host made (count and time by name), the host's wall time, and how busy the GPU was
    (kernels, copies and memsets over the traced span).
 
-JSON: results/host_calls_<card>.json.
+JSON: results/host_calls_<workload>_<card>.json.
 """
 from __future__ import annotations
 
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     num_steps = row["prefill_steps"] + row["decode_steps"]
     functions = top_functions(prof, seconds, num_steps, args.top)
+    skip = max(0, min(skip, num_steps - steps))  # the traced steps lie inside the run
     events = traced_run(llm, w, args.temperature, skip, steps)
     calls, traced = api_calls(events, step_windows(events))
 
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     for r in calls[:20]:
         print(f"{r['us_per_step']:8.1f} {r['per_step']:6.1f} {r['us_per_call']:8.1f}  {r['call']}")
     tag = common.result_tag(info["card"], args.tiny, None)
-    path = common.write_json(args.out / f"host_calls_{tag}.json", {
+    path = common.write_json(args.out / f"host_calls_{args.workload}_{tag}.json", {
         **info, "model": common.model_description(None if args.tiny else args.model_shape),
         "workload": args.workload, "scheduling": args.scheduling, "max_num_seqs": cap,
         "cprofile": {"seconds": seconds, "steps": num_steps, "functions": functions},

@@ -35,7 +35,8 @@ TITLES = {"demo": "Memory: one system prompt, many requests", "kernels": "Decode
           "gemm": "Decode GEMMs: the skinny tensor-core kernel against cuBLAS",
           "rope_decode": "RoPE + cache write inside the decode kernel, or launched before it",
           "sampling": "Sampling kernel: one launch over the LM head's logits",
-          "serving": "Serving: W3 over HTTP"}
+          "serving": "Serving: W3 over HTTP",
+          "step_mix": "A request set's decode steps by rows (its schedule replayed on the CPU), its mixed steps' cost"}
 MAX_COLUMNS = 14  # wider tables do not read on a page; the JSON keeps everything
 
 
@@ -185,19 +186,37 @@ def sharing_tables(data: dict) -> list[tuple[str, list[dict]]]:
     return [("parallel sampling and beam search", sharing), ("prefix caching", caching)]
 
 
+def step_mix_tables(data: dict) -> list[tuple[str | None, list[dict]]]:
+    """Decode steps per band of rows, continuous beside static; then the full batches' cost from a GPU timeline."""
+    runs = data["runs"]
+    bands = zip(*(runs[s]["decode_bands"] for s in ("continuous", "static")))
+    rows = [{"rows": f"{c['rows'][0]}-{c['rows'][1]}", "continuous steps": c["steps"],
+             "continuous mean context": c["context"], "static steps": s["steps"], "static mean context": s["context"]}
+            for c, s in bands]
+    kinds = {s: ", ".join(f"{n:,} {kind}" for kind, n in runs[s]["steps"].items()) for s in runs}
+    out = [(f"{data['workload']} at {data['max_num_seqs']} seats: continuous {kinds['continuous']} steps, static "
+            f"{kinds['static']}", rows)]
+    full = data.get("full_phase")
+    if full:
+        out.append((f"steps of >= 240 rows in the continuous run on the {full['card']} ({full['timeline']})",
+                    [{k: full[k] for k in ("seconds", "steps", "mixed_steps", "prompt_tokens", "decode_ms_assumed",
+                                           "mixed_extra_ms", "mixed_extra_us_per_prompt_token")}]))
+    return out
+
+
 def one_table(presenter):
     return lambda data: [(None, presenter(data))]
 
 
 PRESENTERS = {"kernels_": one_table(kernel_rows), "prefill_": one_table(prefill_rows),
               "throughput_": one_table(throughput_rows), "profile_prefill_": one_table(prefill_profile_rows),
-              "profile_": profile_tables, "sharing_": sharing_tables}
+              "profile_": profile_tables, "sharing_": sharing_tables, "step_mix_": step_mix_tables}
 
 
 def benchmark_of(path: Path) -> str:
-    """The benchmark a result file comes from: its name's first word (``profile_prefill`` and ``rope_decode``
-    are two)."""
-    two = [name for name in ("profile_prefill", "rope_decode") if path.stem.startswith(name + "_")]
+    """The benchmark a result file comes from: its name's first word (``profile_prefill``, ``rope_decode`` and
+    ``step_mix`` are two)."""
+    two = [name for name in ("profile_prefill", "rope_decode", "step_mix") if path.stem.startswith(name + "_")]
     return two[0] if two else path.stem.split("_")[0]
 
 

@@ -38,7 +38,7 @@ def test_api_calls_count_calls_inside_the_steps_and_merge_overlapping_device_wor
 def test_a_tiny_run_reports_functions_and_traced_steps(tmp_path):
     assert host_calls.main(["--tiny", "--trace-skip", "5", "--trace-steps", "4", "--top", "12",
                             "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "host_calls_cpu_tiny.json").read_text())
+    report = json.loads((tmp_path / "host_calls_W3_cpu_tiny.json").read_text())
     functions = report["cprofile"]["functions"]
     assert len(functions) == 12
     assert [f["tottime_ms"] for f in functions] == sorted((f["tottime_ms"] for f in functions), reverse=True)
@@ -46,3 +46,10 @@ def test_a_tiny_run_reports_functions_and_traced_steps(tmp_path):
     trace = report["trace"]
     assert trace["steps"] == 4 and trace["skip"] == 5 and trace["wall_ms_mean"] > 0
     assert 0 < trace["gpu_busy_fraction"] <= 1  # on a CPU the "device" work is the aten ops' own time
+
+
+def test_the_traced_steps_stay_inside_a_short_run(tmp_path):
+    assert host_calls.main(["--tiny", "--workload", "W1", "--trace-skip", "100000", "--trace-steps", "3",
+                            "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "host_calls_W1_cpu_tiny.json").read_text())
+    assert report["trace"]["skip"] == report["cprofile"]["steps"] - 3 and report["trace"]["steps"] == 3

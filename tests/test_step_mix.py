@@ -37,3 +37,14 @@ def test_the_replay_runs_the_tiny_w3_with_mixed_steps(tmp_path):
     kinds = {kind for kind, *_ in steps}
     assert kinds == {"prefill", "mixed", "decode"} and all(1 <= rows <= 8 for _, rows, _ in steps)
     assert (tmp_path / "step_mix_W3_tiny.json").exists()
+
+
+def test_report_shows_the_bands_side_by_side_and_the_full_phase(tmp_path):
+    import runpy
+
+    assert sm.main(["--workload", "W3", "--tiny", "--out", str(tmp_path)]) == 0
+    report = runpy.run_path(str(Path(sm.__file__).parent / "report.py"), run_name="report")
+    text = report["report"](tmp_path)
+    assert "### A request set's decode steps by rows" in text and "(step_mix_W3_tiny.json)" in text
+    assert "| rows | continuous steps | continuous mean context | static steps | static mean context |" in text
+    assert "| 1-16 |" in text and "| 241-256 |" in text and "steps of >= 240 rows" not in text  # no timeline given
