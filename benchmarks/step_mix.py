@@ -10,10 +10,11 @@ of rows. Two costs follow from the rows alone: a step's attention reads its rows
 with its rows, so a run's time depends on how many of its steps run full.
 
 ``--timeline``: a throughput JSON of the same workload (benchmark_throughput.py on a GPU). Its timeline gives
-each run of steps its start time; the steps that run (nearly) full, with the prompts admitted among them, are
-split into decode and mixed steps, and, given the decode step's time (``--decode-ms``: by default the same
-JSON's W1 continuous decode step, a full batch at a similar context), what a mixed step costs beyond it, in all
-and per prompt token. JSON: results/step_mix_<workload>.json.
+each run of steps its start time: the seconds and the prompt tokens of the steps that run (nearly) full; the
+replay says how many of those are mixed (the timeline merges a mixed step with a decode step beside it); given a
+full decode step's time (``--decode-ms``: by default the same JSON's W1 continuous decode step, a full batch at a
+similar context), what a mixed step costs beyond it, in all and per prompt token.
+JSON: results/step_mix_<workload>.json.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     for scheduling in ("continuous", "static"):
         steps = replay_steps(args.workload, scheduling, cap, args.tiny)
         kinds = {k: sum(1 for s in steps if s[0] == k) for k in ("prefill", "mixed", "decode")}
-        report["runs"][scheduling] = {"steps": kinds, "decode_bands": bands(steps)}
+        full_mixed = sum(1 for kind, rows, _ in steps if kind == "mixed" and rows >= FULL)
+        report["runs"][scheduling] = {"steps": kinds, "full_mixed_steps": full_mixed, "decode_bands": bands(steps)}
         print(f"{args.workload} {scheduling} at {cap} seats: {kinds}; decode steps by rows:")
         for b in report["runs"][scheduling]["decode_bands"]:
             context = f"mean context {b['context']:.0f}" if b["context"] is not None else ""
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         decode_ms = args.decode_ms or (w1 and w1["decode_step_ms"])
         if decode_ms is None:
             parser.error("--decode-ms is needed: the timeline's JSON has no W1 continuous run")
-        mixed = report["runs"]["continuous"]["steps"]["mixed"]
+        mixed = report["runs"]["continuous"]["full_mixed_steps"]
         costs = report["full_phase"] = {"timeline": str(args.timeline), "card": data["card"],
                                         **full_phase_costs(run, decode_ms, mixed)}
         print(f"{data['card']}, {args.workload} continuous, steps of >= {FULL} rows: {costs['seconds']:.3f} s for "
