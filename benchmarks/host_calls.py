@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import pstats
 import statistics
 import sys
 import time
@@ -36,18 +34,16 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 from benchmark_throughput import run_engine  # noqa: E402
 from pagedattention import LLM  # noqa: E402
+from profile_prefill import host_functions  # noqa: E402
 from profile_step import STEP_LABEL, device_events, load_trace, step_windows  # noqa: E402
 
 
 def top_functions(prof: cProfile.Profile, seconds: float, steps: int, limit: int) -> list[dict]:
-    """The ``limit`` functions with the most time of their own: ms in all, per step and as a share of the run."""
-    stats = pstats.Stats(prof, stream=io.StringIO())
-    rows = []
-    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
-        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
-        rows.append({"function": where, "calls": calls, "tottime_ms": 1e3 * tottime, "cumtime_ms": 1e3 * cumtime,
-                     "ms_per_step": 1e3 * tottime / max(steps, 1), "share": tottime / seconds})
-    return sorted(rows, key=lambda r: -r["tottime_ms"])[:limit]
+    """The ``limit`` functions with the most time of their own (``profile_prefill.host_functions``): ms in all, per
+    step and as a share of the run."""
+    return [{"function": where, "calls": calls, "tottime_ms": ms, "cumtime_ms": cumulative,
+             "ms_per_step": ms / max(steps, 1), "share": ms / 1e3 / seconds}
+            for where, calls, ms, cumulative in host_functions(prof, limit)]
 
 
 def traced_run(llm: LLM, w: workloads.Workload, temperature: float, skip: int, steps: int) -> list[dict]:

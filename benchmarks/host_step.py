@@ -22,6 +22,7 @@ depend on the tokens), and the host's seconds in each kind of step. Writes resul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import random
 import statistics
@@ -88,16 +89,27 @@ def workload_engine(cap: int) -> LLM:
     return llm
 
 
-def host_seconds_of_workload(name: str, cap: int = 256, tiny: bool = False) -> dict:
-    """Run workload ``name`` to the end with the model and the sampling kernel replaced; the host's seconds
-    (wall and the process's CPU time) and the number of steps, per step kind."""
+@contextlib.contextmanager
+def replayed_workload(name: str, cap: int = 256, tiny: bool = False, scheduling: str = "continuous"):
+    """``workload_engine(cap)`` with every request of workload ``name`` added and the model and the sampling kernel
+    replaced; yields the engine, to be stepped to the end, and puts the sampling kernel back after."""
     llm = workload_engine(cap)
+    llm.set_scheduling(scheduling, max_num_seqs=cap)
     w = workloads.make_workload(name, tiny=tiny, vocab_size=llm.model_config.vocab_size)
     real_sample_tokens = replace_model_and_sampling(llm, cap)  # a step samples at most one row a sequence
-    kinds = {kind: {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0} for kind in ("prefill", "mixed", "decode")}
     try:
         for prompt, params in zip(w.prompts, w.sampling_params(0.6)):
             llm.add_request(prompt, params)
+        yield llm
+    finally:
+        sampling.sample_tokens = real_sample_tokens
+
+
+def host_seconds_of_workload(name: str, cap: int = 256, tiny: bool = False) -> dict:
+    """Run workload ``name`` to the end with the model and the sampling kernel replaced; the host's seconds
+    (wall and the process's CPU time) and the number of steps, per step kind."""
+    kinds = {kind: {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0} for kind in ("prefill", "mixed", "decode")}
+    with replayed_workload(name, cap, tiny) as llm:
         while llm.has_unfinished_requests():
             start, cpu = time.perf_counter(), time.process_time()
             llm.step()
@@ -105,8 +117,6 @@ def host_seconds_of_workload(name: str, cap: int = 256, tiny: bool = False) -> d
             if llm.last_step.num_seqs:
                 k = kinds[llm.last_step.kind]
                 k["steps"], k["wall_s"], k["cpu_s"] = k["steps"] + 1, k["wall_s"] + wall, k["cpu_s"] + cpu
-    finally:
-        sampling.sample_tokens = real_sample_tokens
     return {"workload": name, "max_num_seqs": cap, "kinds": kinds,
             "wall_s": sum(k["wall_s"] for k in kinds.values()), "cpu_s": sum(k["cpu_s"] for k in kinds.values())}
 

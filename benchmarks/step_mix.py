@@ -35,21 +35,13 @@ FULL = 240                            # a step with at least this many rows runs
 
 def replay_steps(name: str, scheduling: str, cap: int = 256, tiny: bool = False) -> list[tuple[str, int, float]]:
     """(kind, rows, mean context of the running sequences before the step) of every step of ``name``."""
-    llm = host_step.workload_engine(cap)
-    llm.set_scheduling(scheduling, max_num_seqs=cap)
-    w = workloads.make_workload(name, tiny=tiny, vocab_size=llm.model_config.vocab_size)
-    real = host_step.replace_model_and_sampling(llm, cap)
     steps = []
-    try:
-        for prompt, params in zip(w.prompts, w.sampling_params(0.6)):
-            llm.add_request(prompt, params)
+    with host_step.replayed_workload(name, cap, tiny, scheduling) as llm:
         while llm.has_unfinished_requests():
             contexts = [len(s.token_ids) for s in llm.scheduler.running]
             llm.step()
             if llm.last_step.num_seqs:
                 steps.append((llm.last_step.kind, llm.last_step.num_seqs, statistics.fmean(contexts or [0])))
-    finally:
-        host_step.sampling.sample_tokens = real
     return steps
 
 
