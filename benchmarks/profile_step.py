@@ -19,7 +19,10 @@ Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs
 (+ activations) or do their FLOPs, whichever takes longer; norms/RoPE/SwiGLU move their activations once; the
 LM head reads its matrix and writes the logits (or its FLOPs); sampling reads the logits once. Bytes go at
 the measured copy bandwidth, FLOPs at the measured bf16 GEMM rate (the model's gate_up projection over 8,192
-tokens). GPU idle = 1 - (kernel + copy time) / step wall time.
+tokens). GPU idle = 1 - (kernel + copy time) / step wall time, in two parts: the gaps between the kernels of a
+CUDA graph (each kernel of a replay carries its launch's correlation id; a decode step's graph is ~230 kernels, each
+starting a little after the one before ends) and the rest, the device waiting for the host's next launch, between
+steps or between a step's launches.
 
 The W2 bound (same run): every decode step reads the weights once (common.weight_bytes) and the running
 sequences' KV; W2's requests all run at once (cap 256), so it has max(output) - 1 decode steps; plus the prompts'
@@ -319,13 +322,44 @@ def profile_batch(llm: LLM, batch: int, context: int, steps: int, temperature: f
     wall, busy = statistics.median(walls), sum(parts.values())
     if busy == 0:
         print(f"batch {batch}: no kernels inside the traced steps (was the GPU traced?); the parts read 0")
+    inside_graphs = graph_gaps(per_step)
     return {"batch": batch, "steps_traced": len(per_step), "events_outside_steps": outside, "ran_whole": ran_whole,
             "kernels_per_step": sum(map(len, per_step)) / max(len(per_step), 1),
             "context_mean": context + warmup + timed + steps / 2,
             "wall_ms": wall, "wall_ms_p90": common.percentile(walls, 90),
             "host_wait_ms": host["waiting for the GPU"],
             "device_busy_ms": busy, "device_idle_fraction": 1 - busy / wall, "parts_ms": parts,
+            # the idle fraction in two: the gaps between the kernels of a graph (from the trace), and the rest,
+            # the device waiting for the host's next launch (between steps, or between a step's launches)
+            "device_idle_inside_graphs_fraction": inside_graphs / wall,
+            "device_idle_waiting_fraction": 1 - (busy + inside_graphs) / wall,
             "other_kernels_ms": others, "kernels": kernels, "host_phases_ms": host}
+
+
+def busy_union(step: list[dict]) -> float:
+    """µs during which any of a step's events ran (overlapping events counted once)."""
+    busy, end = 0.0, float("-inf")
+    for e in sorted(step, key=lambda e: e["ts"]):
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy
+
+
+def graph_gaps(per_step: list[list[dict]]) -> float:
+    """ms per step that the device sat idle inside CUDA graphs: for each graph replay (the kernels that share its
+    launch's correlation id), the time from its first kernel's start to its last one's end that no kernel of it
+    ran; mean over the traced steps. The device's own clock: tracing the host does not stretch it."""
+    total = 0.0
+    for step in per_step:
+        launches = defaultdict(list)
+        for e in step:
+            if "correlation" in e.get("args", {}):
+                launches[e["args"]["correlation"]].append(e)
+        for events in launches.values():
+            if len(events) > 1:
+                total += max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events) - busy_union(events)
+    return total / max(len(per_step), 1) / 1e3
 
 
 def mean_parts(per_step: list[list[dict]]) -> tuple[dict, dict, list[dict]]:
@@ -362,7 +396,9 @@ def profile_engine(llm: LLM, batches, context: int, steps: int, temperature: flo
         row["step_bound_ms"] = sum(row["bounds_ms"].values())
         rows.append(row)
         print(f"batch {batch}: step {row['wall_ms']:.3f} ms wall, device busy {row['device_busy_ms']:.3f} ms "
-              f"({100 * row['device_idle_fraction']:.0f}% idle), bound {row['step_bound_ms']:.3f} ms", flush=True)
+              f"({100 * row['device_idle_fraction']:.0f}% idle, "
+              f"{100 * row['device_idle_waiting_fraction']:.0f}% waiting for the host), "
+              f"bound {row['step_bound_ms']:.3f} ms", flush=True)
     llm.set_scheduling(max_num_seqs=built)
     return rows
 
@@ -381,6 +417,9 @@ def print_profile(report: dict) -> None:
     print(f"{'device busy / step bound':<30}" + "".join(f"{c:>20}" for c in busy))
     print(f"{'llm.step() wall':<30}" + "".join(f"{r['wall_ms']:>20.3f}" for r in rows))
     print(f"{'device idle':<30}" + "".join(f"{100 * r['device_idle_fraction']:>19.1f}%" for r in rows))
+    for key, label in (("device_idle_inside_graphs_fraction", "  between a graph's kernels"),
+                       ("device_idle_waiting_fraction", "  waiting for the host")):
+        print(f"{label:<30}" + "".join(f"{100 * r[key]:>19.1f}%" for r in rows))
     print(f"{'host waiting for the GPU':<30}" + "".join(f"{r['host_wait_ms']:>20.3f}" for r in rows))
     print("\nhost time per step by phase (ms, timers, untraced; a phase leaves out those inside it):")
     for phase in rows[0]["host_phases_ms"] if rows else []:

@@ -125,6 +125,8 @@ def profile_tables(data: dict) -> list[tuple[str, list[dict]]]:
         row = {"batch": r["batch"], "context": round(r["context_mean"]), "llm.step() ms": r["wall_ms"],
                "GPU busy ms": r["device_busy_ms"], "GPU idle": f"{r['device_idle_fraction']:.0%}",
                "step bound ms": r["step_bound_ms"]}
+        if "device_idle_waiting_fraction" in r:  # (older profiles lack the split)
+            row["GPU idle waiting for the host"] = f"{r['device_idle_waiting_fraction']:.0%}"
         if "host_wait_ms" in r:  # profiles from before it was measured lack it
             row["host waits for GPU ms"] = r["host_wait_ms"]
         rows.append(row | measured_over_bound(r["parts_ms"], r["bounds_ms"]))

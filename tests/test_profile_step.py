@@ -107,6 +107,21 @@ def test_a_traced_step_splits_into_its_parts():
         assert sum(calls for _, calls, _ in kernels.values()) == len(step)
 
 
+def test_idle_inside_graphs_is_the_gaps_between_the_kernels_of_each_replay():
+    """The kernels of one graph replay share their launch's correlation id: the time between them counts (an
+    overlap of two counts once); time between replays, and around copies or lone launches, does not."""
+    def ev(ts, dur, correlation):
+        return kernel("k", ts, dur, correlation=correlation)
+
+    step_1 = [ev(0, 10, 1), ev(12, 5, 1), ev(15, 4, 1),     # replay 1: span 0-19, busy 17 -> 2
+              ev(30, 3, 2),                                 # a lone launch
+              ev(40, 5, 3), ev(50, 5, 3)]                   # replay 3: span 40-55, busy 10 -> 5
+    step_2 = [ev(100, 4, 4), ev(106, 4, 4), kernel("copy", 120, 1, cat="gpu_memcpy")]  # -> 2
+    assert ps.graph_gaps([step_1, step_2]) == pytest.approx((2 + 5 + 2) / 2 / 1e3)
+    assert ps.busy_union(step_1[:3]) == 17
+    assert ps.graph_gaps([]) == 0
+
+
 def test_short_kernel_names():
     assert ps.short_name("cudapy::pagedattention::kernels::layer_ops::_add_rms_norm_kernel::_3clocals_3e::kernel"
                          "(long long, long long)") == "layer_ops::_add_rms_norm_kernel::kernel"
@@ -192,6 +207,8 @@ def test_tiny_profile_end_to_end(tmp_path, capsys):
         assert r["parts_ms"]["lm_head"] > 0 and r["parts_ms"]["sampling"] > 0
         assert set(r["bounds_ms"]) == {"attention", "gemm", "layer_ops", "lm_head", "sampling"}
         assert r["device_idle_fraction"] < 1 and r["wall_ms"] > 0
+        assert r["device_idle_inside_graphs_fraction"] == 0  # (no graphs on the CPU)
+        assert r["device_idle_waiting_fraction"] == pytest.approx(r["device_idle_fraction"])
         assert r["host_wait_ms"] == 0  # on the CPU nothing runs asynchronously: the host never waits
         phases = r["host_phases_ms"]  # every phase of a decode step ran (those of the GPU's path: none)
         assert all(phases[name] > 0 for name in ps.HOST_PHASES if name not in ps.GPU_PHASES)
