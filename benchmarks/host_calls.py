@@ -35,7 +35,7 @@ import workloads  # noqa: E402
 from benchmark_throughput import run_engine  # noqa: E402
 from pagedattention import LLM  # noqa: E402
 from profile_prefill import host_functions  # noqa: E402
-from profile_step import STEP_LABEL, device_events, load_trace, step_windows  # noqa: E402
+from profile_step import STEP_LABEL, device_events, graph_gaps, load_trace, step_windows  # noqa: E402
 
 
 def top_functions(prof: cProfile.Profile, seconds: float, steps: int, limit: int) -> list[dict]:
@@ -64,7 +64,8 @@ def traced_run(llm: LLM, w: workloads.Workload, temperature: float, skip: int, s
 
 def api_calls(events: list[dict], windows) -> tuple[list[dict], dict]:
     """The CUDA runtime/driver calls made inside the traced steps, by name (count and µs per step), and the
-    steps' host wall and GPU busy fraction over the span from the first step's start to the last one's end."""
+    steps' host wall, the GPU's busy fraction over the span from the first step's start to the last one's end and
+    its idle fraction between the kernels of a graph replay (the rest of the idle: waiting for the host)."""
     start, end = windows[0][0], windows[-1][1]
     per_name = defaultdict(lambda: [0, 0.0])
     for e in events:
@@ -75,13 +76,16 @@ def api_calls(events: list[dict], windows) -> tuple[list[dict], dict]:
     calls = sorted(({"call": name, "per_step": count / n, "us_per_step": us / n, "us_per_call": us / count}
                     for name, (count, us) in per_name.items()), key=lambda r: -r["us_per_step"])
     busy, last = 0.0, start  # the union of the device's intervals inside the span
-    for e in sorted(device_events(events), key=lambda e: e["ts"]):
+    device = sorted(device_events(events), key=lambda e: e["ts"])
+    for e in device:
         a, b = max(e["ts"], last), min(e["ts"] + e["dur"], end)
         if b > a:
             busy, last = busy + b - a, b
+    inside_graphs = 1e3 * graph_gaps([[e for e in device if start <= e["ts"] <= end]])  # µs
     walls = [b - a for a, b in windows]
     return calls, {"steps": n, "wall_ms_mean": statistics.fmean(walls) / 1e3,
-                   "wall_ms_p50": statistics.median(walls) / 1e3, "gpu_busy_fraction": busy / (end - start)}
+                   "wall_ms_p50": statistics.median(walls) / 1e3, "gpu_busy_fraction": busy / (end - start),
+                   "gpu_idle_inside_graphs_fraction": inside_graphs / (end - start)}
 
 
 def main(argv=None) -> int:
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
     for r in functions:
         print(f"{r['ms_per_step']:8.3f} {100 * r['share']:5.1f}% {r['calls']:8d}  {r['function'][:100]}")
     print(f"\n{label}: {traced['steps']} traced steps after {skip}: wall {traced['wall_ms_mean']:.3f} ms mean "
-          f"({traced['wall_ms_p50']:.3f} p50), GPU busy {100 * traced['gpu_busy_fraction']:.1f}%")
+          f"({traced['wall_ms_p50']:.3f} p50), GPU busy {100 * traced['gpu_busy_fraction']:.1f}%, idle between a "
+          f"graph's kernels {100 * traced['gpu_idle_inside_graphs_fraction']:.1f}% (the rest: waiting for the host)")
     print(f"{'us/step':>8} {'calls':>6} {'us/call':>8}  CUDA call")
     for r in calls[:20]:
         print(f"{r['us_per_step']:8.1f} {r['per_step']:6.1f} {r['us_per_call']:8.1f}  {r['call']}")

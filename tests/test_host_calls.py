@@ -23,7 +23,8 @@ def test_api_calls_count_calls_inside_the_steps_and_merge_overlapping_device_wor
         event("cuda_runtime", "cudaMemcpyAsync", 50, 5),          # before the first step: not counted
         event("kernel", "a", 120, 50), event("kernel", "b", 150, 40),  # overlap: 120 .. 190 is 70 us busy
         event("gpu_memcpy", "c", 280, 40),                        # runs past the span: 20 us inside
-    ]
+        event("kernel", "g1", 220, 10, correlation=7), event("kernel", "g2", 236, 4, correlation=7),  # one replay:
+    ]                                                             # 6 us between its kernels
     calls, traced = host_calls.api_calls(events, windows)
     by_name = {c["call"]: c for c in calls}
     assert set(by_name) == {"cudaGraphLaunch", "cudaEventSynchronize"}
@@ -32,7 +33,8 @@ def test_api_calls_count_calls_inside_the_steps_and_merge_overlapping_device_wor
     assert by_name["cudaGraphLaunch"]["us_per_call"] == pytest.approx(10.0)
     assert calls[0]["call"] == "cudaEventSynchronize"  # the most time per step first
     assert traced["steps"] == 2 and traced["wall_ms_mean"] == pytest.approx(0.1)
-    assert traced["gpu_busy_fraction"] == pytest.approx((70 + 20) / 200)
+    assert traced["gpu_busy_fraction"] == pytest.approx((70 + 20 + 14) / 200)
+    assert traced["gpu_idle_inside_graphs_fraction"] == pytest.approx(6 / 200)
 
 
 def test_a_tiny_run_reports_functions_and_traced_steps(tmp_path):
@@ -46,6 +48,7 @@ def test_a_tiny_run_reports_functions_and_traced_steps(tmp_path):
     trace = report["trace"]
     assert trace["steps"] == 4 and trace["skip"] == 5 and trace["wall_ms_mean"] > 0
     assert 0 < trace["gpu_busy_fraction"] <= 1  # on a CPU the "device" work is the aten ops' own time
+    assert trace["gpu_idle_inside_graphs_fraction"] == 0  # (and no graphs)
 
 
 def test_the_traced_steps_stay_inside_a_short_run(tmp_path):
