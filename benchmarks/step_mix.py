@@ -33,15 +33,19 @@ BANDS = (16, 64, 128, 192, 240, 256)  # upper ends of the row bands (the last: 2
 FULL = 240                            # a step with at least this many rows runs full
 
 
-def replay_steps(name: str, scheduling: str, cap: int = 256, tiny: bool = False) -> list[tuple[str, int, float]]:
-    """(kind, rows, mean context of the running sequences before the step) of every step of ``name``."""
+def replay_steps(name: str, scheduling: str, cap: int = 256,
+                 tiny: bool = False) -> list[tuple[str, int, float, bool]]:
+    """(kind, rows, mean context of the running sequences before the step, whether it was left in flight) of every
+    step of ``name``. A step left in flight overlaps the next one's launch; one that is not made the host wait
+    for its tokens before launching anything more, leaving the GPU idle meanwhile."""
     steps = []
     with host_step.replayed_workload(name, cap, tiny, scheduling) as llm:
         while llm.has_unfinished_requests():
             contexts = [len(s.token_ids) for s in llm.scheduler.running]
             llm.step()
             if llm.last_step.num_seqs:
-                steps.append((llm.last_step.kind, llm.last_step.num_seqs, statistics.fmean(contexts or [0])))
+                steps.append((llm.last_step.kind, llm.last_step.num_seqs, statistics.fmean(contexts or [0]),
+                              llm.stepper.inflight is not None))
     return steps
 
 
@@ -86,9 +90,12 @@ def main(argv=None) -> int:
     for scheduling in ("continuous", "static"):
         steps = replay_steps(args.workload, scheduling, cap, args.tiny)
         kinds = {k: sum(1 for s in steps if s[0] == k) for k in ("prefill", "mixed", "decode")}
-        full_mixed = sum(1 for kind, rows, _ in steps if kind == "mixed" and rows >= FULL)
-        report["runs"][scheduling] = {"steps": kinds, "full_mixed_steps": full_mixed, "decode_bands": bands(steps)}
-        print(f"{args.workload} {scheduling} at {cap} seats: {kinds}; decode steps by rows:")
+        full_mixed = sum(1 for kind, rows, _, _ in steps if kind == "mixed" and rows >= FULL)
+        waited = {k: sum(1 for s in steps if s[0] == k and not s[3]) for k in kinds}
+        report["runs"][scheduling] = {"steps": kinds, "steps_not_overlapped": waited, "full_mixed_steps": full_mixed,
+                                      "decode_bands": bands(steps)}
+        print(f"{args.workload} {scheduling} at {cap} seats: {kinds}, of which the host waited for the tokens "
+              f"before launching the next: {waited}; decode steps by rows:")
         for b in report["runs"][scheduling]["decode_bands"]:
             context = f"mean context {b['context']:.0f}" if b["context"] is not None else ""
             print(f"  rows {b['rows'][0]:3d}-{b['rows'][1]:3d}: {b['steps']:5d} steps  {context}")

@@ -11,8 +11,9 @@ import benchmarks.step_mix as sm  # noqa: E402
 
 
 def test_bands_count_every_decode_step_once():
-    steps = [("prefill", 8, 0.0), ("decode", 1, 10.0), ("decode", 16, 30.0), ("decode", 17, 50.0),
-             ("mixed", 250, 40.0), ("decode", 250, 100.0), ("decode", 256, 200.0)]
+    steps = [("prefill", 8, 0.0, True), ("decode", 1, 10.0, True), ("decode", 16, 30.0, True),
+             ("decode", 17, 50.0, True), ("mixed", 250, 40.0, True), ("decode", 250, 100.0, True),
+             ("decode", 256, 200.0, False)]
     bands = sm.bands(steps)
     assert [b["steps"] for b in bands] == [2, 1, 0, 0, 0, 2]
     assert bands[0]["context"] == 20.0 and bands[-1]["context"] == 150.0 and bands[2]["context"] is None
@@ -35,8 +36,19 @@ def test_the_replay_runs_the_tiny_w3_with_mixed_steps(tmp_path):
     assert sm.main(["--workload", "W3", "--tiny", "--out", str(tmp_path)]) == 0
     steps = sm.replay_steps("W3", "continuous", cap=8, tiny=True)
     kinds = {kind for kind, *_ in steps}
-    assert kinds == {"prefill", "mixed", "decode"} and all(1 <= rows <= 8 for _, rows, _ in steps)
+    assert kinds == {"prefill", "mixed", "decode"} and all(1 <= rows <= 8 for _, rows, *_ in steps)
+    assert all(in_flight for *_, in_flight in steps)  # each step's launch overlapped the next one's
     assert (tmp_path / "step_mix_W3_tiny.json").exists()
+
+
+def test_steps_the_host_waits_for_are_counted(monkeypatch):
+    """An engine that may never overlap (as when every request needs its tokens on the host to sample): no step
+    stays in flight."""
+    from pagedattention.engine.stepper import Stepper
+
+    monkeypatch.setattr(Stepper, "can_overlap", lambda self, batch: False)
+    steps = sm.replay_steps("W3", "continuous", cap=8, tiny=True)
+    assert steps and not any(in_flight for *_, in_flight in steps)
 
 
 def test_report_shows_the_bands_side_by_side_and_the_full_phase(tmp_path):
