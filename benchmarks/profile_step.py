@@ -20,9 +20,8 @@ Bounds, per step: attention reads each sequence's K/V once (+ q, out); the GEMMs
 LM head reads its matrix and writes the logits (or its FLOPs); sampling reads the logits once. Bytes go at
 the measured copy bandwidth, FLOPs at the measured bf16 GEMM rate (the model's gate_up projection over 8,192
 tokens). GPU idle = 1 - (kernel + copy time) / step wall time, in two parts: the gaps between the kernels of a
-CUDA graph (each kernel of a replay carries its launch's correlation id; a decode step's graph is ~230 kernels, each
-starting a little after the one before ends) and the rest, the device waiting for the host's next launch, between
-steps or between a step's launches.
+CUDA graph replay (each of its kernels carries the launch's correlation id; a decode step's graph is ~230 kernels)
+and the rest, the device waiting for the host's next launch, between steps or between a step's launches.
 
 The W2 bound (same run): every decode step reads the weights once (common.weight_bytes) and the running
 sequences' KV; W2's requests all run at once (cap 256), so it has max(output) - 1 decode steps; plus the prompts'

@@ -36,8 +36,8 @@ FULL = 240                            # a step with at least this many rows runs
 def replay_steps(name: str, scheduling: str, cap: int = 256,
                  tiny: bool = False) -> list[tuple[str, int, float, bool]]:
     """(kind, rows, mean context of the running sequences before the step, whether it was left in flight) of every
-    step of ``name``. A step left in flight overlaps the next one's launch; one that is not made the host wait
-    for its tokens before launching anything more, leaving the GPU idle meanwhile."""
+    step of ``name``. A step left in flight overlaps the next one's launch; any other made the host wait for its
+    tokens before launching anything more, leaving the GPU idle meanwhile."""
     steps = []
     with host_step.replayed_workload(name, cap, tiny, scheduling) as llm:
         while llm.has_unfinished_requests():
