@@ -2,17 +2,22 @@
 
     python benchmarks/bench_prefill.py            # table on stdout, JSON + PNG under benchmarks/results/
 
-Workloads: prefill of 8 prompts of 2,048 tokens, and one 512-token chunk on a 4,096-token cached prefix, for the
-Qwen2.5-0.5B attention shape (14 query / 2 KV heads, head_dim 64) and the 32/8/128 shape. Causal FLOPs are
-counted honestly: query row at position p attends p + 1 keys, 4 * head_dim FLOPs each (QK^T and PV).
-Each call is timed with CUDA events after a warm-up; the median of the repeats is reported. The paged kernel
-reads K/V through randomly ordered blocks of 16 tokens; SDPA gets contiguous K/V with the KV heads expanded
-to the query heads (so flash runs with the same causal alignment: bottom-right for the chunk).
+Workloads: prefill of 8 prompts of 2,048 tokens, one 512-token chunk on a 4,096-token cached prefix, and the
+prompts of one W1-like and one W2-like engine step (as many prompts of U[128, 512] or U[100, 1,024] tokens as fit
+in 8,192, drawn as ``profile_prefill.py`` draws them), for the Qwen2.5-0.5B attention shape (14 query / 2 KV heads,
+head_dim 64) and the 32/8/128 shape. Causal FLOPs are counted honestly: query row at position p attends p + 1
+keys, 4 * head_dim FLOPs each (QK^T and PV). Each call is timed with CUDA events after a warm-up; the median of
+the repeats is reported. The paged kernel reads K/V through randomly ordered blocks of 16 tokens; SDPA gets
+contiguous K/V with the KV heads expanded to the query heads (so flash runs with the same causal alignment:
+bottom-right for the chunk). Prompts of different lengths go to SDPA as one batch padded to the longest (flash
+has no padding mask; a causal row never sees the padding after it), so SDPA does the padding's work too: its
+TFLOP/s count only the real rows' FLOPs, like the paged kernel's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -22,11 +27,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.profile_prefill import KINDS, prompt_batch  # noqa: E402
 from pagedattention.kernels.paged_prefill import choose_warps, launch_prefill, paged_prefill_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen2.5-0.5b (14q/2kv, d64)": (14, 2, 64), "32q/8kv, d128": (32, 8, 128)}
-WORKLOADS = {"prefill 8 x 2048": (8, 2048, 2048), "chunk 512 on 4096 prefix": (1, 4096 + 512, 512)}
+
+
+def engine_step(low: int, high: int, seed: int) -> list[tuple[int, int]]:
+    """(context_len, q_len) of the prompts of one 8,192-token prefill step of prompts of U[low, high] tokens."""
+    return [(n, n) for n in prompt_batch(random.Random(seed), low, high, 8192)]
+
+
+# each workload: (context_len, q_len) per sequence
+WORKLOADS = {"prefill 8 x 2048": [(2048, 2048)] * 8, "chunk 512 on 4096 prefix": [(4096 + 512, 512)],
+             "W1-like step": engine_step(*KINDS["W1-like"], seed=0),
+             "W2-like step": engine_step(*KINDS["W2-like"], seed=1)}
 
 
 def causal_flops(batch: int, context_len: int, q_len: int, num_heads: int, head_dim: int) -> float:
@@ -49,28 +65,43 @@ def time_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
-    """Random contiguous K/V and query, plus the same K/V scattered over randomly ordered cache blocks."""
-    dev = "cuda"
-    k = torch.randn(batch, context_len, num_kv_heads, head_dim, device=dev, dtype=dtype)
-    v = torch.randn_like(k)
-    q = torch.randn(batch, q_len, num_heads, head_dim, device=dev, dtype=dtype)
-    blocks_per_seq = -(-context_len // block_size)
+def make_inputs(specs, num_heads, num_kv_heads, head_dim, dtype, block_size=16, dev="cuda"):
+    """Random K/V and queries for sequences of (context_len, q_len): contiguous, padded to the longest (``[B, L,
+    H, D]``; the queries are each sequence's last q_len positions), and the same K/V scattered over randomly
+    ordered cache blocks with the queries packed (the paged kernel's arguments). One padded batch has one causal
+    alignment, so the sequences must all be alike or all whole prompts (q_len = context_len)."""
+    if len(set(specs)) > 1 and any(c != n for c, n in specs):
+        raise ValueError(f"sequences of different lengths must be whole prompts (q_len = context_len), got {specs}")
+    batch, max_ctx, max_q = len(specs), max(c for c, _ in specs), max(q for _, q in specs)
+    k = torch.zeros(batch, max_ctx, num_kv_heads, head_dim, device=dev, dtype=dtype)
+    v, q = torch.zeros_like(k), torch.zeros(batch, max_q, num_heads, head_dim, device=dev, dtype=dtype)
+    for i, (ctx, q_len) in enumerate(specs):
+        k[i, :ctx].normal_()
+        v[i, :ctx].normal_()
+        q[i, :q_len].normal_()
+    blocks_per_seq = -(-max_ctx // block_size)
     num_blocks = batch * blocks_per_seq + 1
     block_tables = (torch.randperm(num_blocks - 1, device=dev)[:batch * blocks_per_seq] + 1)
     block_tables = block_tables.to(torch.int32).view(batch, blocks_per_seq)
     key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device=dev, dtype=dtype)
     value_cache = torch.zeros_like(key_cache)
-    pad = blocks_per_seq * block_size - context_len
+    pad = blocks_per_seq * block_size - max_ctx
     kp = F.pad(k, (0, 0, 0, 0, 0, pad)).view(batch, blocks_per_seq, block_size, num_kv_heads, head_dim)
     vp = F.pad(v, (0, 0, 0, 0, 0, pad)).view(batch, blocks_per_seq, block_size, num_kv_heads, head_dim)
     key_cache[block_tables.long()] = kp
     value_cache[block_tables.long()] = vp
-    paged = dict(query=q.reshape(batch * q_len, num_heads, head_dim), key_cache=key_cache, value_cache=value_cache,
-                 block_tables=block_tables,
-                 cu_seqlens_q=torch.arange(0, batch + 1, device=dev, dtype=torch.int32) * q_len,
-                 context_lens=torch.full((batch,), context_len, device=dev, dtype=torch.int32))
+    q_lens = torch.tensor([q_len for _, q_len in specs], device=dev)
+    cu_seqlens_q = torch.zeros(batch + 1, device=dev, dtype=torch.int32)
+    cu_seqlens_q[1:] = q_lens.cumsum(0)
+    paged = dict(query=torch.cat([q[i, :q_len] for i, (_, q_len) in enumerate(specs)]), key_cache=key_cache,
+                 value_cache=value_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+                 context_lens=torch.tensor([c for c, _ in specs], device=dev, dtype=torch.int32))
     return (q, k, v), paged
+
+
+def packed(out_padded: torch.Tensor, specs) -> torch.Tensor:
+    """SDPA's ``[B, L, H, D]`` output, the real rows packed like the paged kernel's query."""
+    return torch.cat([out_padded[i, :q_len] for i, (_, q_len) in enumerate(specs)])
 
 
 def sdpa_fn(q, k, v, num_heads, num_kv_heads):
@@ -133,18 +164,18 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(D
     for shape_name, (num_heads, num_kv_heads, head_dim) in SHAPES.items():
         if shapes and shape_name not in shapes:
             continue
-        for work_name, (batch, context_len, q_len) in WORKLOADS.items():
+        for work_name, specs in WORKLOADS.items():
             if workloads and work_name not in workloads:
                 continue
+            batch, context_len, q_len = len(specs), max(c for c, _ in specs), max(q for _, q in specs)
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 torch.manual_seed(0)
-                (q, k, v), paged = make_inputs(batch, context_len, q_len, num_heads, num_kv_heads, head_dim,
-                                               dtype)
+                (q, k, v), paged = make_inputs(specs, num_heads, num_kv_heads, head_dim, dtype)
                 ref_fn = sdpa_fn(q, k, v, num_heads, num_kv_heads)
-                ref = ref_fn().transpose(1, 2).reshape(paged["query"].shape)
+                ref = packed(ref_fn().transpose(1, 2), specs)
                 sdpa_ms = time_ms(ref_fn, warmup, reps)
-                flops = causal_flops(batch, context_len, q_len, num_heads, head_dim)
+                flops = sum(causal_flops(1, c, n, num_heads, head_dim) for c, n in specs)
                 scale = head_dim ** -0.5
                 for w, regs in variants:
                     out = torch.full_like(paged["query"], float("nan"))
@@ -163,7 +194,7 @@ def run(dtypes=("float16", "bfloat16"), shapes=None, workloads=None, variants=(D
                     g_ms = graph_ms(ours, warmup, reps)
                     row = dict(shape=shape_name, workload=work_name, dtype=dtype_name,
                                warps=w or choose_warps(q_len, batch, num_heads), max_registers=regs,
-                               default=(w, regs) == DEFAULT, batch=batch,
+                               default=(w, regs) == DEFAULT, batch=batch, tokens=paged["query"].shape[0],
                                context_len=context_len, q_len=q_len, paged_ms=round(ms, 4),
                                paged_graph_ms=None if g_ms is None else round(g_ms, 4), sdpa_ms=round(sdpa_ms, 4),
                                paged_tflops=round(flops / ms / 1e9, 2),

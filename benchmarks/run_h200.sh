@@ -8,7 +8,7 @@
 #
 # stage        what                                                            limit   files
 # kernels      bench_kernels.py: decode kernels, full grid, copy roofline        240 s   json png log
-# prefill      bench_prefill.py: paged prefill vs SDPA                           120 s   json png log
+# prefill      bench_prefill.py: paged prefill vs SDPA (W1/W2-like steps too)    180 s   json png log
 # profile      profile_step.py: decode steps at batch 1/16/64/256, W2's bound    180 s   json log
 # profile_prefill  profile_prefill.py: W1/W2-like prefill steps per part        200 s   json log
 # host_calls   host_calls.py: W3 under cProfile, then 100 traced steps: the CUDA  150 s   json log
@@ -72,7 +72,7 @@ stage() {
     : > "$out/$1.log"
     case $1 in
         kernels) run_stage kernels 240 $py benchmarks/bench_kernels.py --out "$out" ${QUICK:+--quick} ;;
-        prefill) run_stage prefill 120 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
+        prefill) run_stage prefill 180 $py benchmarks/bench_prefill.py --out-dir "$out" ;;
         profile) run_stage profile 180 $py benchmarks/profile_step.py --out "$out" ;;
         profile_prefill) run_stage profile_prefill 200 $py benchmarks/profile_prefill.py --out "$out" ;;
         host_calls) run_stage host_calls 150 $py benchmarks/host_calls.py --out "$out" ;;
