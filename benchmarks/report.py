@@ -196,8 +196,12 @@ def step_mix_tables(data: dict) -> list[tuple[str | None, list[dict]]]:
              "continuous mean context": c["context"], "static steps": s["steps"], "static mean context": s["context"]}
             for c, s in bands]
     kinds = {s: ", ".join(f"{n:,} {kind}" for kind, n in runs[s]["steps"].items()) for s in runs}
+    waited = {s: sum(runs[s]["steps_not_overlapped"].values()) for s in runs if "steps_not_overlapped" in runs[s]}
+    note = "" if len(waited) < len(runs) else \
+        f"; steps after which the host waited for the tokens before the next launch: " \
+        f"{waited['continuous']:,} and {waited['static']:,}"
     out = [(f"{data['workload']} at {data['max_num_seqs']} seats: continuous {kinds['continuous']} steps, static "
-            f"{kinds['static']}", rows)]
+            f"{kinds['static']}{note}", rows)]
     full = data.get("full_phase")
     if full:
         out.append((f"steps of >= 240 rows in the continuous run on the {full['card']} ({full['timeline']})",

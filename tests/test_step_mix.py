@@ -60,3 +60,4 @@ def test_report_shows_the_bands_side_by_side_and_the_full_phase(tmp_path):
     assert "### A request set's decode steps by rows" in text and "(step_mix_W3_tiny.json)" in text
     assert "| rows | continuous steps | continuous mean context | static steps | static mean context |" in text
     assert "| 1-16 |" in text and "| 241-256 |" in text and "steps of >= 240 rows" not in text  # no timeline given
+    assert "the host waited for the tokens before the next launch: 0 and 0" in text
