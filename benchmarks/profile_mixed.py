@@ -16,7 +16,9 @@ a step's device work is the kernels, copies and graph launches made inside the `
 it (correlation ids, as profile_step.py does). Reported per part (profile_step's parts): ms in a decode step and
 in a mixed step (medians), the difference, and the prompt part's own bound (profile_prefill.prefill_bounds: the
 prompts' GEMM FLOPs and causal attention at the measured GEMM rate, their layer ops at the copy bandwidth), with
-the prompt tokens and the tokens of the mixed graph they were padded to. JSON: results/profile_mixed_<card>.json.
+the prompt tokens and the tokens of the mixed graph they were padded to; then each kind's span on the device (first
+event to last) and its idle in two: the gaps between a graph's kernels, and the device waiting for the step's next
+launch (a host slow between the graph and the eager work after it). JSON: results/profile_mixed_<card>.json.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import workloads  # noqa: E402
 from profile_prefill import prefill_bounds  # noqa: E402
-from profile_step import (PARTS, STEP_LABEL, classify_step, device_events, launch_times, load_trace,  # noqa: E402
-                          measured_rates, split_steps, start_decoding, step_windows)
+from profile_step import (PARTS, STEP_LABEL, classify_step, device_events, graph_gaps, launch_times,  # noqa: E402
+                          load_trace, measured_rates, split_steps, start_decoding, step_windows)
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 
@@ -100,10 +102,12 @@ def profile_mixed(llm: LLM, batch: int, context: int, count: int, pairs: int, se
     while llm.has_unfinished_requests():
         llm.step()
     per_step, _ = split_steps(step_windows(trace), device_events(trace), launch_times(trace))
-    by_kind = {"decode": [], "mixed": []}
+    by_kind, spans = {"decode": [], "mixed": []}, {"decode": [], "mixed": []}
     for kind, events in zip(kinds, per_step):
-        if kind in by_kind:
+        if kind in by_kind and events:
             by_kind[kind].append(classify_step(events)[0])
+            span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+            spans[kind].append((span / 1e3, graph_gaps([events])))
     if not by_kind["mixed"]:
         raise RuntimeError(f"no traced step admitted the prompts (kinds {kinds}): are seats and tokens free?")
     median = {kind: {p: statistics.median(s[p] for s in steps) / 1e3 for p in PARTS}
@@ -115,6 +119,10 @@ def profile_mixed(llm: LLM, batch: int, context: int, count: int, pairs: int, se
             "prompt_lens": prompt_lens, "median_prompt_lens": lens,
             "padded_tokens": padded_tokens(llm, batch, lens), "copy_tbps": copy_bw / 1e12,
             "matmul_tflops": rate / 1e12, "decode_ms": median.get("decode"), "mixed_ms": median["mixed"],
+            # a step's device time from its first event's start to its last one's end, and the gaps in it between
+            # the kernels of a graph replay (medians); the rest of the span less the parts: waiting for the host
+            "span_ms": {k: statistics.median(s for s, _ in v) for k, v in spans.items() if v},
+            "inside_graphs_ms": {k: statistics.median(g for _, g in v) for k, v in spans.items() if v},
             "prompt_bound_ms": {k: 1e3 * v for k, v in bounds.items()}}
 
 
@@ -132,6 +140,14 @@ def print_report(r: dict, label: str) -> None:
     total = sum(mixed.values()) - sum(decode.values())
     print(f"{'all':<11}{sum(decode.values()):9.3f}{sum(mixed.values()):9.3f}{total:11.3f}{sum(bound.values()):15.3f}"
           f"   ({1e3 * total / max(tokens, 1):.2f} µs a prompt token)")
+    span, gaps = r["span_ms"], r["inside_graphs_ms"]
+    rows = {"span": span, "graph gaps": gaps,
+            "waiting": {k: span[k] - gaps[k] - sum((decode if k == "decode" else mixed).values()) for k in span}}
+    for name, cells in rows.items():  # the device's time around the parts: the span, and its idle in two
+        d, m = cells.get("decode", 0.0), cells.get("mixed", 0.0)
+        print(f"{name:<11}{d:9.3f}{m:9.3f}{m - d:11.3f}")
+    print("(span: first to last event of the step; graph gaps: between a replay's kernels; waiting: the rest of the "
+          "span, the device idle between the step's launches)")
 
 
 def main(argv=None) -> int:

@@ -29,3 +29,5 @@ def test_a_tiny_run_compares_decode_and_mixed_steps(tmp_path):
     # the mixed step runs the decode batch and the prompts: more work on the same model
     assert sum(report["mixed_ms"].values()) > sum(report["decode_ms"].values()) > 0
     assert report["padded_tokens"] is None  # no CUDA graphs on a CPU
+    assert report["inside_graphs_ms"] == {"decode": 0, "mixed": 0}  # (nor their gaps)
+    assert all(report["span_ms"][k] >= 0.999 * sum(report[f"{k}_ms"].values()) for k in ("decode", "mixed"))
