@@ -93,15 +93,15 @@ def make_inputs(specs, num_heads, num_kv_heads, head_dim, dtype, block_size=16, 
     q_lens = torch.tensor([q_len for _, q_len in specs], device=dev)
     cu_seqlens_q = torch.zeros(batch + 1, device=dev, dtype=torch.int32)
     cu_seqlens_q[1:] = q_lens.cumsum(0)
-    paged = dict(query=torch.cat([q[i, :q_len] for i, (_, q_len) in enumerate(specs)]), key_cache=key_cache,
-                 value_cache=value_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+    paged = dict(query=packed(q, specs), key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                 cu_seqlens_q=cu_seqlens_q,
                  context_lens=torch.tensor([c for c, _ in specs], device=dev, dtype=torch.int32))
     return (q, k, v), paged
 
 
-def packed(out_padded: torch.Tensor, specs) -> torch.Tensor:
-    """SDPA's ``[B, L, H, D]`` output, the real rows packed like the paged kernel's query."""
-    return torch.cat([out_padded[i, :q_len] for i, (_, q_len) in enumerate(specs)])
+def packed(padded: torch.Tensor, specs) -> torch.Tensor:
+    """The real rows of a ``[B, L, H, D]`` query or SDPA output, packed as the paged kernel's query is."""
+    return torch.cat([padded[i, :q_len] for i, (_, q_len) in enumerate(specs)])
 
 
 def sdpa_fn(q, k, v, num_heads, num_kv_heads):

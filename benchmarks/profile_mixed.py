@@ -37,7 +37,7 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 from profile_prefill import prefill_bounds  # noqa: E402
 from profile_step import (PARTS, STEP_LABEL, classify_step, device_events, graph_gaps, launch_times,  # noqa: E402
-                          load_trace, measured_rates, split_steps, start_decoding, step_windows)
+                          load_trace, measured_rates, span_of, split_steps, start_decoding, step_windows)
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 
@@ -106,8 +106,7 @@ def profile_mixed(llm: LLM, batch: int, context: int, count: int, pairs: int, se
     for kind, events in zip(kinds, per_step):
         if kind in by_kind and events:
             by_kind[kind].append(classify_step(events)[0])
-            span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
-            spans[kind].append((span / 1e3, graph_gaps([events])))
+            spans[kind].append((span_of(events) / 1e3, graph_gaps([events])))
     if not by_kind["mixed"]:
         raise RuntimeError(f"no traced step admitted the prompts (kinds {kinds}): are seats and tokens free?")
     median = {kind: {p: statistics.median(s[p] for s in steps) / 1e3 for p in PARTS}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from profile_step import (STEP_LABEL, classify_step, device_events, layer_op_bytes, load_trace,  # noqa: E402
-                          measured_rates, step_windows)
+                          measured_rates, span_of, step_windows)
 from pagedattention import LLM, SamplingParams  # noqa: E402
 
 KINDS = {"W1-like": (128, 512), "W2-like": (100, 1024)}   # prompt tokens, U[low, high]
@@ -140,7 +140,7 @@ def profile_kind(llm: LLM, kind: str, budget: int, steps: int, copy_bw: float, r
         events = sorted(device_events(trace), key=lambda e: e["ts"])
         parts, _, kernels = classify_step(events)
         (start, end), = step_windows(trace)
-        span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+        span = span_of(events)
         bounds = prefill_bounds(mc, lens, dtype_bytes, copy_bw, rate)
         rows.append({"tokens": sum(lens), "sequences": len(lens), "host_step_ms": (end - start) / 1e3,
                      "device_span_ms": span / 1e3, "device_idle_in_span": 1 - sum(parts.values()) / span,

@@ -345,6 +345,11 @@ def busy_union(step: list[dict]) -> float:
     return busy
 
 
+def span_of(events: list[dict]) -> float:
+    """µs from the first event's start to the last one's end."""
+    return max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+
+
 def graph_gaps(per_step: list[list[dict]]) -> float:
     """ms per step that the device sat idle inside CUDA graphs: for each graph replay (the kernels that share its
     launch's correlation id), the time from its first kernel's start to its last one's end that no kernel of it
@@ -357,7 +362,7 @@ def graph_gaps(per_step: list[list[dict]]) -> float:
                 launches[e["args"]["correlation"]].append(e)
         for events in launches.values():
             if len(events) > 1:
-                total += max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events) - busy_union(events)
+                total += span_of(events) - busy_union(events)
     return total / max(len(per_step), 1) / 1e3
 
 
